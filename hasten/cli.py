@@ -1,0 +1,142 @@
+"""hasten's command line: generate | bench | models (and more as the project grows).
+
+Bad input ends with one line on stderr naming the problem and the fix, and exit code 2 — never a traceback.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+
+from .engine import GenerationError
+from .methods import UnknownMethodError
+from .models.kv_cache import ContextOverflowError
+from .models.loading import ModelLoadError
+from .models.transformer import UnsupportedModelError
+
+USER_ERRORS = (ModelLoadError, UnsupportedModelError, GenerationError, UnknownMethodError, ContextOverflowError)
+
+
+class UsageError(ValueError):
+    """Bad command-line input found by a command itself."""
+
+
+def user_errors(fn):
+    """Turn the library's user-facing errors into one line + exit 2."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS + (UsageError,) as e:
+            click.echo(f"hasten: error: {e}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("hasten: interrupted", err=True)
+            sys.exit(130)
+    return wrapper
+
+
+def model_option(fn):
+    return click.option("--model", "-m", default=None, metavar="PATH|HUB_ID",
+                        help="GGUF file, Hugging Face checkpoint directory or hub id "
+                             "[default: the embedded SmolLM2-135M-Instruct]")(fn)
+
+
+def threads_option(fn):
+    return click.option("--threads", type=click.IntRange(min=1), default=None,
+                        help="torch/numba threads [default: all cores]")(fn)
+
+
+def set_threads(threads: int | None) -> int:
+    import torch
+    if threads:
+        torch.set_num_threads(threads)
+        try:
+            import numba
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        except ImportError:
+            pass
+    return torch.get_num_threads()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="hasten")
+def main():
+    """hasten: faster LLM generation on your own hardware, every speedup measured.
+
+    \b
+    hasten generate "Write a haiku about CPUs" --chat      stream an answer
+    hasten bench --methods baseline,prompt-lookup,hf        measure methods side by side
+    hasten models                                           what is installed and cached
+    """
+
+
+@main.command()
+@click.argument("prompt", required=False)
+@model_option
+@click.option("--method", default="baseline", show_default=True,
+              help="decoding method, e.g. baseline, prompt-lookup, prompt-lookup:k=8+recycling (see `hasten models`)")
+@click.option("--chat/--no-chat", default=False, help="wrap PROMPT in the model's chat template as a user message")
+@click.option("--max-new-tokens", "-n", type=int, default=256, show_default=True)
+@click.option("--temperature", "-t", type=float, default=0.0, show_default=True, help="0 = greedy")
+@click.option("--top-k", type=int, default=0, show_default=True, help="0 = off")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="1 = off")
+@click.option("--seed", type=int, default=None, help="sampling seed (reproducible output)")
+@click.option("--stop", multiple=True, help="stop string (repeatable)")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object (text + statistics) instead of streaming")
+@threads_option
+@user_errors
+def generate(prompt, model, method, chat, max_new_tokens, temperature, top_k, top_p, seed, stop, as_json, threads):
+    """Generate a continuation of PROMPT (or stdin), streaming text to stdout and statistics to stderr."""
+    if prompt is None:
+        if sys.stdin is None or sys.stdin.isatty():
+            raise UsageError("no prompt given; pass PROMPT as an argument or pipe it on stdin")
+        prompt = sys.stdin.read()
+    from . import methods
+    from .engine import load, validate_options
+    methods.parse(method)  # fail on a typo before spending seconds on loading
+    validate_options(max_new_tokens, temperature, top_k, top_p)
+    set_threads(threads)
+    engine = load(model)
+    run = engine.run(prompt, max_new_tokens=max_new_tokens, method=method, temperature=temperature, top_k=top_k,
+                     top_p=top_p, seed=seed, stop=list(stop), chat=chat)
+    for chunk in run:
+        if chunk.text and not as_json:
+            click.echo(chunk.text, nl=False)
+    result = run.result
+    if as_json:
+        click.echo(json.dumps({"text": result.text, "token_ids": result.token_ids, **result.stats()}))
+        return
+    click.echo()
+    s = result.stats()
+    click.echo(f"[{s['method']}] {s['tokens']} tokens in {s['seconds']:.2f} s = {s['tokens_per_s']:.1f} tokens/s · "
+               f"{s['target_passes']} target passes · mean accepted {s['mean_accepted']:.2f} · "
+               f"draft {100 * s['draft_share']:.1f}% · {s['finish_reason']}", err=True)
+
+
+@main.command()
+@user_errors
+def models():
+    """List the default model, cached conversions and available methods."""
+    from . import methods
+    from .models.loading import DEFAULT_MODEL, cache_dir, default_gguf_path
+    try:
+        click.echo(f"default model: {DEFAULT_MODEL} ({default_gguf_path()})")
+    except ModelLoadError as e:
+        click.echo(f"default model: not installed — {e}")
+    root = cache_dir() / "models"
+    cached = sorted(p for p in root.glob("*") if (p / "done").exists()) if root.exists() else []
+    click.echo(f"cached conversions in {root}:" if cached else f"no cached conversions in {root}")
+    for p in cached:
+        meta = json.loads((p / "meta.json").read_text())
+        size = sum(f.stat().st_size for f in p.iterdir()) / 1e6
+        click.echo(f"  {p.name}  {meta['weight_format']}  {size:.0f} MB  from {meta['source']}")
+    click.echo("methods:")
+    for name, text in methods.available().items():
+        click.echo(f"  {name:22s} {text}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""The Drafter protocol (modelled on transformers' CandidateGenerator: propose, then learn from the outcome).
+
+A drafter never writes the target's KV cache. Drafters that run a model (draft-model, layer-skip, sparse-draft)
+own a cache of their own and keep it in step with the accepted tokens in `commit`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from ..sampling import SamplingConfig
+from ..tree import Draft
+
+
+@dataclass
+class DecodeState:
+    tokens: list[int]  # prompt + everything emitted so far; the last one is the tree's root (not yet cached)
+    prompt_len: int
+    sampling: SamplingConfig
+    generator: torch.Generator | None
+    budget: int  # at most this many draft nodes are worth proposing (tokens left, context left)
+    history: list[int] = field(default_factory=list)  # accepted draft tokens per step so far
+
+
+class Drafter(Protocol):
+    name: str
+
+    def begin(self, state: DecodeState) -> None:
+        """A new generation starts (state.tokens is the prompt plus the first emitted token)."""
+
+    def propose(self, state: DecodeState) -> Draft:
+        """A token tree continuing state.tokens (possibly empty)."""
+
+    def commit(self, accepted: list[int], target_logits: torch.Tensor) -> None:
+        """accepted = emitted tokens this step (accepted draft path + bonus);
+        target_logits [len(accepted), V] = the target's logits that chose them."""
+
+
+class NoDraft:
+    """Plain decoding: the same loop with nothing proposed."""
+
+    name = "baseline"
+
+    def begin(self, state):
+        pass
+
+    def propose(self, state):
+        return Draft()
+
+    def commit(self, accepted, target_logits):
+        pass

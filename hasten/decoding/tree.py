@@ -1,0 +1,65 @@
+"""Token trees: a Draft (tokens + parent pointers) flattened behind the root for one target forward pass.
+
+The root is the last emitted token, not yet in the KV cache; draft node i sits at index i+1. A chain is the tree
+whose parents are arange(-1, n-1). Everything here works on small Python lists: trees are at most a few dozen
+nodes and this runs once per step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Draft:
+    tokens: list[int] = field(default_factory=list)  # [n]
+    parents: list[int] = field(default_factory=list)  # [n], -1 = child of the root
+    q: torch.Tensor | None = None  # [n, V] draft probabilities, or None for deterministic drafters
+    sources: list[str] | None = None  # which drafter proposed each node (compositions, reports)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @classmethod
+    def chain(cls, tokens: list[int], q: torch.Tensor | None = None, source: str | None = None) -> "Draft":
+        return cls(list(tokens), list(range(-1, len(tokens) - 1)), q, [source] * len(tokens) if source else None)
+
+    def is_chain(self) -> bool:
+        return all(p == i - 1 for i, p in enumerate(self.parents))
+
+
+def depths(draft: Draft) -> list[int]:
+    """Depth of every node (root = 0, draft node i at index i+1)."""
+    d = [0]
+    for p in draft.parents:
+        d.append(d[p + 1] + 1)
+    return d
+
+
+def children(draft: Draft) -> list[list[int]]:
+    """children[j] = node indices (1-based, behind the root) whose parent is node j."""
+    kids: list[list[int]] = [[] for _ in range(len(draft) + 1)]
+    for i, p in enumerate(draft.parents):
+        kids[p + 1].append(i + 1)
+    return kids
+
+
+def flatten(root: int, draft: Draft, cached: int, device="cpu"):
+    """→ tokens [1+n], positions [1+n], mask [1+n, cached+1+n] (None for a chain, which is plain causal)."""
+    tokens = torch.tensor([root] + draft.tokens, dtype=torch.long, device=device)
+    if draft.is_chain():
+        return tokens, torch.arange(cached, cached + len(tokens), device=device), None
+    n = len(draft) + 1
+    ancestors = torch.zeros(n, n, dtype=torch.bool)
+    ancestors[0, 0] = True
+    for i, p in enumerate(draft.parents):
+        ancestors[i + 1] = ancestors[p + 1]
+        ancestors[i + 1, i + 1] = True
+    mask = torch.cat([torch.ones(n, cached, dtype=torch.bool), ancestors], dim=1).to(device)
+    positions = cached + torch.tensor(depths(draft), device=device)
+    return tokens, positions, mask
+
+
+def path_tokens(draft: Draft, path: list[int]) -> list[int]:
+    return [draft.tokens[i - 1] for i in path]

@@ -1,0 +1,227 @@
+"""Engine: one loaded model + tokenizer; generate(), stream() and run() for every method."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from . import methods
+from .decoding.detokenize import Detokenizer
+from .decoding.loop import DecodeStats, decode
+from .decoding.sampling import SamplingConfig
+from .models.loading import LoadedModel, load as load_model
+
+Messages = Sequence[dict]
+
+
+class GenerationError(ValueError):
+    """Bad generation arguments; the message names the problem and the fix."""
+
+
+@dataclass
+class Chunk:
+    text: str  # text delta (may be empty while a multi-byte character or a possible stop string is held back)
+    tokens: list[int]  # token ids emitted by this step
+    sources: list[str]  # per token: the drafter that proposed it, or "target" (the bonus token)
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    method: str
+    seconds: float
+    target_passes: int
+    draft_seconds: float
+    accepted_per_step: list[int] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def mean_accepted(self) -> float:
+        return self.tokens / self.target_passes if self.target_passes else 0.0
+
+    @property
+    def draft_share(self) -> float:
+        return self.draft_seconds / self.seconds if self.seconds > 0 else 0.0
+
+    def stats(self) -> dict:
+        return {"method": self.method, "tokens": self.tokens, "prompt_tokens": self.prompt_tokens,
+                "seconds": round(self.seconds, 4), "tokens_per_s": round(self.tokens_per_s, 2),
+                "target_passes": self.target_passes, "mean_accepted": round(self.mean_accepted, 3),
+                "draft_share": round(self.draft_share, 4), "finish_reason": self.finish_reason}
+
+
+class Generation:
+    """An iterator of Chunks; `.result` is set once it is exhausted. `close()` stops decoding at once."""
+
+    def __init__(self, chunks: Iterator[Chunk]):
+        self._chunks = chunks
+        self.result: GenerationResult | None = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Chunk:
+        try:
+            return next(self._chunks)
+        except StopIteration as stop:
+            self.result = stop.value
+            raise
+
+    def close(self):
+        self._chunks.close()
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.name = loaded.name
+        self.model_hash = loaded.model_hash
+        self.eos_ids = _eos_ids(loaded)
+        self._drafters: dict[str, object] = {}
+        self._cache = None
+
+    # ---- inputs ------------------------------------------------------------------------------------------
+    def encode(self, prompt: str | Messages, chat: bool | None = None) -> list[int]:
+        """A string is a raw completion prompt unless chat=True; a list of messages always uses the chat template."""
+        if isinstance(prompt, str) and not chat:
+            return self.tokenizer(prompt).input_ids
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        if not messages or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+            raise GenerationError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise GenerationError(f"{self.name} has no chat template; pass a plain prompt instead of messages")
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def drafter(self, method: str):
+        if method not in self._drafters:
+            self._drafters[method] = methods.build(method, self)
+        return self._drafters[method]
+
+    # ---- generation --------------------------------------------------------------------------------------
+    def run(self, prompt: str | Messages | list[int], max_new_tokens: int = 256, method: str = "baseline",
+            temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+            stop: Sequence[str] | None = None, chat: bool | None = None) -> Generation:
+        """Validate everything up front (errors raise here, before any token), then decode lazily."""
+        validate_options(max_new_tokens, temperature, top_k, top_p)
+        ids = list(prompt) if _is_token_list(prompt) else self.encode(prompt, chat)
+        if not ids:
+            raise GenerationError("the prompt is empty; pass some text")
+        context = self.model.config.max_position_embeddings
+        if len(ids) >= context:
+            raise GenerationError(f"the prompt has {len(ids)} tokens but {self.name}'s context is {context}; "
+                                  "shorten the prompt")
+        drafter = self.drafter(method)
+        sampling = SamplingConfig(float(temperature), int(top_k), float(top_p), seed)
+        stops = [s for s in (stop or []) if s]
+        return Generation(self._chunks(ids, drafter, method, sampling, max_new_tokens, stops))
+
+    def _chunks(self, ids, drafter, method, sampling, max_new_tokens, stops) -> Iterator[Chunk]:
+        stats = DecodeStats()
+        detok = Detokenizer(self.tokenizer)
+        out_ids, sources, text, sent = [], [], "", 0
+        hold = max((len(s) for s in stops), default=1) - 1  # a stop string may still be completing
+        needed = len(ids) + max_new_tokens + 64
+        if self._cache is None or self._cache.max_len < needed:
+            self._cache = self.model.new_cache(min(needed, self.model.config.max_position_embeddings + 64))
+        t0 = time.perf_counter()
+        steps = decode(self.model, ids, drafter, sampling, max_new_tokens, self.eos_ids, stats, cache=self._cache)
+        stopped = False
+        try:
+            for step in steps:
+                out_ids += step.tokens
+                sources += step.sources
+                text += detok.push(step.tokens)
+                cut = _find_stop(text, stops, sent)
+                if cut is not None:
+                    text, stopped = text[:cut], True
+                    stats.finish_reason = "stop"
+                    break
+                safe = len(text) - hold
+                if safe > sent:
+                    yield Chunk(text[sent:safe], step.tokens, step.sources)
+                    sent = safe
+                else:
+                    yield Chunk("", step.tokens, step.sources)
+        finally:
+            steps.close()
+        seconds = time.perf_counter() - t0
+        if not stopped:
+            text += detok.flush()
+            cut = _find_stop(text, stops, sent)
+            if cut is not None:
+                text, stats.finish_reason = text[:cut], "stop"
+        if len(text) > sent:
+            yield Chunk(text[sent:], [], [])
+        return GenerationResult(text, out_ids, len(ids), stats.finish_reason, method, seconds, stats.target_passes,
+                                stats.draft_seconds, stats.accepted_per_step, sources)
+
+    def generate(self, prompt, max_new_tokens: int = 256, method: str = "baseline", **kw) -> GenerationResult:
+        gen = self.run(prompt, max_new_tokens, method, **kw)
+        for _ in gen:
+            pass
+        return gen.result
+
+    def stream(self, prompt, max_new_tokens: int = 256, method: str = "baseline", **kw) -> Iterator[str]:
+        for chunk in self.run(prompt, max_new_tokens, method, **kw):
+            if chunk.text:
+                yield chunk.text
+
+    def logits(self, input_ids: torch.Tensor | list) -> torch.Tensor:
+        """The model's logits [batch, seq, vocab] for token ids [batch, seq] (or [seq])."""
+        ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.model.device)
+        if ids.dim() == 1:
+            ids = ids[None]
+        with torch.inference_mode():
+            return self.model(ids)
+
+
+def validate_options(max_new_tokens, temperature, top_k, top_p) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be an integer ≥ 1 (got {max_new_tokens!r})")
+    if not temperature >= 0:
+        raise GenerationError(f"temperature must be ≥ 0 (got {temperature}); use 0 for greedy decoding")
+    if not 0 < top_p <= 1:
+        raise GenerationError(f"top_p must be in (0, 1] (got {top_p})")
+    if top_k < 0:
+        raise GenerationError(f"top_k must be ≥ 0 (got {top_k}); 0 turns it off")
+
+
+def load(model: str | None = None, dtype=None, device=None) -> Engine:
+    """Load a model (default: the embedded SmolLM2-135M-Instruct) and return an Engine."""
+    return Engine(load_model(model, dtype=dtype, device=device))
+
+
+def _eos_ids(loaded: LoadedModel) -> set[int]:
+    ids = set()
+    for value in (getattr(loaded.hf_config, "eos_token_id", None), loaded.tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(value)
+    return ids
+
+
+def _is_token_list(prompt) -> bool:
+    return isinstance(prompt, (list, tuple)) and bool(prompt) and all(isinstance(t, int) for t in prompt)
+
+
+def _find_stop(text: str, stops: list[str], sent: int) -> int | None:
+    """Index where the earliest stop string starts, searching only text that could contain a new match."""
+    found = [i for s in stops if (i := text.find(s, max(0, sent - len(s) + 1))) >= 0]
+    return min(found) if found else None

@@ -1,0 +1,93 @@
+"""The one registry of method names → a configured drafter (and, for lossy methods, a sparsified model).
+
+Syntax: `name`, `name:value` (the factory's first parameter) or `name:key=value,key=value`; `a+b` composes
+drafters into one tree. Adding a method = one file implementing a protocol + one `register` line.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+from .decoding.drafters.base import Drafter, NoDraft
+
+
+class UnknownMethodError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    params: dict
+    lossless: bool
+
+
+_REGISTRY: dict[str, tuple[Callable, bool, str]] = {}
+
+
+def register(name: str, factory: Callable, lossless: bool = True, help: str = "") -> None:
+    """factory(engine, **params) -> Drafter."""
+    _REGISTRY[name] = (factory, lossless, help)
+
+
+def available() -> dict[str, str]:
+    _load_builtin()
+    return {name: h for name, (_, _, h) in sorted(_REGISTRY.items())}
+
+
+def parse(text: str) -> list[MethodSpec]:
+    """'prompt-lookup:k=8+recycling' → one spec per composed drafter. Raises UnknownMethodError."""
+    _load_builtin()
+    specs = []
+    for part in text.split("+"):
+        name, _, arg = part.strip().partition(":")
+        if name not in _REGISTRY:
+            raise UnknownMethodError(f"unknown method {name!r}; choose from {', '.join(sorted(_REGISTRY))} "
+                                     "(see `hasten generate --help`)")
+        factory, lossless, _ = _REGISTRY[name]
+        params = {}
+        names = [p for p in inspect.signature(factory).parameters if p != "engine"]
+        for item in filter(None, arg.split(",")):
+            key, eq, value = item.partition("=")
+            if not eq:
+                if not names:
+                    raise UnknownMethodError(f"method {name!r} takes no parameters")
+                key, value = names[0], key
+            if key not in names:
+                raise UnknownMethodError(f"method {name!r} has no parameter {key!r}; it takes {', '.join(names) or 'none'}")
+            params[key] = _number(value)
+        specs.append(MethodSpec(name, params, lossless))
+    if len(specs) > 1 and any(s.name == "baseline" for s in specs):
+        raise UnknownMethodError("baseline proposes nothing and cannot be composed; drop it from the '+' list")
+    return specs
+
+
+def build(text: str, engine) -> Drafter:
+    specs = parse(text)
+    drafters = [_REGISTRY[s.name][0](engine, **s.params) for s in specs]
+    if len(drafters) == 1:
+        return drafters[0]
+    from .decoding.drafters.compose import Composition
+    return Composition(drafters)
+
+
+def _number(value: str):
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
+
+
+_loaded = False
+
+
+def _load_builtin() -> None:
+    """The built-in methods, one line each (imports stay lazy so `import hasten` is light)."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    register("baseline", lambda engine: NoDraft(), help="plain decoding, one token per target pass")

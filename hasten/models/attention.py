@@ -1,0 +1,19 @@
+"""Scaled dot-product attention over the cache, with a causal or an arbitrary (token-tree) mask."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """q [B, H, T, d]; k, v [B, Hkv, S, d] with S ≥ T (the last T keys are the new tokens'); mask [T, S] bool.
+
+    Without a mask the new tokens are causal among themselves and see everything cached before them.
+    """
+    T, S = q.shape[2], k.shape[2]
+    if mask is None and T > 1:
+        if S == T:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        # SDPA's is_causal aligns top-left when S > T; new tokens must align bottom-right.
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)

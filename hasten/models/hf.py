@@ -1,0 +1,32 @@
+"""The same weights as a transformers model: the `hf` benchmark peers and the parity tests use it."""
+from __future__ import annotations
+
+import torch
+
+from .transformer import Transformer
+
+
+def to_transformers(model: Transformer, hf_config):
+    """A transformers *ForCausalLM sharing `model`'s dense fp32 weights (no copy)."""
+    from transformers import AutoModelForCausalLM
+
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name.endswith(".weight") or name.endswith(".bias"):
+            key = name if name.startswith("lm_head.") else f"model.{name}"
+            state[key] = tensor
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(hf_config, dtype=model.dtype)
+    hf.load_state_dict(state, strict=False, assign=True)
+    if getattr(hf_config, "tie_word_embeddings", False):
+        hf.tie_weights()
+    # Non-persistent buffers (the rotary inv_freq) were made on meta: rebuild those modules on the real device.
+    for name, module in list(hf.named_modules()):
+        if any(b.is_meta for b in module.buffers(recurse=False)):
+            parent, _, attr = name.rpartition(".")
+            with torch.device(model.device):
+                setattr(hf.get_submodule(parent), attr, type(module)(module.config))
+    missing = [n for n, p in hf.named_parameters() if p.is_meta] + [n for n, b in hf.named_buffers() if b.is_meta]
+    if missing:
+        raise RuntimeError(f"transformers model has unloaded tensors: {missing[:3]}")
+    return hf.eval().requires_grad_(False)

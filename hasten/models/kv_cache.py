@@ -1,0 +1,47 @@
+"""A preallocated KV cache: static buffers plus a length.
+
+Appending writes new entries after `length`; `rollback(n)` just moves the length back (the rejected slots are
+overwritten later); `keep(start, index)` compacts an accepted tree path into place with one copy per buffer.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class ContextOverflowError(ValueError):
+    pass
+
+
+class KVCache:
+    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu"):
+        shape = (num_layers, batch, num_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [layers, B, Hkv, max_len, d]
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.length = 0
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v [B, Hkv, T, d] after the current length; return all entries up to and including them."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ContextOverflowError(f"KV cache holds {self.max_len} positions; {end} needed")
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def rollback(self, n: int) -> None:
+        """Forget the last n entries."""
+        self.length -= n
+
+    def keep(self, start: int, index: torch.Tensor) -> None:
+        """Keep only entries start+index (in that order) after `start`; the length becomes start+len(index)."""
+        n = int(index.numel())
+        if not torch.equal(index, torch.arange(n, device=index.device)):  # a chain prefix needs no copy
+            src = start + index.to(self.k.device)
+            self.k[:, :, :, start:start + n] = self.k[:, :, :, src]
+            self.v[:, :, :, start:start + n] = self.v[:, :, :, src]
+        self.length = start + n

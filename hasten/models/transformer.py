@@ -1,0 +1,220 @@
+"""The native Llama-family decoder: Llama 2/3, Mistral, Qwen2/2.5, Qwen3 (q/k-norm), SmolLM2.
+
+One file, read top to bottom: config → RoPE → attention → MLP → block → model. The model scores any set of
+new tokens (a chain or a flattened token tree) against a preallocated KV cache in one forward pass; the caller
+passes each token's position and, for trees, the attention mask over cache + new tokens.
+Module names match transformers' so checkpoints load by name and sparsifiers can swap linears by name.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import attend
+from .kv_cache import KVCache
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2: bias on q/k/v
+    qk_norm: bool = False  # Qwen3: RMSNorm on each head's q and k
+    rope_scaling: tuple | None = None  # ("llama3", factor, low_freq_factor, high_freq_factor, original_max) or ("linear", factor)
+    model_type: str = "llama"
+
+    @classmethod
+    def from_hf(cls, hf) -> "ModelConfig":
+        """From a transformers PretrainedConfig; refuses anything outside the Llama family."""
+        model_type = getattr(hf, "model_type", None)
+        if model_type not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedModelError(
+                f"architecture {model_type!r} is not supported; hasten runs {', '.join(SUPPORTED_ARCHITECTURES)} "
+                "(Llama 2/3, Mistral, Qwen2/2.5, Qwen3, SmolLM2) — pick a model of one of these families")
+        scaling = getattr(hf, "rope_scaling", None) or getattr(hf, "rope_parameters", None) or None
+        rope_theta = getattr(hf, "rope_theta", None)
+        if isinstance(scaling, dict):
+            rope_theta = rope_theta or scaling.get("rope_theta")
+            kind = scaling.get("rope_type", scaling.get("type", "default"))
+            if kind == "default":
+                scaling = None
+            elif kind == "llama3":
+                scaling = ("llama3", float(scaling["factor"]), float(scaling["low_freq_factor"]),
+                           float(scaling["high_freq_factor"]), int(scaling["original_max_position_embeddings"]))
+            elif kind == "linear":
+                scaling = ("linear", float(scaling["factor"]))
+            else:
+                raise UnsupportedModelError(f"RoPE scaling {kind!r} is not supported (default, linear, llama3 are)")
+        num_heads = hf.num_attention_heads
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // num_heads
+        return cls(
+            vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, intermediate_size=hf.intermediate_size,
+            num_layers=hf.num_hidden_layers, num_heads=num_heads,
+            num_kv_heads=getattr(hf, "num_key_value_heads", None) or num_heads, head_dim=head_dim,
+            rope_theta=float(rope_theta or 10000.0), rms_norm_eps=float(hf.rms_norm_eps),
+            max_position_embeddings=int(getattr(hf, "max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+            attention_bias=bool(getattr(hf, "attention_bias", model_type == "qwen2")),
+            qk_norm=model_type == "qwen3", rope_scaling=scaling, model_type=model_type)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Same order of operations as transformers' LlamaRMSNorm (fp32 statistics), for parity.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, config.head_dim, 2, dtype=torch.int64).float() / config.head_dim))
+    if config.rope_scaling is None:
+        return inv_freq
+    if config.rope_scaling[0] == "linear":
+        return inv_freq / config.rope_scaling[1]
+    _, factor, low, high, original = config.rope_scaling  # Llama 3.1's frequency-dependent scaling
+    wavelen = 2 * math.pi / inv_freq
+    low_wavelen, high_wavelen = original / low, original / high
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, config.num_heads * config.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=bias)
+        self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x, cos, sin, layer: int, cache: KVCache | None, mask: torch.Tensor | None):
+        B, T, _ = x.shape  # [B, T, D]
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, d]
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.append(layer, k, v)  # everything cached so far plus these T: [B, Hkv, L+T, d]
+        out = attend(q, k, v, mask)  # [B, H, T, d]
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, layer, cache, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, cache, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.norm.weight.dtype
+
+    def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
+        c = self.config
+        return KVCache(c.num_layers, batch, c.num_kv_heads, max_len, c.head_dim, self.dtype, self.device)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
+                mask: torch.Tensor | None = None, layers: tuple[int, ...] | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """tokens [B, T] → logits [B, T, V] (or [B, 1, V] with last_only).
+
+        positions [T] or [B, T] (default: cache length + arange(T)); mask [T, L+T] bool, True = may attend,
+        over the cached entries plus the new ones (default: causal). The new keys/values are appended to the
+        cache; the caller keeps or rolls back what verification rejects. `layers` runs a subset of the layers
+        (layer-skip self-speculation uses the same weights, with a cache of its own).
+        """
+        B, T = tokens.shape
+        start = cache.length if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(start, start + T, device=tokens.device)
+        angles = positions.to(self.inv_freq.dtype)[..., None] * self.inv_freq  # [(B,) T, d/2]
+        emb = torch.cat((angles, angles), dim=-1)
+        cos, sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+        if cos.dim() == 2:
+            cos, sin = cos[None, None], sin[None, None]  # [1, 1, T, d]
+        else:
+            cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, d]
+        x = self.embed_tokens(tokens)  # [B, T, D]
+        for i in layers if layers is not None else range(len(self.layers)):
+            x = self.layers[i](x, cos, sin, i, cache, mask)
+        if cache is not None:
+            cache.advance(T)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))

@@ -1,0 +1,77 @@
+import pytest
+import torch
+
+from hasten.models.hf import to_transformers
+from hasten.models.loading import _build
+from hasten.models.transformer import ModelConfig, UnsupportedModelError
+from tests.conftest import tiny_hf_config, tiny_model
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
+def test_logits_match_transformers(model_type):
+    """Native logits equal transformers' within 1e-4 (fp32) for every supported family."""
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    hf_config = tiny_hf_config(model_type)
+    hf = AutoModelForCausalLM.from_config(hf_config).eval()
+    state = {k.removeprefix("model."): v for k, v in hf.state_dict().items()}
+    ours = _build(ModelConfig.from_hf(hf_config), state)
+    ids = torch.randint(0, hf_config.vocab_size, (2, 40))
+    with torch.inference_mode():
+        expected = hf(ids).logits
+        got = ours(ids)
+    assert (got - expected).abs().max() < 1e-4
+
+
+def test_llama3_rope_scaling_matches_transformers():
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(1)
+    hf_config = tiny_hf_config("llama", rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    hf = AutoModelForCausalLM.from_config(hf_config).eval()
+    ours = _build(ModelConfig.from_hf(hf_config), {k.removeprefix("model."): v for k, v in hf.state_dict().items()})
+    ids = torch.randint(0, hf_config.vocab_size, (1, 120))
+    with torch.inference_mode():
+        assert (ours(ids) - hf(ids).logits).abs().max() < 1e-4
+
+
+def test_incremental_and_tree_scoring_match_full_pass():
+    """Prefill + one-token steps + a tree scored against the cache give the full causal pass's logits."""
+    model = tiny_model(3)
+    ids = torch.randint(0, 97, (1, 30))
+    with torch.inference_mode():
+        full = model(ids)[0]
+        cache = model.new_cache(64)
+        parts = [model(ids[:, :20], cache=cache)[0]]
+        for t in range(20, 30):
+            parts.append(model(ids[:, t:t + 1], cache=cache)[0])
+        assert (torch.cat(parts) - full).abs().max() < 1e-4
+        # A tree at position 20: root ids[20] with two branches; the branch equal to ids[21:24] must match.
+        cache.rollback(10)
+        tokens = torch.tensor([[ids[0, 20], 5, ids[0, 21], ids[0, 22], 7, ids[0, 23]]])
+        parents = [-1, 0, 0, 2, 3, 3]  # node 1 and node 2 are siblings; chain 0→2→3→5 is the true text
+        depth = [0, 1, 1, 2, 3, 3]
+        mask = torch.zeros(6, 26, dtype=torch.bool)
+        mask[:, :20] = True
+        for i in range(6):
+            j = i
+            while j >= 0:
+                mask[i, 20 + j] = True
+                j = parents[j]
+        logits = model(tokens, torch.tensor(depth) + 20, cache, mask)[0]
+        assert (logits[[0, 2, 3, 5]] - full[20:24]).abs().max() < 1e-4
+
+
+def test_unsupported_architecture_is_refused():
+    from transformers import GPT2Config
+    with pytest.raises(UnsupportedModelError, match="not supported"):
+        ModelConfig.from_hf(GPT2Config())
+
+
+@pytest.mark.integration
+def test_default_model_matches_transformers(default_engine):
+    hf = to_transformers(default_engine.model, default_engine.loaded.hf_config)
+    ids = default_engine.encode("The quick brown fox jumps over the lazy dog because", chat=False)
+    with torch.inference_mode():
+        expected = hf(torch.tensor([ids])).logits
+    assert (default_engine.logits(ids) - expected).abs().max() < 1e-3
