@@ -1,0 +1,76 @@
+"""Bad input on the CLI: one line naming the problem and the fix, exit code 2, never a traceback."""
+import pytest
+from click.testing import CliRunner
+
+from hasten.cli import main
+from hasten.models.loading import default_gguf_path
+
+
+def run(*args, input=None):
+    result = CliRunner().invoke(main, list(args), input=input)
+    lines = [l for l in result.output.splitlines() if l.strip() and not l.startswith("hasten: converting")]
+    return result, lines
+
+
+def assert_one_line_error(result, lines, *needles):
+    assert result.exit_code == 2, result.output
+    assert len(lines) == 1 and lines[0].startswith("hasten: error:"), result.output
+    assert "Traceback" not in result.output
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_missing_model_path():
+    assert_one_line_error(*run("generate", "hi", "--model", "/nonexistent/model.gguf"), "does not exist")
+
+
+def test_truncated_gguf(tmp_path):
+    path = tmp_path / "truncated.gguf"
+    path.write_bytes(default_gguf_path().read_bytes()[:3_000_000])
+    assert_one_line_error(*run("generate", "hi", "--model", str(path)), "not a readable GGUF", "re-download")
+
+
+def test_corrupt_gguf(tmp_path):
+    path = tmp_path / "corrupt.gguf"
+    path.write_bytes(b"this is not a gguf file at all" * 100)
+    assert_one_line_error(*run("generate", "hi", "--model", str(path)), "not a readable GGUF")
+
+
+def test_directory_without_checkpoint(tmp_path):
+    assert_one_line_error(*run("generate", "hi", "--model", str(tmp_path)), "config.json")
+
+
+def test_unsupported_architecture(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+    from transformers import GPT2Config
+    GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path)
+    save_file({"wte.weight": torch.zeros(4, 8)}, tmp_path / "model.safetensors")
+    assert_one_line_error(*run("generate", "hi", "--model", str(tmp_path)), "'gpt2' is not supported", "llama")
+
+
+def test_unknown_method():
+    assert_one_line_error(*run("generate", "hi", "--method", "warp-drive"), "unknown method 'warp-drive'")
+
+
+def test_unknown_method_parameter():
+    assert_one_line_error(*run("generate", "hi", "--method", "baseline:k=3"), "has no parameter 'k'")
+
+
+@pytest.mark.parametrize("args,needle", [(("-n", "0"), "max_new_tokens"), (("-t", "-0.5"), "temperature"),
+                                         (("--top-p", "0"), "top_p")])
+def test_bad_generation_options(args, needle):
+    assert_one_line_error(*run("generate", "hi", *args), needle)
+
+
+@pytest.mark.integration
+def test_prompt_longer_than_context():
+    assert_one_line_error(*run("generate", "word " * 9000, "-n", "4"), "context", "shorten the prompt")
+
+
+@pytest.mark.integration
+def test_generate_streams_text_and_statistics():
+    result = CliRunner().invoke(main, ["generate", "The capital of France is", "-n", "8"])
+    assert result.exit_code == 0, result.output
+    assert "Paris" in result.output
+    assert "tokens/s" in result.output and "mean accepted 1.00" in result.output
