@@ -84,11 +84,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Same order of operations as transformers' LlamaRMSNorm (fp32 statistics), for parity.
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        if x.dtype == torch.float32:  # one fused op, bit-identical to transformers' LlamaRMSNorm in fp32
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        # Lower precision: transformers' order of operations (fp32 statistics), for parity.
+        y = x.float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * y.to(x.dtype)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -177,6 +178,17 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
 
+    def _rope(self, positions: torch.Tensor):
+        """cos, sin [(B,) T, d] looked up in tables grown on demand (a decode step then costs two index ops)."""
+        needed = int(positions.max()) + 1
+        if getattr(self, "_cos", None) is None or self._cos.shape[0] < needed or self._cos.device != self.inv_freq.device \
+                or self._cos.dtype != self.dtype:
+            size = max(needed, 2 * getattr(self, "_cos", torch.empty(0)).shape[0], 4096)
+            angles = torch.arange(size, device=self.inv_freq.device).float()[:, None] * self.inv_freq  # [P, d/2]
+            emb = torch.cat((angles, angles), dim=-1)
+            self._cos, self._sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+        return self._cos[positions], self._sin[positions]
+
     @property
     def device(self) -> torch.device:
         return self.norm.weight.device
@@ -203,9 +215,7 @@ class Transformer(nn.Module):
         start = cache.length if cache is not None else 0
         if positions is None:
             positions = torch.arange(start, start + T, device=tokens.device)
-        angles = positions.to(self.inv_freq.dtype)[..., None] * self.inv_freq  # [(B,) T, d/2]
-        emb = torch.cat((angles, angles), dim=-1)
-        cos, sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+        cos, sin = self._rope(positions)
         if cos.dim() == 2:
             cos, sin = cos[None, None], sin[None, None]  # [1, 1, T, d]
         else:
