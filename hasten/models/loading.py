@@ -146,10 +146,7 @@ def _build(config: ModelConfig, state: dict[str, torch.Tensor], packed: dict | N
         model = Transformer(config)
     if config.tie_word_embeddings or "lm_head.weight" not in state:
         state["lm_head.weight"] = state["embed_tokens.weight"]
-    try:  # TEMPORARY until models/quantized.py lands
-        from .quantized import BlockQuantLinear
-    except ImportError:
-        packed = {}
+    from .quantized import BlockQuantLinear
     for name, (qtype, blocks) in (packed or {}).items():
         parent, _, attr = name.rpartition(".")
         weight = state.pop(f"{name}.weight")

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import cpu as cpu_kernels
 from .attention import attend
 from .kv_cache import KVCache
 
@@ -84,7 +85,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # one fused op, bit-identical to transformers' LlamaRMSNorm in fp32
+        kernels = _cpu_kernels(x)
+        if kernels is not None:  # one call instead of ~10 small ops
+            return kernels.rms_norm(x.reshape(-1, x.shape[-1]).contiguous(), self.weight, self.eps).view(x.shape)
+        if x.dtype == torch.float32:  # bit-identical to transformers' LlamaRMSNorm in fp32
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Lower precision: transformers' order of operations (fp32 statistics), for parity.
         y = x.float()
@@ -113,6 +117,23 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, T, H, d]; cos, sin [T, d] or [B, T, d]."""
+    kernels = _cpu_kernels(x)
+    if kernels is not None and x.shape[0] == 1 and cos.dim() == 2 and x.is_contiguous():
+        kernels.rope_(x[0], cos, sin)  # in place: x is a fresh projection output
+        return x
+    cos, sin = cos[..., None, :], sin[..., None, :]  # broadcast over heads
+    return x * cos + rotate_half(x) * sin
+
+
+def _cpu_kernels(x: torch.Tensor):
+    """hasten's C++ kernels when they apply (fp32 on the CPU, outside autograd), else None."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or (x.requires_grad and torch.is_grad_enabled()):
+        return None
+    return cpu_kernels.extension()
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -135,9 +156,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, d]
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.append(layer, k, v)  # everything cached so far plus these T: [B, Hkv, L+T, d]
         out = attend(q, k, v, mask)  # [B, H, T, d]
@@ -215,11 +235,7 @@ class Transformer(nn.Module):
         start = cache.length if cache is not None else 0
         if positions is None:
             positions = torch.arange(start, start + T, device=tokens.device)
-        cos, sin = self._rope(positions)
-        if cos.dim() == 2:
-            cos, sin = cos[None, None], sin[None, None]  # [1, 1, T, d]
-        else:
-            cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, d]
+        cos, sin = self._rope(positions)  # [(B,) T, d]
         x = self.embed_tokens(tokens)  # [B, T, D]
         for i in layers if layers is not None else range(len(self.layers)):
             x = self.layers[i](x, cos, sin, i, cache, mask)

@@ -1,0 +1,177 @@
+// hasten's CPU kernels (see kernels/cpu.py for why they exist and how they are built).
+// 1. Y[T, N] = X[T, K] @ W^T computed straight from GGUF Q4_1 / Q8_0 blocks.
+// 2. RMSNorm and rotary embedding for a few tokens: one call instead of ~10 small torch ops each, which cost
+//    3-15 us apiece on this machine and dominated a decode step.
+//
+// Exactness: every weight is rebuilt as gguf-py's dequantize does it (Q4_1: d*q, rounded, then + m, rounded;
+// Q8_0: d*q), so the weights are bit-identical to the dense fp32 ones. Built with -ffp-contract=off so the
+// compiler never fuses that multiply-add; the accumulation uses FMA, which only changes summation rounding.
+// Determinism: each (token, row) result is accumulated by the same instruction sequence whatever T is, so a
+// token scored inside a draft tree gets bit-identical logits to the same token scored alone.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+namespace {
+constexpr int64_t QK = 32;
+
+#ifdef __AVX512F__
+// TN tokens of one row: 2*TN accumulators live in registers (TN is a compile-time constant).
+template <int TN, typename Dequant>
+inline void row_tokens(const float* xb0, float* y, int64_t K, int64_t N, int64_t NB, int64_t i, Dequant& dequant) {
+  __m512 lo_acc[TN], hi_acc[TN];
+  for (int k = 0; k < TN; ++k) lo_acc[k] = hi_acc[k] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < NB; ++b) {
+    __m512 w_lo, w_hi;  // weights 0..15 and 16..31 of block b of row i
+    dequant(i, b, w_lo, w_hi);
+    const float* xb = xb0 + b * QK;
+    for (int k = 0; k < TN; ++k) {
+      lo_acc[k] = _mm512_fmadd_ps(w_lo, _mm512_loadu_ps(xb + k * K), lo_acc[k]);
+      hi_acc[k] = _mm512_fmadd_ps(w_hi, _mm512_loadu_ps(xb + k * K + 16), hi_acc[k]);
+    }
+  }
+  for (int k = 0; k < TN; ++k) y[k * N + i] = _mm512_reduce_add_ps(_mm512_add_ps(lo_acc[k], hi_acc[k]));
+}
+
+template <typename Dequant>
+void run_rows(const float* X, float* Y, int64_t T, int64_t K, int64_t N, int64_t NB, Dequant dequant) {
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      int64_t t = 0;
+      // Same per-token instruction sequence in every specialisation: results do not depend on T.
+      for (; t + 8 <= T; t += 8) row_tokens<8>(X + t * K, Y + t * N, K, N, NB, i, dequant);
+      for (; t + 4 <= T; t += 4) row_tokens<4>(X + t * K, Y + t * N, K, N, NB, i, dequant);
+      for (; t + 2 <= T; t += 2) row_tokens<2>(X + t * K, Y + t * N, K, N, NB, i, dequant);
+      for (; t < T; ++t) row_tokens<1>(X + t * K, Y + t * N, K, N, NB, i, dequant);
+    }
+  });
+}
+#endif
+
+void check(const torch::Tensor& x, const torch::Tensor& d, int64_t block_bytes, const torch::Tensor& qs) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x must be contiguous f32 [T, K]");
+  TORCH_CHECK(x.size(1) == d.size(1) * QK, "x has ", x.size(1), " features, weights ", d.size(1) * QK);
+  TORCH_CHECK(qs.size(0) == d.size(0) && qs.size(1) == d.size(1) && qs.size(2) == block_bytes, "bad block layout");
+}
+}  // namespace
+
+// x [T, K] f32; d, m [N, K/32] f32; qs [N, K/32, 16] u8 (low nibble = weight j, high nibble = weight j+16)
+torch::Tensor q4_1_matmul(torch::Tensor x, torch::Tensor d, torch::Tensor m, torch::Tensor qs) {
+  check(x, d, 16, qs);
+  const int64_t T = x.size(0), K = x.size(1), N = d.size(0), NB = d.size(1);
+  auto y = torch::empty({T, N}, x.options());
+  const float *D = d.data_ptr<float>(), *M = m.data_ptr<float>();
+  const uint8_t* Q = qs.data_ptr<uint8_t>();
+#ifdef __AVX512F__
+  const __m512i low4 = _mm512_set1_epi32(15);
+  run_rows(x.data_ptr<float>(), y.data_ptr<float>(), T, K, N, NB, [&](int64_t i, int64_t b, __m512& lo, __m512& hi) {
+    const int64_t o = i * NB + b;
+    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(Q + o * 16)));
+    const __m512 dv = _mm512_set1_ps(D[o]), mv = _mm512_set1_ps(M[o]);
+    lo = _mm512_add_ps(_mm512_mul_ps(dv, _mm512_cvtepi32_ps(_mm512_and_si512(q, low4))), mv);
+    hi = _mm512_add_ps(_mm512_mul_ps(dv, _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4))), mv);
+  });
+#else
+  const float* X = x.data_ptr<float>();
+  float* Y = y.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    float w[QK];
+    for (int64_t i = begin; i < end; ++i)
+      for (int64_t t = 0; t < T; ++t) {
+        float acc[QK] = {0};
+        for (int64_t b = 0; b < NB; ++b) {
+          const int64_t o = i * NB + b;
+          for (int j = 0; j < 16; ++j) {
+            const float dq_lo = D[o] * float(Q[o * 16 + j] & 15), dq_hi = D[o] * float(Q[o * 16 + j] >> 4);
+            w[j] = dq_lo + M[o];
+            w[j + 16] = dq_hi + M[o];
+          }
+          for (int j = 0; j < QK; ++j) acc[j] += w[j] * X[t * K + b * QK + j];
+        }
+        float s = 0;
+        for (int j = 0; j < QK; ++j) s += acc[j];
+        Y[t * N + i] = s;
+      }
+  });
+#endif
+  return y;
+}
+
+// x [T, K] f32; d [N, K/32] f32; qs [N, K/32, 32] i8
+torch::Tensor q8_0_matmul(torch::Tensor x, torch::Tensor d, torch::Tensor qs) {
+  check(x, d, 32, qs);
+  const int64_t T = x.size(0), K = x.size(1), N = d.size(0), NB = d.size(1);
+  auto y = torch::empty({T, N}, x.options());
+  const float* D = d.data_ptr<float>();
+  const int8_t* Q = qs.data_ptr<int8_t>();
+#ifdef __AVX512F__
+  run_rows(x.data_ptr<float>(), y.data_ptr<float>(), T, K, N, NB, [&](int64_t i, int64_t b, __m512& lo, __m512& hi) {
+    const int64_t o = i * NB + b;
+    const __m512 dv = _mm512_set1_ps(D[o]);
+    const int8_t* q = Q + o * 32;
+    lo = _mm512_mul_ps(dv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)))));
+    hi = _mm512_mul_ps(dv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16)))));
+  });
+#else
+  const float* X = x.data_ptr<float>();
+  float* Y = y.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i)
+      for (int64_t t = 0; t < T; ++t) {
+        float acc[QK] = {0};
+        for (int64_t b = 0; b < NB; ++b)
+          for (int j = 0; j < QK; ++j) acc[j] += (D[i * NB + b] * float(Q[(i * NB + b) * 32 + j])) * X[t * K + b * QK + j];
+        float s = 0;
+        for (int j = 0; j < QK; ++j) s += acc[j];
+        Y[t * N + i] = s;
+      }
+  });
+#endif
+  return y;
+}
+
+// x [T, D] f32 → w * x / sqrt(mean(x^2) + eps), row by row (the same arithmetic for every T).
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kFloat32, "x must be contiguous f32 [T, D]");
+  const int64_t T = x.size(0), D = x.size(1);
+  auto y = torch::empty_like(x);
+  const float *X = x.data_ptr<float>(), *W = w.data_ptr<float>();
+  float* Y = y.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t) {
+    const float* xr = X + t * D;
+    float ss = 0.f;
+    for (int64_t j = 0; j < D; ++j) ss += xr[j] * xr[j];
+    const float r = 1.f / std::sqrt(ss / float(D) + float(eps));
+    for (int64_t j = 0; j < D; ++j) Y[t * D + j] = W[j] * (xr[j] * r);
+  }
+  return y;
+}
+
+// In place on x [T, H, d] (token-major, contiguous): x = x * cos + rotate_half(x) * sin, cos/sin [T, d].
+void rope_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
+  TORCH_CHECK(x.dim() == 3 && x.is_contiguous() && x.scalar_type() == torch::kFloat32, "x must be contiguous f32 [T, H, d]");
+  const int64_t T = x.size(0), H = x.size(1), d = x.size(2), h2 = d / 2;
+  float* X = x.data_ptr<float>();
+  const float *C = cos.contiguous().data_ptr<float>(), *S = sin.contiguous().data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t h = 0; h < H; ++h) {
+      float* v = X + (t * H + h) * d;
+      const float *c = C + t * d, *s = S + t * d;
+      for (int64_t j = 0; j < h2; ++j) {
+        const float a = v[j], b = v[j + h2];
+        v[j] = a * c[j] - b * s[j];
+        v[j + h2] = b * c[j + h2] + a * s[j + h2];
+      }
+    }
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.def("q4_1_matmul", &q4_1_matmul, "Y = X @ W^T from Q4_1 blocks");
+  mod.def("q8_0_matmul", &q8_0_matmul, "Y = X @ W^T from Q8_0 blocks");
+  mod.def("rms_norm", &rms_norm, "RMSNorm over the last dim of [T, D]");
+  mod.def("rope_", &rope_, "rotary embedding in place on [T, H, d]");
+}
