@@ -10,13 +10,15 @@ import sys
 
 import click
 
+from .bench.suite import QuestionsFileError
 from .engine import GenerationError
 from .methods import UnknownMethodError
 from .models.kv_cache import ContextOverflowError
 from .models.loading import ModelLoadError
 from .models.transformer import UnsupportedModelError
 
-USER_ERRORS = (ModelLoadError, UnsupportedModelError, GenerationError, UnknownMethodError, ContextOverflowError)
+USER_ERRORS = (ModelLoadError, UnsupportedModelError, GenerationError, UnknownMethodError, ContextOverflowError,
+               QuestionsFileError)
 
 
 class UsageError(ValueError):
@@ -114,6 +116,77 @@ def generate(prompt, model, method, chat, max_new_tokens, temperature, top_k, to
     click.echo(f"[{s['method']}] {s['tokens']} tokens in {s['seconds']:.2f} s = {s['tokens_per_s']:.1f} tokens/s · "
                f"{s['target_passes']} target passes · mean accepted {s['mean_accepted']:.2f} · "
                f"draft {100 * s['draft_share']:.1f}% · {s['finish_reason']}", err=True)
+
+
+@main.command()
+@model_option
+@click.option("--methods", default="baseline,hf,hf-pld", show_default=True,
+              help="comma-separated: hasten methods (compositions with '+') and peers hf, hf-pld")
+@click.option("--reference", default="baseline", show_default=True, help="speedups are relative to this method")
+@click.option("--questions", type=click.Path(dir_okay=False), default=None,
+              help="Spec-Bench-format JSONL (question_id, category, turns) [default: hasten's suite]")
+@click.option("--per-category", type=int, default=None, help="use only the first N prompts of each category")
+@click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--max-new-tokens", "-n", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--temperature", "-t", type=float, default=0.0, show_default=True,
+              help="> 0 benchmarks sampling (peers are greedy-only and are then skipped)")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="write raw per-prompt records, the summary and the context here")
+@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="write the tables as Markdown here")
+@click.option("--compare", nargs=2, type=click.Path(exists=True, dir_okay=False), default=None,
+              metavar="A.json B.json", help="instead of running, print the ratio table B/A of two saved runs")
+@threads_option
+@user_errors
+def bench(model, methods, reference, questions, per_category, rounds, max_new_tokens, temperature, json_path,
+          markdown_path, compare, threads):
+    """Measure methods and peers side by side on the same weights and prompts (interleaved rounds, warm-up)."""
+    from .bench import report, runner
+    from .bench.context import collect
+    from .bench.peers import PEERS
+    from .bench.suite import load_questions
+    from . import methods as registry
+    if compare:
+        a, b = (_read_result(p) for p in compare)
+        click.echo(f"tokens/s: {compare[0]} → {compare[1]}")
+        for m, g, ta, tb, ratio in runner.compare(a, b):
+            click.echo(f"  {m:28s} {g:16s} {ta:8.1f} → {tb:8.1f}  {ratio:.2f}x")
+        return
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    if temperature > 0:
+        names = [m for m in names if m not in PEERS]
+    for m in names:
+        if m not in PEERS:
+            registry.parse(m)
+    if reference not in names:
+        raise UsageError(f"--reference {reference!r} is not among --methods ({', '.join(names)}); add it")
+    qs = load_questions(questions, per_category)
+    from .engine import load, validate_options
+    validate_options(max_new_tokens, temperature, 0, 1.0)
+    n_threads = set_threads(threads)
+    engine = load(model)
+    config = runner.BenchConfig(tuple(names), reference, rounds, max_new_tokens, temperature)
+    records = runner.run(engine, qs, config)
+    result = {"context": collect(engine, n_threads, questions or "hasten default suite", len(qs), max_new_tokens, rounds),
+              "summary": runner.summarize(records, reference), "records": records}
+    click.echo(report.terminal(result))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f)
+        click.echo(f"\nwrote {json_path}")
+    if markdown_path:
+        with open(markdown_path, "w") as f:
+            f.write(report.markdown(result))
+
+
+def _read_result(path: str) -> dict:
+    try:
+        with open(path) as f:
+            result = json.load(f)
+        result["summary"]["methods"]
+        return result
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UsageError(f"{path} is not a `hasten bench --json` result; pass files written by --json") from None
 
 
 @main.command()

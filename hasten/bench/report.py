@@ -1,0 +1,53 @@
+"""Benchmark tables: terminal and Markdown, per task group and overall."""
+from __future__ import annotations
+
+
+def _rows(summary: dict, group: str):
+    ref = summary["reference"]
+    for m, e in summary["methods"].items():
+        s = e["speedup"].get(group)
+        speed = f"{s['median']:.2f}x ({s['min']:.2f}–{s['max']:.2f})" if s else "n/a"
+        t = e["mean_accepted"] if group == "overall" else e["mean_accepted_groups"].get(group)
+        tau = f"{t:.2f}" if t else "n/a"
+        share = f"{100 * e['draft_share']:.1f}%" if e.get("draft_share") is not None else "—"
+        same, total = (e["identical"], e["prompts"]) if group == "overall" else e["identical_groups"][group]
+        ident = f"{same}/{total}" + (" (ref)" if m == ref else "")
+        yield [m, f"{e['tokens_per_s'].get(group, 0.0):.1f}", speed, tau, ident, share]
+
+
+HEADER = ["method", "tokens/s", "speedup (min–max)", "τ", "identical", "draft time"]
+
+
+def _context_line(ctx: dict) -> str:
+    return (f"{ctx['date']} · {ctx['cpu']} ({ctx['cores']} cores{', ' + ctx['gpu'] if ctx.get('gpu') else ''}) · "
+            f"torch {ctx['torch']} · transformers {ctx['transformers']} · {ctx['dtype']} · {ctx['threads']} threads · "
+            f"{ctx['model']} [{ctx['model_hash']}] {ctx['weights']} · {ctx['suite']} ({ctx['prompts']} prompts) · "
+            f"max_new_tokens {ctx['max_new_tokens']} · {ctx['rounds']} rounds · commit {ctx['git_commit']}")
+
+
+def terminal(result: dict) -> str:
+    summary, lines = result["summary"], []
+    if "context" in result:
+        lines.append(_context_line(result["context"]))
+    for group in ["overall"] + summary["groups"]:
+        rows = [HEADER] + list(_rows(summary, group))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
+        lines.append(f"\n{group} (speedup vs {summary['reference']}, median over rounds)")
+        for k, r in enumerate(rows):
+            lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+            if k == 0:
+                lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def markdown(result: dict) -> str:
+    summary = result["summary"]
+    out = []
+    if "context" in result:
+        out += [f"Context: {_context_line(result['context'])}", "", f"Command: `{result['context']['command']}`", ""]
+    for group in ["overall"] + summary["groups"]:
+        out += [f"**{group}** (speedup vs `{summary['reference']}`)", "", "| " + " | ".join(HEADER) + " |",
+                "|" + "|".join(["---"] * len(HEADER)) + "|"]
+        out += ["| " + " | ".join(r) + " |" for r in _rows(summary, group)]
+        out.append("")
+    return "\n".join(out)

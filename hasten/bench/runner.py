@@ -1,0 +1,116 @@
+"""`hasten bench`: every method and peer on the same weights and prompts, interleaved, per MEASURING.md.
+
+For each round, for each prompt, the methods run in turn (A B C, A B C, …) so a slow minute of the machine
+hurts all of them alike. Each method is warmed up on one prompt first. Timing covers prefill to last token.
+"""
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+from .peers import PEERS, HFPeer
+from .suite import Question
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    methods: tuple[str, ...]
+    reference: str = "baseline"
+    rounds: int = 3
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    seed: int = 0
+
+
+def run(engine, questions: list[Question], config: BenchConfig, progress: bool = True) -> list[dict]:
+    """→ one record per (round, prompt, method)."""
+    peers = {m: HFPeer(engine, m) for m in config.methods if m in PEERS}
+    prompts = {q.question_id: engine.encode(q.prompt, chat=True) for q in questions}
+
+    def once(method: str, ids: list[int]) -> dict:
+        if method in peers:
+            return peers[method].run(ids, config.max_new_tokens)
+        r = engine.generate(ids, max_new_tokens=config.max_new_tokens, method=method,
+                            temperature=config.temperature, seed=config.seed)
+        return {"token_ids": r.token_ids, "seconds": r.seconds, "target_passes": r.target_passes,
+                "draft_seconds": r.draft_seconds, "accepted_per_step": r.accepted_per_step, "sources": r.sources}
+
+    warm = prompts[questions[0].question_id]
+    for method in config.methods:  # first calls pay for allocation, kernel builds, drafter set-up
+        once(method, warm)
+    records = []
+    bar = tqdm(total=config.rounds * len(questions) * len(config.methods), desc="bench", unit="run",
+               disable=not progress, leave=False)
+    for rnd in range(config.rounds):
+        for q in questions:
+            for method in config.methods:
+                rec = once(method, prompts[q.question_id])
+                records.append({"method": method, "question_id": q.question_id, "category": q.category, "round": rnd,
+                                "prompt_tokens": len(prompts[q.question_id]), "tokens": len(rec["token_ids"]), **rec})
+                bar.update()
+    bar.close()
+    return records
+
+
+def summarize(records: list[dict], reference: str) -> dict:
+    """Per method: tokens/s overall and per group, speedup vs reference (per round; median, min, max), τ, identical."""
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    groups = sorted({r["category"] for r in records})
+    rounds = sorted({r["round"] for r in records})
+    by = defaultdict(list)
+    for r in records:
+        by[(r["method"], r["round"])].append(r)
+
+    def throughput(rs, group=None):
+        rs = [r for r in rs if group is None or r["category"] == group]
+        seconds = sum(r["seconds"] for r in rs)
+        return sum(r["tokens"] for r in rs) / seconds if seconds else 0.0
+
+    first = {(r["method"], r["question_id"]): r["token_ids"] for r in records if r["round"] == rounds[0]}
+    summary = {"reference": reference, "groups": groups, "rounds": len(rounds), "methods": {}}
+    for m in methods:
+        all_rs = [r for rnd in rounds for r in by[(m, rnd)]]
+        entry = {"tokens_per_s": {"overall": throughput(all_rs), **{g: throughput(all_rs, g) for g in groups}},
+                 "speedup": {}, "prompts": len(by[(m, rounds[0])])}
+        for g in [None] + groups:
+            per_round = [throughput(by[(m, rnd)], g) / throughput(by[(reference, rnd)], g)
+                         for rnd in rounds if throughput(by[(reference, rnd)], g) > 0]
+            if per_round:
+                entry["speedup"][g or "overall"] = {"median": statistics.median(per_round), "min": min(per_round),
+                                                    "max": max(per_round)}
+        entry["mean_accepted"] = _tau(all_rs)
+        entry["mean_accepted_groups"] = {g: _tau([r for r in all_rs if r["category"] == g]) for g in groups}
+        draft = sum(r.get("draft_seconds", 0.0) for r in all_rs)
+        entry["draft_share"] = draft / sum(r["seconds"] for r in all_rs) if "draft_seconds" in all_rs[0] else None
+        qids = [r["question_id"] for r in by[(m, rounds[0])]]
+        same = [qid for qid in qids if first.get((m, qid)) == first.get((reference, qid))]
+        entry["identical"] = len(same)
+        cat = {r["question_id"]: r["category"] for r in all_rs}
+        entry["identical_groups"] = {g: [sum(cat[q] == g for q in same), sum(cat[q] == g for q in qids)] for g in groups}
+        entry["different"] = sorted(set(qids) - set(same))
+        entry["unstable"] = sorted({r["question_id"] for r in all_rs if r["token_ids"] != first[(m, r["question_id"])]})
+        summary["methods"][m] = entry
+    return summary
+
+
+def _tau(records: list[dict]) -> float | None:
+    """Mean accepted tokens: generated tokens per target forward pass."""
+    passes = sum(r.get("target_passes") or 0 for r in records)
+    return sum(r["tokens"] for r in records) / passes if passes else None
+
+
+def compare(a: dict, b: dict) -> list[tuple[str, str, float, float, float]]:
+    """Rows (method, group, tokens/s in A, in B, B/A) for methods and groups present in both runs."""
+    rows = []
+    for m, ea in a["summary"]["methods"].items():
+        eb = b["summary"]["methods"].get(m)
+        if eb is None:
+            continue
+        for g, ta in ea["tokens_per_s"].items():
+            tb = eb["tokens_per_s"].get(g)
+            if tb is not None and ta:
+                rows.append((m, g, ta, tb, tb / ta))
+    return rows
