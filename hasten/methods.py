@@ -91,3 +91,11 @@ def _load_builtin() -> None:
         return
     _loaded = True
     register("baseline", lambda engine: NoDraft(), help="plain decoding, one token per target pass")
+    from .decoding.controller import step_cost
+    from .decoding.drafters.prompt_lookup import PromptLookup
+    from .decoding.drafters.recycling import TokenRecycling
+    register("prompt-lookup", lambda engine, n=3, k=10, adaptive=1: PromptLookup(n, k, step_cost(engine), bool(adaptive)),
+             help="n-gram match over prompt + output (n=3, k=10 max draft, adaptive=1)")
+    register("recycling", lambda engine, k=8, nodes=24, depth=8, adaptive=1: TokenRecycling(
+        engine.model.config.vocab_size, k, nodes, depth, step_cost(engine), bool(adaptive)),
+             help="token recycling: tree from the target's past top-k (k=8, nodes=24, depth=8)")

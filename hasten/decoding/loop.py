@@ -61,9 +61,10 @@ def decode(model: Transformer, prompt: list[int], drafter: Drafter, sampling: Sa
         logits = model(torch.tensor([prompt], device=model.device), cache=cache, last_only=True)[0]  # [1, V]
         stats.target_passes += 1
         first = int(logits[-1].argmax()) if sampling.greedy else sample(probabilities(logits[-1], sampling), generator)
-        state = DecodeState(list(prompt) + [first], len(prompt), sampling, generator, budget=0)
+        state = DecodeState(list(prompt), len(prompt), sampling, generator, budget=0)
         drafter.begin(state)
         drafter.commit([first], logits)
+        state.tokens.append(first)
         stats.generated += 1
         stats.accepted_per_step.append(0)
         yield Step([first], ["target"], 0)
@@ -94,6 +95,8 @@ def decode(model: Transformer, prompt: list[int], drafter: Drafter, sampling: Sa
             emitted = (path_tokens(draft, path) if path else []) + [bonus]
             sources = [(draft.sources[i - 1] if draft.sources else drafter.name) for i in path] + ["target"]
             t0 = time.perf_counter()
+            if proposed and hasattr(drafter, "observe"):  # drafters that learn from every scored node (Jacobi)
+                drafter.observe(draft, logits)
             drafter.commit(emitted, kept)
             stats.draft_seconds += time.perf_counter() - t0
             state.tokens.extend(emitted)

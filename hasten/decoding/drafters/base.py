@@ -28,7 +28,7 @@ class Drafter(Protocol):
     name: str
 
     def begin(self, state: DecodeState) -> None:
-        """A new generation starts (state.tokens is the prompt plus the first emitted token)."""
+        """A new generation starts: state.tokens is the prompt; the first token then arrives through commit."""
 
     def propose(self, state: DecodeState) -> Draft:
         """A token tree continuing state.tokens (possibly empty)."""
@@ -36,6 +36,9 @@ class Drafter(Protocol):
     def commit(self, accepted: list[int], target_logits: torch.Tensor) -> None:
         """accepted = emitted tokens this step (accepted draft path + bonus);
         target_logits [len(accepted), V] = the target's logits that chose them."""
+
+    # Optional: `observe(draft, tree_logits)` is called before commit with the logits of every scored node
+    # [1+n, V] (root first), for drafters that learn from rejected nodes too (Jacobi iteration).
 
 
 class NoDraft:

@@ -1,0 +1,44 @@
+"""`a+b`: several drafters' proposals merged into one token tree (a trie: shared prefixes are scored once)."""
+from __future__ import annotations
+
+from ..tree import Draft
+
+
+class Composition:
+    def __init__(self, drafters):
+        self.drafters = list(drafters)
+        self.name = "+".join(d.name for d in self.drafters)
+
+    def begin(self, state):
+        for d in self.drafters:
+            d.begin(state)
+
+    def propose(self, state):
+        tokens, parents, sources = [], [], []
+        children: dict[tuple[int, int], int] = {}  # (parent node, token) → node
+        for d in self.drafters:
+            draft = d.propose(state)
+            srcs = draft.sources or [d.name] * len(draft)
+            where = []  # this draft's node i → merged node
+            for i, (t, p) in enumerate(zip(draft.tokens, draft.parents)):
+                parent = -1 if p < 0 else where[p]
+                node = children.get((parent, t))
+                if node is None:
+                    if len(tokens) >= state.budget:
+                        where.append(None)
+                        break
+                    node = children[(parent, t)] = len(tokens)
+                    tokens.append(t)
+                    parents.append(parent)
+                    sources.append(srcs[i])
+                where.append(node)
+        return Draft(tokens, parents, None, sources)
+
+    def observe(self, draft, tree_logits):
+        for d in self.drafters:
+            if hasattr(d, "observe"):
+                d.observe(draft, tree_logits)
+
+    def commit(self, accepted, target_logits):
+        for d in self.drafters:
+            d.commit(accepted, target_logits)

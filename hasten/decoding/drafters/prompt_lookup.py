@@ -1,0 +1,52 @@
+"""Prompt lookup (Saxena 2023): draft the tokens that followed the latest earlier occurrence of the current
+n-gram in prompt + generated text. Free to propose; pays off wherever output repeats input (summaries,
+retrieval answers, code edits).
+"""
+from __future__ import annotations
+
+from ..controller import DraftSizeController, StepCost
+from ..tree import Draft
+
+
+class PromptLookup:
+    name = "prompt-lookup"
+
+    def __init__(self, n: int = 3, k: int = 8, cost: StepCost | None = None, adaptive: bool = True):
+        if n < 1 or k < 1:
+            raise ValueError("prompt-lookup needs n ≥ 1 and k ≥ 1")
+        self.n, self.k = n, k
+        self.cost = cost or StepCost.default()
+        self.adaptive = adaptive
+
+    def begin(self, state):
+        self.tokens: list[int] = []
+        self.index: dict[tuple, int] = {}  # n-gram → where its latest continuation starts
+        self.controller = DraftSizeController(self.cost, self.k)
+        self.last_proposed = 0
+        self._extend(state.tokens)
+
+    def _extend(self, new: list[int]) -> None:
+        toks, index = self.tokens, self.index
+        for t in new:
+            end = len(toks)  # the n-grams ending here gain a continuation: token t at position `end`
+            for size in range(1, self.n + 1):
+                if end >= size:
+                    index[tuple(toks[end - size:end])] = end
+            toks.append(t)
+
+    def propose(self, state):
+        toks = self.tokens
+        for size in range(min(self.n, len(toks)), 0, -1):
+            start = self.index.get(tuple(toks[-size:]))
+            if start is not None:
+                available = len(toks) - start
+                k = self.controller.next(available) if self.adaptive else min(self.k, available)
+                self.last_proposed = k
+                return Draft.chain(toks[start:start + k], source=self.name)
+        self.last_proposed = 0
+        return Draft()
+
+    def commit(self, accepted, target_logits):
+        self.controller.update(self.last_proposed, len(accepted) - 1)
+        self.last_proposed = 0
+        self._extend(accepted)
