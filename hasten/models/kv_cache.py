@@ -18,17 +18,19 @@ class KVCache:
         shape = (num_layers, batch, num_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)  # [layers, B, Hkv, max_len, d]
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.layers = list(zip(self.k.unbind(0), self.v.unbind(0)))  # per-layer views: cheaper to index
         self.max_len = max_len
         self.length = 0
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write k, v [B, Hkv, T, d] after the current length; return all entries up to and including them."""
-        end = self.length + k.shape[2]
-        if end > self.max_len:
-            raise ContextOverflowError(f"KV cache holds {self.max_len} positions; {end} needed")
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        start, n = self.length, k.shape[2]
+        if start + n > self.max_len:
+            raise ContextOverflowError(f"KV cache holds {self.max_len} positions; {start + n} needed")
+        ck, cv = self.layers[layer]
+        ck.narrow(2, start, n).copy_(k)
+        cv.narrow(2, start, n).copy_(v)
+        return ck.narrow(2, 0, start + n), cv.narrow(2, 0, start + n)
 
     def advance(self, n: int) -> None:
         self.length += n

@@ -29,27 +29,24 @@ class BlockQuantLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.register_buffer("weight", weight)  # [N, K] fp32, dequantized
         raw = blocks.numpy()
+        # The packed blocks are plain attributes, not buffers: a decode step reads them ~200 times and
+        # nn.Module attribute lookup costs microseconds each; they never leave the CPU.
         if qtype == "Q4_1":
-            d, m, qs = cpu_kernels.repack_q4_1(raw)
-            self.register_buffer("scales", torch.from_numpy(d), persistent=False)  # [N, K/32]
-            self.register_buffer("mins", torch.from_numpy(m), persistent=False)  # [N, K/32]
+            d, m, qs = cpu_kernels.repack_q4_1(raw)  # [N, K/32], [N, K/32], [N, K/32, 16]
+            packed = (torch.from_numpy(d), torch.from_numpy(m), torch.from_numpy(qs))
         else:
-            d, qs = cpu_kernels.repack_q8_0(raw)
-            self.register_buffer("scales", torch.from_numpy(d), persistent=False)
-            self.mins = None
-        self.register_buffer("quants", torch.from_numpy(np.ascontiguousarray(qs)), persistent=False)  # [N, K/32, 16|32]
-        self._kernels = cpu_kernels.extension()
+            d, qs = cpu_kernels.repack_q8_0(raw)  # [N, K/32], [N, K/32, 32]
+            packed = (torch.from_numpy(d), torch.from_numpy(qs))
+        self.packed = packed
+        ext = cpu_kernels.extension()
+        self._kernel = None if ext is None else (ext.q4_1_matmul if qtype == "Q4_1" else ext.q8_0_matmul)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        if self._kernels is None or x.device.type != "cpu" or x.dtype != torch.float32 or rows > MAX_KERNEL_ROWS:
+        shape = x.shape
+        rows = x.numel() // shape[-1]
+        if self._kernel is None or rows > MAX_KERNEL_ROWS or x.dtype != torch.float32 or x.is_cuda:
             return F.linear(x, self.weight.to(x.dtype))
-        flat = x.reshape(rows, self.in_features).contiguous()  # [T, K]
-        if self.qtype == "Q4_1":
-            y = self._kernels.q4_1_matmul(flat, self.scales, self.mins, self.quants)
-        else:
-            y = self._kernels.q8_0_matmul(flat, self.scales, self.quants)
-        return y.view(*x.shape[:-1], self.out_features)
+        return self._kernel(x.reshape(rows, shape[-1]).contiguous(), *self.packed).view(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"{self.qtype}, in_features={self.in_features}, out_features={self.out_features}"
