@@ -99,3 +99,9 @@ def _load_builtin() -> None:
     register("recycling", lambda engine, k=8, nodes=24, depth=8, adaptive=1: TokenRecycling(
         engine.model.config.vocab_size, k, nodes, depth, step_cost(engine), bool(adaptive)),
              help="token recycling: tree from the target's past top-k (k=8, nodes=24, depth=8)")
+    from .decoding.drafters.draft_model import draft_model
+    from .decoding.drafters.layer_skip import layer_skip
+    register("draft-model", lambda engine, model, k=4, n=1: draft_model(engine, model, k, n),
+             help="a smaller model with the same tokenizer (model=PATH, k=4 draft length, n=1 chains; n>1: SpecTr)")
+    register("layer-skip", lambda engine, skip=None, k=4: layer_skip(engine, skip, k),
+             help="self-speculation with calibrated skipped layers (skip=10-19 to choose, k=4)")

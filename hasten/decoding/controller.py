@@ -80,10 +80,12 @@ def step_cost(engine) -> StepCost:
 
 
 class DraftSizeController:
-    """Chooses the next draft size k maximising (E[accepted | k] + 1) / cost(k + 1)."""
+    """Chooses the next draft size k maximising (E[accepted | k] + 1) / (cost(k + 1) + k · draft cost)."""
 
-    def __init__(self, cost: StepCost, k_max: int, decay: float = 0.9, prior: float = 0.5):
+    def __init__(self, cost: StepCost, k_max: int, decay: float = 0.9, prior: float = 0.5, draft_cost: float = 0.0):
         self.cost, self.k_max, self.decay = cost, k_max, decay
+        self.draft_cost = draft_cost  # cost of drafting one token, relative to a one-token target step
+        self.prior = prior
         self.accepted, self.stops = prior * 2, (1 - prior) * 2  # decayed counts: accepted tokens, rejections
 
     @property
@@ -93,8 +95,8 @@ class DraftSizeController:
     def update(self, proposed: int, accepted: int) -> None:
         """One step's outcome: `accepted` of the first `proposed` drafted tokens along the path."""
         if proposed == 0:  # not drafting teaches nothing: drift back to the prior so that drafting is retried
-            self.accepted = self.decay * self.accepted + (1 - self.decay)
-            self.stops = self.decay * self.stops + (1 - self.decay)
+            self.accepted = self.decay * self.accepted + (1 - self.decay) * 2 * self.prior
+            self.stops = self.decay * self.stops + (1 - self.decay) * 2 * (1 - self.prior)
             return
         self.accepted = self.decay * self.accepted + accepted
         self.stops = self.decay * self.stops + (1.0 if accepted < proposed else 0.0)
@@ -106,4 +108,4 @@ class DraftSizeController:
     def next(self, available: int | None = None) -> int:
         """Best k in 0..k_max (0 = don't draft this step); `available` caps it (e.g. the match length)."""
         top = self.k_max if available is None else min(self.k_max, available)
-        return max(range(top + 1), key=lambda k: (self.expected(k) + 1) / self.cost(k + 1))
+        return max(range(top + 1), key=lambda k: (self.expected(k) + 1) / (self.cost(k + 1) + k * self.draft_cost))

@@ -51,7 +51,9 @@ def decode(model: Transformer, prompt: list[int], drafter: Drafter, sampling: Sa
         raise ContextOverflowError(f"the prompt has {len(prompt)} tokens but the model's context is {context}; "
                                    "shorten the prompt")
     max_new_tokens = min(max_new_tokens, context - len(prompt))
-    verifier = verifier or verifier_for(sampling)
+    if verifier is None:  # a drafter may bring its own sampling verifier (SpecTr for i.i.d. draft chains)
+        verifier = getattr(drafter, "sampling_verifier", None) if not sampling.greedy else None
+        verifier = verifier or verifier_for(sampling)
     generator = None if sampling.greedy else sampling.generator(model.device)
     if cache is None or cache.max_len < len(prompt) + max_new_tokens + 64:
         cache = model.new_cache(min(context + 64, len(prompt) + max_new_tokens + 64))

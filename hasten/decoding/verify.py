@@ -79,5 +79,73 @@ class SpeculativeSamplingVerifier:
             node = accepted
 
 
+class SpecTrVerifier:
+    """SpecTr's K-SEQ draft selection (Sun et al. 2023) over k i.i.d. draft sequences, exact for p.
+
+    The draft is k chains from the root (sampled i.i.d. from q; duplicates are separate nodes). At each depth the
+    candidates are the next tokens of the chains that still agree with everything accepted so far; all share one
+    context, so one p and one q. Candidate i is accepted with probability min(1, p(x)/(γ q(x))); the first
+    accepted one is emitted. With ρ(x) = min(q(x), p(x)/γ) and β = Σρ, that emits x with probability
+    ρ(x)(1-(1-β)^k)/β; when all k are rejected the bonus token comes from the residual
+    r(x) ∝ p(x) - ρ(x)(1-(1-β)^k)/β, which makes the total exactly p. γ ∈ [1, k] is the smallest value keeping r
+    non-negative, i.e. with 1-(1-β)^k ≤ γβ (found by bisection); k = 1 gives γ = 1, plain speculative sampling.
+    """
+
+    def verify(self, logits, draft, sampling, generator):
+        if len(draft) and draft.q is None:
+            raise ValueError("SpecTr needs the draft probabilities q of every node")
+        p_all = probabilities(logits, sampling)  # [1+n, V]
+        kids = children(draft)
+        alive, chosen = [0], 0
+        while True:
+            p = p_all[alive[0]]  # every alive node has the same context: same p
+            cands = [c for a in alive for c in kids[a]]
+            if not cands:
+                return _ancestors(draft, chosen), sample(p, generator)
+            q = draft.q[cands[0] - 1]
+            k = len(cands)
+            gamma, rho, beta = _gamma(p, q, k)
+            accepted = None
+            for c in cands:
+                x = draft.tokens[c - 1]
+                if float(torch.rand((), generator=generator)) * gamma * float(q[x]) < float(p[x]):
+                    accepted = c
+                    break
+            if accepted is None:
+                emitted = rho * ((1 - (1 - beta) ** k) / beta) if beta > 0 else torch.zeros_like(p)
+                residual = (p - emitted).clamp_min(0.0)
+                total = float(residual.sum())
+                return _ancestors(draft, chosen), sample(residual / total if total > 0 else p, generator)
+            chosen = accepted
+            x = draft.tokens[accepted - 1]
+            alive = [c for c in cands if draft.tokens[c - 1] == x]
+
+
+def _gamma(p: torch.Tensor, q: torch.Tensor, k: int):
+    """Smallest γ in [1, k] with 1-(1-β(γ))^k ≤ γ β(γ); returns (γ, ρ, β)."""
+    def rho_beta(g):
+        rho = torch.minimum(q, p / g)
+        return rho, float(rho.sum())
+
+    lo, hi = 1.0, float(k)
+    rho, beta = rho_beta(lo)
+    if k == 1 or 1 - (1 - beta) ** k <= lo * beta:
+        return lo, rho, beta
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        _, b = rho_beta(mid)
+        lo, hi = (lo, mid) if 1 - (1 - b) ** k <= mid * b else (mid, hi)
+    rho, beta = rho_beta(hi)
+    return hi, rho, beta
+
+
+def _ancestors(draft: Draft, node: int) -> list[int]:
+    path = []
+    while node > 0:
+        path.append(node)
+        node = draft.parents[node - 1] + 1
+    return path[::-1]
+
+
 def verifier_for(sampling: SamplingConfig) -> Verifier:
     return GreedyVerifier() if sampling.greedy else SpeculativeSamplingVerifier()
