@@ -99,6 +99,10 @@ def _load_builtin() -> None:
     register("recycling", lambda engine, k=8, nodes=24, depth=8, adaptive=1: TokenRecycling(
         engine.model.config.vocab_size, k, nodes, depth, step_cost(engine), bool(adaptive)),
              help="token recycling: tree from the target's past top-k (k=8, nodes=24, depth=8)")
+    from .decoding.drafters.jacobi import Jacobi
+    register("jacobi", lambda engine, block=3, blocks=2, ngram=4, branches=2, adaptive=1: Jacobi(
+        block, blocks, ngram, branches, step_cost(engine), bool(adaptive)),
+             help="Jacobi iteration + n-gram pool + rejection recycling (block=3, blocks=2, ngram=4)")
     from .decoding.drafters.draft_model import draft_model
     from .decoding.drafters.layer_skip import layer_skip
     register("draft-model", lambda engine, model, k=4, n=1: draft_model(engine, model, k, n),

@@ -4,6 +4,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from hasten.decoding.drafters.base import NoDraft
 from hasten.decoding.drafters.compose import Composition
+from hasten.decoding.drafters.jacobi import Jacobi
 from hasten.decoding.drafters.prompt_lookup import PromptLookup
 from hasten.decoding.drafters.recycling import TokenRecycling
 from hasten.decoding.loop import DecodeStats, decode
@@ -29,6 +30,9 @@ def generate(m, prompt, drafter, n):
 DRAFTERS = {
     "prompt-lookup": lambda k: PromptLookup(n=3, k=k, adaptive=False),
     "prompt-lookup-adaptive": lambda k: PromptLookup(n=2, k=k),
+    "jacobi": lambda k: Jacobi(block=k, blocks=2, ngram=3, adaptive=False),
+    "jacobi+prompt-lookup": lambda k: Composition([Jacobi(block=k, blocks=1, adaptive=False),
+                                                   PromptLookup(2, k, adaptive=False)]),
     "recycling": lambda k: TokenRecycling(VOCAB, top_k=3, max_nodes=k, depth=4, adaptive=False),
     "prompt-lookup+recycling": lambda k: Composition([PromptLookup(3, k, adaptive=False),
                                                       TokenRecycling(VOCAB, 3, k, 4, adaptive=False)]),
