@@ -87,3 +87,12 @@ def test_composition_merges_shared_prefixes():
     draft = comp.propose(DecodeState([1], 1, SamplingConfig(), None, budget=10))
     assert draft.tokens == [5, 6, 7, 8, 9] and draft.parents == [-1, 0, 1, 1, -1]
     assert draft.sources == ["a", "a", "a", "b", "b"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("method", ["prompt-lookup", "recycling", "jacobi", "prompt-lookup+recycling"])
+def test_default_model_outputs_identical_to_baseline(default_engine, method):
+    from hasten.bench.suite import load_questions
+    for q in load_questions(per_category=1)[1:4]:  # summarization, translation, qa
+        base = default_engine.generate(q.prompt, max_new_tokens=48, chat=True)
+        assert default_engine.generate(q.prompt, max_new_tokens=48, chat=True, method=method).token_ids == base.token_ids

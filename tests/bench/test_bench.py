@@ -1,0 +1,71 @@
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from hasten.bench.runner import summarize
+from hasten.bench.suite import QuestionsFileError, load_questions
+from hasten.cli import main
+
+
+def test_default_suite_covers_the_task_groups():
+    qs = load_questions()
+    groups = {q.category for q in qs}
+    assert {"conversation", "code", "summarization", "translation", "qa", "math", "rag"} <= groups
+    assert all(sum(q.category == g for q in qs) >= 5 for g in groups)
+    assert any(q.question_id.startswith("HumanEval/") for q in qs)
+    assert len(load_questions(per_category=2)) == 2 * len(groups)
+
+
+@pytest.mark.parametrize("content,needle", [("not json\n", "not JSON"), ('{"category": "x"}\n', "lacks"),
+                                            ("", "no questions"), ('{"question_id": 1, "category": "a", "turns": []}\n',
+                                                                   "turns")])
+def test_malformed_questions_file(tmp_path, content, needle):
+    path = tmp_path / "q.jsonl"
+    path.write_text(content)
+    with pytest.raises(QuestionsFileError, match=needle):
+        load_questions(path)
+    result = CliRunner().invoke(main, ["bench", "--questions", str(path)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.strip().count("\n") == 0 and needle in result.output
+
+
+def record(method, qid, cat, rnd, tokens, seconds, ids, passes):
+    return {"method": method, "question_id": qid, "category": cat, "round": rnd, "tokens": tokens,
+            "seconds": seconds, "token_ids": ids, "target_passes": passes}
+
+
+def test_summary_math():
+    recs = []
+    for rnd, slow in enumerate([1.0, 2.0]):  # round 1: the machine is twice as slow for everyone
+        recs += [record("baseline", "a", "g1", rnd, 10, 1.0 * slow, [1], 10),
+                 record("baseline", "b", "g2", rnd, 30, 1.0 * slow, [2], 30),
+                 record("fast", "a", "g1", rnd, 10, 0.5 * slow, [1], 4),
+                 record("fast", "b", "g2", rnd, 30, 1.0 * slow, [3], 10)]
+    s = summarize(recs, "baseline")["methods"]
+    assert s["baseline"]["tokens_per_s"]["overall"] == pytest.approx(80 / 6)
+    assert s["fast"]["speedup"]["g1"]["median"] == pytest.approx(2.0)
+    assert s["fast"]["speedup"]["overall"]["min"] == pytest.approx(40 / 1.5 / 20)
+    assert s["fast"]["mean_accepted"] == pytest.approx(80 / 28)
+    assert s["fast"]["identical"] == 1 and s["fast"]["different"] == ["b"] and s["fast"]["prompts"] == 2
+
+
+@pytest.mark.integration
+def test_bench_end_to_end(tmp_path):
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("\n".join(json.dumps({"question_id": i, "category": c, "turns": [t]}) for i, c, t in [
+        (1, "qa", "What is the capital of Italy?"), (2, "math", "What is 12 times 12?")]))
+    out = tmp_path / "r.json"
+    result = CliRunner().invoke(main, ["bench", "--questions", str(questions), "--max-new-tokens", "8", "--rounds", "1",
+                                       "--methods", "baseline,hf,prompt-lookup", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    for key in ("cpu", "threads", "model_hash", "torch", "git_commit", "max_new_tokens"):
+        assert key in data["context"]
+    for m in ("baseline", "hf", "prompt-lookup"):
+        entry = data["summary"]["methods"][m]
+        assert {"tokens_per_s", "speedup", "mean_accepted", "identical", "prompts"} <= set(entry)
+        assert entry["identical"] == 2
+    assert len(data["records"]) == 6
+    compared = CliRunner().invoke(main, ["bench", "--compare", str(out), str(out)])
+    assert compared.exit_code == 0 and "1.00x" in compared.output
