@@ -24,7 +24,7 @@ demo: setup
 	$(BIN)/hasten bench --per-category 1 --rounds 2 --max-new-tokens 64 --methods baseline,prompt-lookup,hf
 
 test: setup
-	$(BIN)/python -m pytest -q -x --durations=10
+	$(BIN)/python -m pytest -q --durations=10
 
 clean:
 	rm -rf $(VENV) build *.egg-info
