@@ -134,12 +134,14 @@ def generate(prompt, model, method, chat, max_new_tokens, temperature, top_k, to
               help="write raw per-prompt records, the summary and the context here")
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False, writable=True), default=None,
               help="write the tables as Markdown here")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False), default=None,
+              help="also write report.md, speedup.png and tokens.html (where tokens came from) into this directory")
 @click.option("--compare", nargs=2, type=click.Path(exists=True, dir_okay=False), default=None,
               metavar="A.json B.json", help="instead of running, print the ratio table B/A of two saved runs")
 @threads_option
 @user_errors
 def bench(model, methods, reference, questions, per_category, rounds, max_new_tokens, temperature, json_path,
-          markdown_path, compare, threads):
+          markdown_path, report_dir, compare, threads):
     """Measure methods and peers side by side on the same weights and prompts (interleaved rounds, warm-up)."""
     from .bench import report, runner
     from .bench.context import collect
@@ -168,7 +170,7 @@ def bench(model, methods, reference, questions, per_category, rounds, max_new_to
     config = runner.BenchConfig(tuple(names), reference, rounds, max_new_tokens, temperature)
     records = runner.run(engine, qs, config)
     result = {"context": collect(engine, n_threads, questions or "hasten default suite", len(qs), max_new_tokens, rounds),
-              "summary": runner.summarize(records, reference), "records": records}
+              "summary": runner.summarize(records, reference, temperature > 0), "records": records}
     click.echo(report.terminal(result))
     if json_path:
         with open(json_path, "w") as f:
@@ -177,6 +179,22 @@ def bench(model, methods, reference, questions, per_category, rounds, max_new_to
     if markdown_path:
         with open(markdown_path, "w") as f:
             f.write(report.markdown(result))
+    if report_dir:
+        for path in report.write_all(result, report_dir):
+            click.echo(f"wrote {path}")
+
+
+@main.command("report")
+@click.argument("result_json", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="hasten-report", show_default=True)
+@user_errors
+def report_command(result_json, out_dir):
+    """Tables, a speedup plot and an HTML view of where tokens came from, from a `hasten bench --json` file."""
+    from .bench import report
+    result = _read_result(result_json)
+    click.echo(report.terminal(result))
+    for path in report.write_all(result, out_dir):
+        click.echo(f"wrote {path}")
 
 
 def _read_result(path: str) -> dict:
@@ -187,6 +205,31 @@ def _read_result(path: str) -> dict:
         return result
     except (OSError, ValueError, KeyError, TypeError):
         raise UsageError(f"{path} is not a `hasten bench --json` result; pass files written by --json") from None
+
+
+@main.command()
+@model_option
+@click.option("--method", default="baseline", show_default=True, help="default decoding method (requests may override)")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--queue-size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="requests waiting or running at once; more get 503 with Retry-After")
+@threads_option
+@user_errors
+def serve(model, method, host, port, queue_size, threads):
+    """Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models) and a chat page at /."""
+    import uvicorn
+
+    from . import methods as registry
+    from .engine import load
+    from .serve.app import create_app
+    registry.parse(method)
+    set_threads(threads)
+    engine = load(model)
+    engine.drafter(method)  # build (and calibrate) the default method before taking requests
+    click.echo(f"hasten: serving {engine.name} with {method} on http://{host}:{port}", err=True)
+    uvicorn.run(create_app(engine, method, queue_size), host=host, port=port, log_level="warning",
+                timeout_graceful_shutdown=30)
 
 
 @main.command()

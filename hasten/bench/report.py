@@ -1,5 +1,7 @@
-"""Benchmark tables: terminal and Markdown, per task group and overall."""
+"""Benchmark reports: terminal and Markdown tables per task group and overall; `write_all` adds plots and HTML."""
 from __future__ import annotations
+
+from pathlib import Path
 
 
 def _rows(summary: dict, group: str):
@@ -11,7 +13,7 @@ def _rows(summary: dict, group: str):
         tau = f"{t:.2f}" if t else "n/a"
         share = f"{100 * e['draft_share']:.1f}%" if e.get("draft_share") is not None else "—"
         same, total = (e["identical"], e["prompts"]) if group == "overall" else e["identical_groups"][group]
-        ident = f"{same}/{total}" + (" (ref)" if m == ref else "")
+        ident = "n/a (sampling)" if summary.get("sampling") else f"{same}/{total}" + (" (ref)" if m == ref else "")
         yield [m, f"{e['tokens_per_s'].get(group, 0.0):.1f}", speed, tau, ident, share]
 
 
@@ -51,3 +53,13 @@ def markdown(result: dict) -> str:
         out += ["| " + " | ".join(r) + " |" for r in _rows(summary, group)]
         out.append("")
     return "\n".join(out)
+
+
+def write_all(result: dict, out: str | Path) -> list[Path]:
+    """Markdown table, PNG speedup plot and the HTML acceptance view into directory `out`."""
+    from .html import acceptance_view
+    from .plots import speedup_bars
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text(markdown(result))
+    return [out / "report.md", speedup_bars(result, out / "speedup.png"), acceptance_view(result, out / "tokens.html")]

@@ -236,6 +236,8 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(start, start + T, device=tokens.device)
         cos, sin = self._rope(positions)  # [(B,) T, d]
+        if mask is None and T > 1 and start > 0:  # new tokens after cached ones: causal, bottom-right aligned
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=tokens.device).tril(start)  # [T, L+T]
         x = self.embed_tokens(tokens)  # [B, T, D]
         for i in layers if layers is not None else range(len(self.layers)):
             x = self.layers[i](x, cos, sin, i, cache, mask)

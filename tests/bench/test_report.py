@@ -1,0 +1,26 @@
+from hasten.bench import report
+from hasten.bench.runner import summarize
+
+
+def result():
+    recs = []
+    for rnd in range(2):
+        for method, seconds, sources, steps in [
+                ("baseline", 1.0, ["target"] * 4, [0, 0, 0, 0]),
+                ("prompt-lookup", 0.5, ["target", "prompt-lookup", "prompt-lookup", "target"], [0, 2])]:
+            recs.append({"method": method, "question_id": "q1", "category": "rag", "round": rnd, "tokens": 4,
+                         "seconds": seconds, "token_ids": [5, 6, 7, 8], "target_passes": 4 if method == "baseline" else 2,
+                         "sources": sources, "accepted_per_step": steps, "pieces": ["Hel", "lo", " <wor", "ld>"]})
+    return {"summary": summarize(recs, "baseline"), "records": recs,
+            "context": {"model": "tiny", "date": "2026-11-22", "cpu": "cpu", "threads": 2}}
+
+
+def test_write_all_makes_markdown_plot_and_token_marks(tmp_path):
+    paths = report.write_all(result(), tmp_path)
+    assert [p.name for p in paths] == ["report.md", "speedup.png", "tokens.html"]
+    assert all(p.stat().st_size > 200 for p in paths)
+    assert paths[1].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = paths[2].read_text()
+    assert page.count('class="tok src-prompt-lookup"') == 3  # 2 tokens + the legend
+    assert "&lt;wor" in page  # token text is escaped
+    assert "| prompt-lookup |" in paths[0].read_text() and "2.00x" in paths[0].read_text()
