@@ -29,7 +29,7 @@ def _context_line(ctx: dict) -> str:
 
 def terminal(result: dict) -> str:
     summary, lines = result["summary"], []
-    if "context" in result:
+    if "command" in result.get("context", {}):
         lines.append(_context_line(result["context"]))
     for group in ["overall"] + summary["groups"]:
         rows = [HEADER] + list(_rows(summary, group))
@@ -45,7 +45,7 @@ def terminal(result: dict) -> str:
 def markdown(result: dict) -> str:
     summary = result["summary"]
     out = []
-    if "context" in result:
+    if "command" in result.get("context", {}):
         out += [f"Context: {_context_line(result['context'])}", "", f"Command: `{result['context']['command']}`", ""]
     for group in ["overall"] + summary["groups"]:
         out += [f"**{group}** (speedup vs `{summary['reference']}`)", "", "| " + " | ".join(HEADER) + " |",

@@ -15,6 +15,7 @@ def result():
             "context": {"model": "tiny", "date": "2026-11-22", "cpu": "cpu", "threads": 2}}
 
 
+
 def test_write_all_makes_markdown_plot_and_token_marks(tmp_path):
     paths = report.write_all(result(), tmp_path)
     assert [p.name for p in paths] == ["report.md", "speedup.png", "tokens.html"]
