@@ -148,3 +148,19 @@ def test_full_queue_answers_503_and_disconnect_frees_the_slot():
         assert r.status_code == 200
     finally:
         stop(proc)
+
+
+def test_sigterm_ends_streams_in_flight_cleanly():
+    proc, url = start()
+    body = {"messages": [{"role": "user", "content": "Count from one to twenty."}], "max_tokens": 48, "stream": True}
+    lines = []
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            lines.append(line)
+            if len(lines) == 3:
+                proc.send_signal(signal.SIGTERM)  # graceful: the stream in flight still finishes
+    # uvicorn finishes in-flight requests, then re-raises the signal: exit status -SIGTERM after a clean stream
+    assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+    data = [l.removeprefix("data: ") for l in lines if l.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    assert all(json.loads(d)["object"] == "chat.completion.chunk" for d in data[:-1])
