@@ -233,6 +233,31 @@ def serve(model, method, host, port, queue_size, threads):
 
 
 @main.command()
+@model_option
+@click.option("--questions", type=click.Path(dir_okay=False), default=None,
+              help="a sample of your prompts, Spec-Bench JSONL [default: hasten's suite]")
+@click.option("--per-category", type=int, default=1, show_default=True, help="prompts per category of the sample")
+@click.option("--budget", type=click.IntRange(min=10), default=600, show_default=True, help="seconds for the search")
+@click.option("--max-new-tokens", "-n", type=click.IntRange(min=1), default=64, show_default=True)
+@threads_option
+@user_errors
+def tune(model, questions, per_category, budget, max_new_tokens, threads):
+    """Search methods × parameters by wall clock on a sample; save the fastest lossless one for --method auto."""
+    from .bench import tune as tuner
+    from .bench.suite import load_questions
+    from .engine import load
+    qs = load_questions(questions, per_category)
+    set_threads(threads)
+    engine = load(model)
+    profile = tuner.tune(engine, qs, budget, max_new_tokens)
+    for r in profile["ranking"]:
+        click.echo(f"  {r['method']:36s} {r['speedup']:.2f}x  {'identical' if r['identical'] else 'DIFFERS (excluded)'}")
+    if profile["skipped_for_budget"]:
+        click.echo(f"  not tried within the budget: {', '.join(profile['skipped_for_budget'])}")
+    click.echo(f"best: {profile['best']} → saved {tuner.save(engine, profile)} (use --method auto)")
+
+
+@main.command()
 @user_errors
 def models():
     """List the default model, cached conversions and available methods."""

@@ -72,6 +72,39 @@ def build(text: str, engine) -> Drafter:
     return Composition(drafters)
 
 
+def machine_key() -> str:
+    """CPU model and thread count: a tuning profile holds only where both match."""
+    import platform
+
+    import torch
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return "".join(c if c.isalnum() else "-" for c in f"{cpu}-{torch.get_num_threads()}t")
+
+
+def profile_path(engine):
+    from .models.loading import cache_dir
+    return cache_dir() / "profiles" / f"{engine.model_hash}-{machine_key()}.json"
+
+
+def _auto(engine):
+    """The configuration `hasten tune` found fastest (and lossless) for this model on this machine."""
+    import json
+    import sys
+    path = profile_path(engine)
+    try:
+        best = json.loads(path.read_text())["best"]
+    except (OSError, ValueError, KeyError):
+        raise UnknownMethodError(f"--method auto needs a tuning profile for {engine.name} on this machine "
+                                 f"({path.name}); run `hasten tune` first") from None
+    print(f"hasten: --method auto uses {best} (from {path})", file=sys.stderr)
+    return build(best, engine)
+
+
 def _number(value: str):
     for cast in (int, float):
         try:
@@ -91,6 +124,7 @@ def _load_builtin() -> None:
         return
     _loaded = True
     register("baseline", lambda engine: NoDraft(), help="plain decoding, one token per target pass")
+    register("auto", _auto, help="the fastest lossless configuration `hasten tune` found here")
     from .decoding.controller import step_cost
     from .decoding.drafters.prompt_lookup import PromptLookup
     from .decoding.drafters.recycling import TokenRecycling

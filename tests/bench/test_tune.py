@@ -1,0 +1,23 @@
+import pytest
+
+from hasten import methods
+from hasten.bench import tune
+from hasten.bench.suite import load_questions
+
+pytestmark = pytest.mark.integration
+
+
+def test_tune_saves_a_lossless_profile_that_auto_uses(default_engine, tmp_path, monkeypatch):
+    monkeypatch.setattr(methods, "profile_path", lambda engine: tmp_path / "profile.json")
+    with pytest.raises(methods.UnknownMethodError, match="hasten tune"):
+        methods.build("auto", default_engine)
+    qs = load_questions(per_category=1)[1:3]
+    profile = tune.tune(default_engine, qs, budget_s=120, max_new_tokens=16,
+                        space=("prompt-lookup:k=4", "recycling:nodes=6"), progress=False)
+    assert {r["method"] for r in profile["ranking"]} == {"prompt-lookup:k=4", "recycling:nodes=6"}
+    assert all(r["identical"] for r in profile["ranking"])
+    assert profile["best"] in ("prompt-lookup:k=4", "recycling:nodes=6", "baseline")
+    tune.save(default_engine, profile)
+    drafter = methods.build("auto", default_engine)
+    expected = methods.build(profile["best"], default_engine)
+    assert type(drafter) is type(expected)
