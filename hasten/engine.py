@@ -140,7 +140,8 @@ class Engine:
         if self._cache is None or self._cache.max_len < needed:
             self._cache = self.model.new_cache(min(needed, self.model.config.max_position_embeddings + 64))
         t0 = time.perf_counter()
-        steps = decode(self.model, ids, drafter, sampling, max_new_tokens, self.eos_ids, stats, cache=self._cache)
+        target = getattr(drafter, "target", None) or self.model  # lossy methods decode a sparse model
+        steps = decode(target, ids, drafter, sampling, max_new_tokens, self.eos_ids, stats, cache=self._cache)
         stopped = False
         try:
             for step in steps:

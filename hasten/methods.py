@@ -143,3 +143,5 @@ def _load_builtin() -> None:
              help="a smaller model with the same tokenizer (model=PATH, k=4 draft length, n=1 chains; n>1: SpecTr)")
     register("layer-skip", lambda engine, skip=None, k=4: layer_skip(engine, skip, k),
              help="self-speculation with calibrated skipped layers (skip=10-19 to choose, k=4)")
+    from .sparsity import registry as sparsity_methods
+    sparsity_methods.register_all(register)

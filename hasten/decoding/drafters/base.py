@@ -37,6 +37,8 @@ class Drafter(Protocol):
         """accepted = emitted tokens this step (accepted draft path + bonus);
         target_logits [len(accepted), V] = the target's logits that chose them."""
 
+    # Optional: `target`, a model the loop decodes with instead of the engine's (lossy sparse methods, whose
+    # "drafter" proposes nothing: sparsity/methods/base.py::SparseDecoding).
     # Optional: `observe(draft, tree_logits)` is called before commit with the logits of every scored node
     # [1+n, V] (root first), for drafters that learn from rejected nodes too (Jacobi iteration).
 

@@ -1,0 +1,397 @@
+// Activation-sparse matmuls for hasten's sparsity methods (see sparsity/kernels/cpu.py for the why and the layouts).
+//
+// 1. Sparse input, y[T, N] = x[T, K] @ W^T reading only the weight rows of W^T (= columns of W) whose input is
+//    active: |x[t, k]| > thr for some token t (the union over the T tokens; each token still uses only its own
+//    kept inputs, the others enter as exact zeros). W^T is stored row-major [K, N], so an active input's weights
+//    are one contiguous row. Formats: fp32, and "q4t": GGUF Q4_1 weights transposed without changing any value —
+//    4-bit codes q[k, n] plus the blocks' fp16 scale d and minimum m, which are shared by the 32 inputs of a
+//    block: sum_k x_k (d q_k + m) = d * (sum_k x_k q_k) + m * (sum_k x_k) over the active k of a block.
+// 2. Row subsets, y[:, i] = W[i] @ x for the selected output rows i only (the others are 0), in the model's own
+//    layout (Q4_1 blocks or fp32 rows): the neurons CATS and Deja Vu keep, the heads Deja Vu keeps.
+//
+// Per token, every result is accumulated by the same instruction sequence whatever T is, and inputs outside a
+// token's own kept set add exact zeros, so a token's output does not depend on which tokens share the call.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+namespace {
+constexpr int64_t QK = 32;  // inputs per Q4_1 block
+
+// The active inputs of x [T, K]: ascending channel ids, and their values per token (0 where that token drops it).
+struct Active {
+  std::vector<int32_t> k;   // [A]
+  std::vector<float> xs;    // [A, T]
+};
+
+Active select(const float* X, int64_t T, int64_t K, float thr) {
+  Active a;
+  a.k.reserve(K);
+  a.xs.reserve(K * T);
+  for (int64_t k = 0; k < K; ++k) {
+    bool any = false;
+    for (int64_t t = 0; t < T; ++t) any |= std::fabs(X[t * K + k]) > thr;
+    if (!any) continue;
+    a.k.push_back(int32_t(k));
+    for (int64_t t = 0; t < T; ++t) {
+      const float v = X[t * K + k];
+      a.xs.push_back(std::fabs(v) > thr ? v : 0.f);
+    }
+  }
+  return a;
+}
+
+void check_x(const torch::Tensor& x, int64_t K) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x must be contiguous f32 [T, K]");
+  TORCH_CHECK(x.size(1) == K, "x has ", x.size(1), " features, the weights ", K);
+}
+
+// Token chunks: 4 at a time, then 2, then 1 (each chunk keeps its accumulators in registers).
+template <typename F>
+void token_chunks(int64_t T, F f) {
+  int64_t t = 0;
+  for (; t + 4 <= T; t += 4) f(t, std::integral_constant<int, 4>());
+  for (; t + 2 <= T; t += 2) f(t, std::integral_constant<int, 2>());
+  for (; t < T; ++t) f(t, std::integral_constant<int, 1>());
+}
+
+constexpr int64_t TILE = 64;  // outputs per work item: divides 192, 576, 1536 and every multiple of 64
+
+}  // namespace
+
+// ---- 1. sparse input ------------------------------------------------------------------------------------------
+
+// x [T, K] f32; wt [K, N] f32 (W transposed) → y [T, N]
+torch::Tensor f32t_sparse_in(torch::Tensor x, double thr, torch::Tensor wt) {
+  TORCH_CHECK(wt.dim() == 2 && wt.scalar_type() == torch::kFloat32 && wt.is_contiguous(), "wt must be contiguous f32 [K, N]");
+  const int64_t K = wt.size(0), N = wt.size(1), T = x.size(0);
+  check_x(x, K);
+  auto y = torch::zeros({T, N}, x.options());
+  const Active act = select(x.data_ptr<float>(), T, K, float(thr));
+  const int64_t A = act.k.size();
+  if (A == 0) return y;
+  const float* W = wt.data_ptr<float>();
+  float* Y = y.data_ptr<float>();
+  token_chunks(T, [&](int64_t t0, auto tn) {
+    constexpr int TN = decltype(tn)::value;
+    at::parallel_for(0, (N + TILE - 1) / TILE, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t tile = begin; tile < end; ++tile) {
+        const int64_t n0 = tile * TILE, width = std::min(TILE, N - n0);
+#ifdef __AVX512F__
+        if (width == TILE) {
+          __m512 acc[TN][4];
+          for (int t = 0; t < TN; ++t)
+            for (int v = 0; v < 4; ++v) acc[t][v] = _mm512_setzero_ps();
+          for (int64_t a = 0; a < A; ++a) {
+            const float* w = W + int64_t(act.k[a]) * N + n0;
+            const float* xa = act.xs.data() + a * T + t0;
+            __m512 wv[4];
+            for (int v = 0; v < 4; ++v) wv[v] = _mm512_loadu_ps(w + 16 * v);
+            for (int t = 0; t < TN; ++t) {
+              const __m512 xv = _mm512_set1_ps(xa[t]);
+              for (int v = 0; v < 4; ++v) acc[t][v] = _mm512_fmadd_ps(wv[v], xv, acc[t][v]);
+            }
+          }
+          for (int t = 0; t < TN; ++t)
+            for (int v = 0; v < 4; ++v) _mm512_storeu_ps(Y + (t0 + t) * N + n0 + 16 * v, acc[t][v]);
+          continue;
+        }
+#endif
+        for (int t = 0; t < TN; ++t) {
+          float* yr = Y + (t0 + t) * N + n0;
+          for (int64_t a = 0; a < A; ++a) {
+            const float xv = act.xs[a * T + t0 + t];
+            const float* w = W + int64_t(act.k[a]) * N + n0;
+            for (int64_t j = 0; j < width; ++j) yr[j] = std::fma(w[j], xv, yr[j]);
+          }
+        }
+      }
+    });
+  });
+  return y;
+}
+
+// x [T, K] f32; q [K, N/2] u8 (byte j of each 32-output group: low nibble = output j, high = output j+16);
+// d, m [K/32, N] f16 (the Q4_1 blocks' scale and minimum, per input block and output) → y [T, N]
+torch::Tensor q4t_sparse_in(torch::Tensor x, double thr, torch::Tensor q, torch::Tensor d, torch::Tensor m) {
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == torch::kUInt8 && q.is_contiguous(), "q must be contiguous u8 [K, N/2]");
+  const int64_t K = q.size(0), N = q.size(1) * 2, T = x.size(0), NB = K / QK;
+  TORCH_CHECK(K % QK == 0 && N % QK == 0, "q4t needs K and N divisible by 32");
+  TORCH_CHECK(d.scalar_type() == torch::kFloat16 && m.scalar_type() == torch::kFloat16 && d.is_contiguous() &&
+              m.is_contiguous() && d.size(0) == NB && d.size(1) == N && m.sizes() == d.sizes(), "d, m must be f16 [K/32, N]");
+  check_x(x, K);
+  auto y = torch::zeros({T, N}, x.options());
+  const Active act = select(x.data_ptr<float>(), T, K, float(thr));
+  const int64_t A = act.k.size();
+  if (A == 0) return y;
+  // Active blocks: [first, last) ranges into the active list, and the per-token sums of their kept inputs.
+  std::vector<int64_t> blk, first, last;
+  std::vector<float> sx;  // [blocks, T]
+  for (int64_t a = 0; a < A; ++a) {
+    const int64_t b = act.k[a] / QK;
+    if (blk.empty() || blk.back() != b) {
+      blk.push_back(b);
+      first.push_back(a);
+      last.push_back(a);
+      sx.insert(sx.end(), T, 0.f);
+    }
+    last.back() = a + 1;
+    for (int64_t t = 0; t < T; ++t) sx[(blk.size() - 1) * T + t] += act.xs[a * T + t];
+  }
+  const int64_t NBA = blk.size(), half = N / 2;
+  const uint8_t* Q = q.data_ptr<uint8_t>();
+  const at::Half* D = d.data_ptr<at::Half>();
+  const at::Half* M = m.data_ptr<at::Half>();
+  float* Y = y.data_ptr<float>();
+  token_chunks(T, [&](int64_t t0, auto tn) {
+    constexpr int TN = decltype(tn)::value;
+    at::parallel_for(0, (N + TILE - 1) / TILE, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t tile = begin; tile < end; ++tile) {
+        const int64_t n0 = tile * TILE, width = std::min(TILE, N - n0);
+#ifdef __AVX512F__
+        if (width == TILE) {
+          const __m512i low4 = _mm512_set1_epi32(15);
+          __m512 out[TN][4];
+          for (int t = 0; t < TN; ++t)
+            for (int v = 0; v < 4; ++v) out[t][v] = _mm512_setzero_ps();
+          for (int64_t bi = 0; bi < NBA; ++bi) {
+            __m512 acc[TN][4];  // sum over the block's active inputs of x * q (the integer codes)
+            for (int t = 0; t < TN; ++t)
+              for (int v = 0; v < 4; ++v) acc[t][v] = _mm512_setzero_ps();
+            for (int64_t a = first[bi]; a < last[bi]; ++a) {
+              const uint8_t* qr = Q + int64_t(act.k[a]) * half + n0 / 2;
+              const __m512i c0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qr)));
+              const __m512i c1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qr + 16)));
+              const __m512 w[4] = {_mm512_cvtepi32_ps(_mm512_and_si512(c0, low4)), _mm512_cvtepi32_ps(_mm512_srli_epi32(c0, 4)),
+                                   _mm512_cvtepi32_ps(_mm512_and_si512(c1, low4)), _mm512_cvtepi32_ps(_mm512_srli_epi32(c1, 4))};
+              const float* xa = act.xs.data() + a * T + t0;
+              for (int t = 0; t < TN; ++t) {
+                const __m512 xv = _mm512_set1_ps(xa[t]);
+                for (int v = 0; v < 4; ++v) acc[t][v] = _mm512_fmadd_ps(w[v], xv, acc[t][v]);
+              }
+            }
+            const int64_t o = blk[bi] * N + n0;
+            for (int v = 0; v < 4; ++v) {
+              const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(D + o + 16 * v)));
+              const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(M + o + 16 * v)));
+              for (int t = 0; t < TN; ++t) {
+                out[t][v] = _mm512_fmadd_ps(dv, acc[t][v], out[t][v]);
+                out[t][v] = _mm512_fmadd_ps(mv, _mm512_set1_ps(sx[bi * T + t0 + t]), out[t][v]);
+              }
+            }
+          }
+          for (int t = 0; t < TN; ++t)
+            for (int v = 0; v < 4; ++v) _mm512_storeu_ps(Y + (t0 + t) * N + n0 + 16 * v, out[t][v]);
+          continue;
+        }
+#endif
+        // Portable path (and tail tiles): the same arithmetic, one output at a time.
+        for (int t = 0; t < TN; ++t) {
+          float* yr = Y + (t0 + t) * N + n0;
+          for (int64_t j = 0; j < width; ++j) {
+            const int64_t n = n0 + j, g = n / QK, r = n % QK;
+            const int64_t byte = g * 16 + (r < 16 ? r : r - 16);
+            float out = 0.f;
+            for (int64_t bi = 0; bi < NBA; ++bi) {
+              float acc = 0.f;
+              for (int64_t a = first[bi]; a < last[bi]; ++a) {
+                const uint8_t c = Q[int64_t(act.k[a]) * half + byte];
+                acc = std::fma(float(r < 16 ? (c & 15) : (c >> 4)), act.xs[a * T + t0 + t], acc);
+              }
+              const int64_t o = blk[bi] * N + n;
+              out = std::fma(float(D[o]), acc, out);
+              out = std::fma(float(M[o]), sx[bi * T + t0 + t], out);
+            }
+            yr[j] = out;
+          }
+        }
+      }
+    });
+  });
+  return y;
+}
+
+// ---- 2. row subsets -------------------------------------------------------------------------------------------
+
+namespace {
+// One output row i of a Q4_1 matrix for TN tokens (weights rebuilt exactly as gguf-py's dequantize does).
+template <int TN>
+inline void q4_1_row(const float* X, int64_t K, const float* D, const float* M, const uint8_t* Q, int64_t NB, int64_t i,
+                     float* out) {
+#ifdef __AVX512F__
+  const __m512i low4 = _mm512_set1_epi32(15);
+  __m512 lo[TN], hi[TN];
+  for (int t = 0; t < TN; ++t) lo[t] = hi[t] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < NB; ++b) {
+    const int64_t o = i * NB + b;
+    const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(Q + o * 16)));
+    const __m512 dv = _mm512_set1_ps(D[o]), mv = _mm512_set1_ps(M[o]);
+    const __m512 wl = _mm512_add_ps(_mm512_mul_ps(dv, _mm512_cvtepi32_ps(_mm512_and_si512(c, low4))), mv);
+    const __m512 wh = _mm512_add_ps(_mm512_mul_ps(dv, _mm512_cvtepi32_ps(_mm512_srli_epi32(c, 4))), mv);
+    for (int t = 0; t < TN; ++t) {
+      lo[t] = _mm512_fmadd_ps(wl, _mm512_loadu_ps(X + t * K + b * QK), lo[t]);
+      hi[t] = _mm512_fmadd_ps(wh, _mm512_loadu_ps(X + t * K + b * QK + 16), hi[t]);
+    }
+  }
+  for (int t = 0; t < TN; ++t) out[t] = _mm512_reduce_add_ps(_mm512_add_ps(lo[t], hi[t]));
+#else
+  for (int t = 0; t < TN; ++t) {
+    float acc = 0.f;
+    for (int64_t b = 0; b < NB; ++b) {
+      const int64_t o = i * NB + b;
+      for (int j = 0; j < 16; ++j) {
+        const float wl = D[o] * float(Q[o * 16 + j] & 15) + M[o], wh = D[o] * float(Q[o * 16 + j] >> 4) + M[o];
+        acc = std::fma(wl, X[t * K + b * QK + j], acc);
+        acc = std::fma(wh, X[t * K + b * QK + j + 16], acc);
+      }
+    }
+    out[t] = acc;
+  }
+#endif
+}
+
+template <int TN>
+inline void f32_row(const float* X, int64_t K, const float* W, int64_t i, float* out) {
+  const float* w = W + i * K;
+#ifdef __AVX512F__
+  __m512 acc[TN];
+  for (int t = 0; t < TN; ++t) acc[t] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __m512 wv = _mm512_loadu_ps(w + k);
+    for (int t = 0; t < TN; ++t) acc[t] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(X + t * K + k), acc[t]);
+  }
+  for (int t = 0; t < TN; ++t) {
+    float s = _mm512_reduce_add_ps(acc[t]);
+    for (int64_t j = k; j < K; ++j) s = std::fma(w[j], X[t * K + j], s);
+    out[t] = s;
+  }
+#else
+  for (int t = 0; t < TN; ++t) {
+    float s = 0.f;
+    for (int64_t j = 0; j < K; ++j) s = std::fma(w[j], X[t * K + j], s);
+    out[t] = s;
+  }
+#endif
+}
+
+// Rows `rows` of y [T, N] (zeros elsewhere); `row(TN, x_chunk, i, out)` computes one row for a token chunk.
+// gate (optional, [T, N]): y[t, i] = gate[t, i] * (W_i · x_t) where |gate[t, i]| > thr, else 0, over the rows
+// where any token's gate passes (CATS: the SiLU(gate) activations decide which rows of up_proj are computed).
+template <typename Row>
+torch::Tensor rows_impl(const torch::Tensor& x, int64_t K, int64_t N, const int32_t* rows, int64_t R,
+                        const float* gate, float thr, Row row) {
+  const int64_t T = x.size(0);
+  auto y = torch::zeros({T, N}, x.options());
+  std::vector<int32_t> picked;
+  if (gate != nullptr) {  // the union of rows any token keeps
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t t = 0; t < T; ++t)
+        if (std::fabs(gate[t * N + i]) > thr) {
+          picked.push_back(int32_t(i));
+          break;
+        }
+    rows = picked.data();
+    R = picked.size();
+  }
+  for (int64_t r = 0; r < R; ++r) TORCH_CHECK(rows[r] >= 0 && rows[r] < N, "row index ", rows[r], " out of range");
+  const float* X = x.data_ptr<float>();
+  float* Y = y.data_ptr<float>();
+  at::parallel_for(0, R, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t i = rows[r];
+      float out[4];
+      token_chunks(T, [&](int64_t t0, auto tn) {
+        constexpr int TN = decltype(tn)::value;
+        row(tn, X + t0 * K, i, out);
+        for (int t = 0; t < TN; ++t) {
+          float v = out[t];
+          if (gate != nullptr) {
+            const float g = gate[(t0 + t) * N + i];
+            v = std::fabs(g) > thr ? g * v : 0.f;
+          }
+          Y[(t0 + t) * N + i] = v;
+        }
+      });
+    }
+  });
+  return y;
+}
+
+void check_rows(const torch::Tensor& rows) {
+  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == torch::kInt32 && rows.is_contiguous(), "rows must be int32 [R]");
+}
+
+void check_gate(const torch::Tensor& gate, int64_t T, int64_t N) {
+  TORCH_CHECK(gate.dim() == 2 && gate.scalar_type() == torch::kFloat32 && gate.is_contiguous() && gate.size(0) == T &&
+              gate.size(1) == N, "gate must be contiguous f32 [T, N]");
+}
+
+void check_q4_1(const torch::Tensor& x, const torch::Tensor& d, const torch::Tensor& m, const torch::Tensor& qs) {
+  TORCH_CHECK(d.scalar_type() == torch::kFloat32 && m.scalar_type() == torch::kFloat32 && qs.scalar_type() == torch::kUInt8 &&
+              d.is_contiguous() && m.is_contiguous() && qs.is_contiguous() && qs.dim() == 3 && qs.size(2) == 16,
+              "Q4_1 blocks must be d, m f32 [N, K/32] and qs u8 [N, K/32, 16]");
+  check_x(x, d.size(1) * QK);
+}
+}  // namespace
+
+// x [T, K]; rows int32 [R]; d, m [N, K/32] f32, qs [N, K/32, 16] u8 (hasten's repacked Q4_1) → y [T, N]
+torch::Tensor q4_1_rows(torch::Tensor x, torch::Tensor rows, torch::Tensor d, torch::Tensor m, torch::Tensor qs) {
+  check_q4_1(x, d, m, qs);
+  check_rows(rows);
+  const int64_t K = x.size(1), N = d.size(0), NB = d.size(1);
+  const float *D = d.data_ptr<float>(), *M = m.data_ptr<float>();
+  const uint8_t* Q = qs.data_ptr<uint8_t>();
+  return rows_impl(x, K, N, rows.data_ptr<int32_t>(), rows.size(0), nullptr, 0.f, [&](auto tn, const float* X, int64_t i, float* out) {
+    q4_1_row<decltype(tn)::value>(X, K, D, M, Q, NB, i, out);
+  });
+}
+
+torch::Tensor q4_1_rows_gated(torch::Tensor x, torch::Tensor gate, double thr, torch::Tensor d, torch::Tensor m, torch::Tensor qs) {
+  check_q4_1(x, d, m, qs);
+  const int64_t K = x.size(1), N = d.size(0), NB = d.size(1);
+  check_gate(gate, x.size(0), N);
+  const float *D = d.data_ptr<float>(), *M = m.data_ptr<float>();
+  const uint8_t* Q = qs.data_ptr<uint8_t>();
+  return rows_impl(x, K, N, nullptr, 0, gate.data_ptr<float>(), float(thr), [&](auto tn, const float* X, int64_t i, float* out) {
+    q4_1_row<decltype(tn)::value>(X, K, D, M, Q, NB, i, out);
+  });
+}
+
+// x [T, K]; rows int32 [R]; w [N, K] f32 → y [T, N]
+torch::Tensor f32_rows(torch::Tensor x, torch::Tensor rows, torch::Tensor w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kFloat32 && w.is_contiguous(), "w must be contiguous f32 [N, K]");
+  check_x(x, w.size(1));
+  check_rows(rows);
+  const int64_t K = w.size(1), N = w.size(0);
+  const float* W = w.data_ptr<float>();
+  return rows_impl(x, K, N, rows.data_ptr<int32_t>(), rows.size(0), nullptr, 0.f, [&](auto tn, const float* X, int64_t i, float* out) {
+    f32_row<decltype(tn)::value>(X, K, W, i, out);
+  });
+}
+
+torch::Tensor f32_rows_gated(torch::Tensor x, torch::Tensor gate, double thr, torch::Tensor w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kFloat32 && w.is_contiguous(), "w must be contiguous f32 [N, K]");
+  check_x(x, w.size(1));
+  const int64_t K = w.size(1), N = w.size(0);
+  check_gate(gate, x.size(0), N);
+  const float* W = w.data_ptr<float>();
+  return rows_impl(x, K, N, nullptr, 0, gate.data_ptr<float>(), float(thr), [&](auto tn, const float* X, int64_t i, float* out) {
+    f32_row<decltype(tn)::value>(X, K, W, i, out);
+  });
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.def("f32t_sparse_in", &f32t_sparse_in, "y = x @ W^T over the active inputs, W^T fp32 [K, N]");
+  mod.def("q4t_sparse_in", &q4t_sparse_in, "y = x @ W^T over the active inputs, W^T as transposed Q4_1 codes");
+  mod.def("q4_1_rows", &q4_1_rows, "selected output rows of x @ W^T from Q4_1 blocks");
+  mod.def("q4_1_rows_gated", &q4_1_rows_gated, "gate * (x @ W^T) on the rows where |gate| > thr, Q4_1 blocks");
+  mod.def("f32_rows", &f32_rows, "selected output rows of x @ W^T, fp32 W [N, K]");
+  mod.def("f32_rows_gated", &f32_rows_gated, "gate * (x @ W^T) on the rows where |gate| > thr, fp32 W");
+}
