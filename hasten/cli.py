@@ -16,9 +16,10 @@ from .methods import UnknownMethodError
 from .models.kv_cache import ContextOverflowError
 from .models.loading import ModelLoadError
 from .models.transformer import UnsupportedModelError
+from .sparsity.corpus import CorpusError
 
 USER_ERRORS = (ModelLoadError, UnsupportedModelError, GenerationError, UnknownMethodError, ContextOverflowError,
-               QuestionsFileError)
+               QuestionsFileError, CorpusError)
 
 
 class UsageError(ValueError):
@@ -255,6 +256,63 @@ def tune(model, questions, per_category, budget, max_new_tokens, threads):
     if profile["skipped_for_budget"]:
         click.echo(f"  not tried within the budget: {', '.join(profile['skipped_for_budget'])}")
     click.echo(f"best: {profile['best']} → saved {tuner.save(engine, profile)} (use --method auto)")
+
+
+@main.command()
+@model_option
+@click.option("--methods", default="teal:0.25,teal:0.4,teal:0.5,teal:0.65,cats:0.5,ffsplit:0.5,dejavu:0.5",
+              show_default=True, help="sparse methods to calibrate and measure (comma-separated)")
+@click.option("--corpus", type=click.Path(), default=None,
+              help="calibration text: a file or a folder of .txt/.md/.rst [default: Debian's Python docs]")
+@click.option("--tokens", type=click.IntRange(min=256), default=16384, show_default=True,
+              help="calibration tokens (activation statistics)")
+@click.option("--heldout-tokens", type=click.IntRange(min=256), default=4096, show_default=True,
+              help="held-out tokens for the quality measurements")
+@click.option("--refresh", is_flag=True, help="recompute cached statistics")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), default=None)
+@threads_option
+@user_errors
+def calibrate(model, methods, corpus, tokens, heldout_tokens, refresh, json_path, threads):
+    """Calibrate activation sparsity for a model and report each method's quality on held-out text.
+
+    Records activation magnitudes at every sparsified input over the calibration split of the corpus (cached per
+    model), fits each method (thresholds, TEAL's greedy allocation, Deja Vu's predictors), then measures on the
+    held-out split: the share of activations actually dropped, perplexity, top-1 agreement and mean KL against the
+    dense model. Later `--method teal:0.5` etc. reuse all of it.
+    """
+    from dataclasses import asdict
+
+    from . import methods as registry
+    from .engine import load
+    from .sparsity.calibrate import SEQ_LEN, activation_stats, measured_sparsity
+    from .sparsity.corpus import load as load_corpus
+    from .sparsity.quality import method_quality
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    for m in names:
+        if registry.parse(m)[0].lossless:
+            raise UsageError(f"{m} is not a sparse (lossy) method; calibrate takes teal, cats, dejavu, ffsplit")
+    source = load_corpus(corpus)
+    set_threads(threads)
+    engine = load(model)
+    engine.sparsity_calibration = (corpus, tokens)
+    stats = activation_stats(engine, corpus, tokens, refresh=refresh)
+    click.echo(f"calibration: {stats.tokens} tokens of {stats.corpus}; quality on {heldout_tokens} held-out tokens")
+    heldout = source.token_chunks(engine.tokenizer, "heldout", min(heldout_tokens, 2048), SEQ_LEN)
+    rows = []
+    click.echo(f"{'method':28s} {'dropped':>8s} {'ppl':>8s} {'dense ppl':>9s} {'top-1 agree':>11s} {'mean KL':>8s}")
+    for m in names:
+        q = method_quality(engine, m, heldout_tokens)
+        sparse = engine.drafter(m).target
+        dropped = measured_sparsity(sparse, heldout)
+        share = sum(dropped.values()) / len(dropped) if dropped else 0.0
+        rows.append({"method": m, "dropped": share, **asdict(q)})
+        click.echo(f"{m:28s} {share:8.1%} {q.perplexity:8.2f} {q.dense_perplexity:9.2f} {q.top1_agreement:11.1%} "
+                   f"{q.mean_kl:8.4f}")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"model": engine.name, "corpus": stats.corpus, "calibration_tokens": stats.tokens, "rows": rows}, f,
+                      indent=1)
+        click.echo(f"wrote {json_path}")
 
 
 @main.command()

@@ -49,15 +49,18 @@ def compare(dense, sparse, chunks: list[list[int]], corpus: str = "") -> Quality
     return Quality(math.exp(nll / n), math.exp(dense_nll / n), agree / n, kl / n, n, corpus)
 
 
-def method_quality(engine, method: str, tokens: int = QUALITY_TOKENS, corpus: str | None = None) -> Quality | None:
-    """Quality of a lossy method's model against the engine's dense model (None for lossless methods)."""
+def method_quality(engine, method: str, tokens: int = QUALITY_TOKENS) -> Quality | None:
+    """Quality of a lossy method's model against the engine's dense model (None for lossless methods), on the
+    held-out split of the corpus the method was calibrated on."""
     drafter = engine.drafter(method)
     sparse = getattr(drafter, "target", None)
     if sparse is None:
         return None
     from ..models.loading import cache_dir
+    from .methods.base import calibration_source
+    corpus, calibration_tokens = calibration_source(engine)
     source = corpus_mod.load(corpus)
-    safe = "".join(c if c.isalnum() else "-" for c in f"{drafter.name}-{source.name}-{tokens}")
+    safe = "".join(c if c.isalnum() else "-" for c in f"{drafter.name}-{source.name}-{calibration_tokens}-{tokens}")
     path = cache_dir() / "quality" / f"{engine.model_hash}-{safe}.json"
     if path.exists():
         return Quality(**json.loads(path.read_text()))

@@ -13,7 +13,7 @@ from typing import Protocol
 from torch import nn
 
 from ...decoding.drafters.base import NoDraft
-from ..calibrate import ActivationStats, activation_stats
+from ..calibrate import DEFAULT_TOKENS, ActivationStats, activation_stats
 from ..modules import sparsify
 
 
@@ -39,11 +39,16 @@ def check_sparsity(sparsity) -> float:
     return s
 
 
-def sparse_model(engine, sparsifier: Sparsifier, corpus: str | None = None) -> nn.Module:
+def calibration_source(engine) -> tuple[str | None, int]:
+    """(corpus path or None for the default, calibration tokens): what `hasten calibrate --corpus/--tokens` set."""
+    return getattr(engine, "sparsity_calibration", (None, DEFAULT_TOKENS))
+
+
+def sparse_model(engine, sparsifier: Sparsifier) -> nn.Module:
     """The engine's model with `sparsifier` applied (calibrating on first use; cached on the engine)."""
     models = engine.__dict__.setdefault("_sparse_models", {})
     if sparsifier.name not in models:
-        stats = activation_stats(engine, corpus)
+        stats = activation_stats(engine, *calibration_source(engine))
         t0 = time.perf_counter()
         sparsifier.calibrate(engine, stats)
         model = sparsify(engine.model, sparsifier.replacements(engine.model))
