@@ -171,7 +171,8 @@ def bench(model, methods, reference, questions, per_category, rounds, max_new_to
     config = runner.BenchConfig(tuple(names), reference, rounds, max_new_tokens, temperature)
     records = runner.run(engine, qs, config)
     result = {"context": collect(engine, n_threads, questions or "hasten default suite", len(qs), max_new_tokens, rounds),
-              "summary": runner.summarize(records, reference, temperature > 0), "records": records}
+              "summary": runner.add_quality(engine, runner.summarize(records, reference, temperature > 0)),
+              "records": records}
     click.echo(report.terminal(result))
     if json_path:
         with open(json_path, "w") as f:

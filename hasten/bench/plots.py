@@ -33,3 +33,49 @@ def speedup_bars(result: dict, path: Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def speed_vs_quality(result: dict, path: Path) -> Path | None:
+    """Lossy methods: overall speedup (median over rounds) against quality on held-out text — top-1 agreement
+    with the dense model and perplexity — one point per method, families in one colour; lossless methods sit at
+    100% agreement. None when the run has no lossy method."""
+    summary = result["summary"]
+    points = {m: e for m, e in summary["methods"].items() if e.get("quality")}
+    if not points:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ref = summary["reference"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120)
+    families = sorted({m.partition(":")[0] for m in points})
+    colours = {f: plt.get_cmap("tab10")(i) for i, f in enumerate(families)}
+    lossless = [(m, e) for m, e in summary["methods"].items() if not e.get("quality") and "overall" in e["speedup"]]
+    for ax, key, label in ((axes[0], "top1_agreement", "top-1 agreement with the dense model"),
+                           (axes[1], "perplexity", "perplexity on held-out text (lower is better)")):
+        for m, e in points.items():
+            fam = m.partition(":")[0]
+            x = e["quality"][key] * (100 if key == "top1_agreement" else 1)
+            y = e["speedup"]["overall"]["median"]
+            ax.scatter(x, y, color=colours[fam], s=28, label=fam)
+            ax.annotate(m.partition(":")[2] or m, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        dense_x = 100.0 if key == "top1_agreement" else next(iter(points.values()))["quality"]["dense_perplexity"]
+        for m, e in lossless:
+            ax.scatter(dense_x, e["speedup"]["overall"]["median"], marker="s", color="black", s=22)
+            ax.annotate(m, (dense_x, e["speedup"]["overall"]["median"]), fontsize=7, xytext=(3, -9),
+                        textcoords="offset points")
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set_xlabel(label)
+        ax.set_ylabel(f"speedup vs {ref} (median)")
+        handles, labels = ax.get_legend_handles_labels()
+        unique = dict(zip(labels, handles))
+        ax.legend(unique.values(), unique.keys(), fontsize=8)
+    if points:
+        axes[0].invert_xaxis()  # better quality to the left on both panels
+    ctx = result.get("context", {})
+    fig.suptitle(f"speed vs quality · {ctx.get('model', '')} · {ctx.get('cpu', '')[:40]}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -4,9 +4,12 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def _rows(summary: dict, group: str):
+def _rows(summary: dict, group: str, precision: dict[str, str], skipped: dict[str, str]):
     ref = summary["reference"]
     for m, e in summary["methods"].items():
+        if m in skipped:  # a peer that could not run here: it produced no tokens to measure
+            yield [m] + ["—"] * (len(HEADER) - 2) + [f"skipped: {skipped[m]}"]
+            continue
         s = e["speedup"].get(group)
         speed = f"{s['median']:.2f}x ({s['min']:.2f}–{s['max']:.2f})" if s else "n/a"
         t = e["mean_accepted"] if group == "overall" else e["mean_accepted_groups"].get(group)
@@ -14,10 +17,30 @@ def _rows(summary: dict, group: str):
         share = f"{100 * e['draft_share']:.1f}%" if e.get("draft_share") is not None else "—"
         same, total = (e["identical"], e["prompts"]) if group == "overall" else e["identical_groups"][group]
         ident = "n/a (sampling)" if summary.get("sampling") else f"{same}/{total}" + (" (ref)" if m == ref else "")
-        yield [m, f"{e['tokens_per_s'].get(group, 0.0):.1f}", speed, tau, ident, share]
+        yield [m, f"{e['tokens_per_s'].get(group, 0.0):.1f}", speed, tau, ident, share, precision.get(m, "—")]
 
 
-HEADER = ["method", "tokens/s", "speedup (min–max)", "τ", "identical", "draft time"]
+HEADER = ["method", "tokens/s", "speedup (min–max)", "τ", "identical", "draft time", "precision"]
+
+
+def _precision(result: dict) -> tuple[dict[str, str], dict[str, str]]:
+    """Weights each method computed with (peers record theirs; hasten's methods use the engine's, per the
+    context), and the peers that were skipped with the reason."""
+    ctx = result.get("context", {})
+    weights, dtype = ctx.get("weights") or "", ctx.get("dtype")
+    short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(dtype, dtype)
+    if not dtype:
+        engine = "—"
+    elif short == "fp32" and ("Q4_1" in weights or "Q8_0" in weights):
+        engine = "fp32 dequantized (block kernels)"
+    else:
+        engine = f"{short} dequantized" if weights.startswith("gguf") else short
+    precision, skipped = {}, {}
+    for r in result.get("records", []):
+        precision.setdefault(r["method"], r.get("precision") or engine)
+        if r.get("skipped"):
+            skipped[r["method"]] = r["skipped"]
+    return precision, skipped
 
 
 def _context_line(ctx: dict) -> str:
@@ -32,7 +55,7 @@ def terminal(result: dict) -> str:
     if "command" in result.get("context", {}):
         lines.append(_context_line(result["context"]))
     for group in ["overall"] + summary["groups"]:
-        rows = [HEADER] + list(_rows(summary, group))
+        rows = [HEADER] + list(_rows(summary, group, *_precision(result)))
         widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
         lines.append(f"\n{group} (speedup vs {summary['reference']}, median over rounds)")
         for k, r in enumerate(rows):
@@ -50,7 +73,7 @@ def markdown(result: dict) -> str:
     for group in ["overall"] + summary["groups"]:
         out += [f"**{group}** (speedup vs `{summary['reference']}`)", "", "| " + " | ".join(HEADER) + " |",
                 "|" + "|".join(["---"] * len(HEADER)) + "|"]
-        out += ["| " + " | ".join(r) + " |" for r in _rows(summary, group)]
+        out += ["| " + " | ".join(r) + " |" for r in _rows(summary, group, *_precision(result))]
         out.append("")
     return "\n".join(out)
 

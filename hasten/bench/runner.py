@@ -28,6 +28,8 @@ class BenchConfig:
 def run(engine, questions: list[Question], config: BenchConfig, progress: bool = True) -> list[dict]:
     """→ one record per (round, prompt, method)."""
     peers = {m: HFPeer(engine, m) for m in config.methods if m in PEERS}
+    # A peer that cannot run here (llama.cpp not installed) said so in one line and leaves no records.
+    methods = tuple(m for m in config.methods if not getattr(peers.get(m), "skipped", None))
     prompts = {q.question_id: engine.encode(q.prompt, chat=True) for q in questions}
 
     def once(method: str, ids: list[int]) -> dict:
@@ -39,14 +41,14 @@ def run(engine, questions: list[Question], config: BenchConfig, progress: bool =
                 "draft_seconds": r.draft_seconds, "accepted_per_step": r.accepted_per_step, "sources": r.sources}
 
     warm = prompts[questions[0].question_id]
-    for method in config.methods:  # first calls pay for allocation, kernel builds, drafter set-up
+    for method in methods:  # first calls pay for allocation, kernel builds, drafter set-up
         once(method, warm)
     records = []
-    bar = tqdm(total=config.rounds * len(questions) * len(config.methods), desc="bench", unit="run",
+    bar = tqdm(total=config.rounds * len(questions) * len(methods), desc="bench", unit="run",
                disable=not progress, leave=False)
     for rnd in range(config.rounds):
         for q in questions:
-            for method in config.methods:
+            for method in methods:
                 rec = once(method, prompts[q.question_id])
                 if rnd == 0:  # token texts for the HTML view of where tokens came from
                     rec["pieces"] = [engine.tokenizer.decode([t]) for t in rec["token_ids"]]
@@ -118,3 +120,20 @@ def compare(a: dict, b: dict) -> list[tuple[str, str, float, float, float]]:
             if tb is not None and ta:
                 rows.append((m, g, ta, tb, tb / ta))
     return rows
+
+
+def add_quality(engine, summary: dict) -> dict:
+    """Lossy methods carry their quality on held-out text (sparsity/quality.py) next to their speed."""
+    from dataclasses import asdict
+
+    from ..sparsity.quality import method_quality
+    for m, entry in summary["methods"].items():
+        if m in PEERS or entry.get("quality"):
+            continue
+        from .. import methods as registry
+        if all(spec.lossless for spec in registry.parse(m)):
+            continue
+        q = method_quality(engine, m)
+        entry["quality"] = asdict(q) if q is not None else None
+        entry["lossless"] = False
+    return summary

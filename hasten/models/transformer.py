@@ -19,6 +19,7 @@ from .attention import attend
 from .kv_cache import KVCache
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+SMALL_ATTENTION = 64  # new tokens up to this many attend through the C++ kernel (decode, draft trees)
 
 
 class UnsupportedModelError(ValueError):
@@ -157,6 +158,14 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        kernels = _cpu_kernels(x)
+        if kernels is not None and cache is not None and B == 1 and T <= SMALL_ATTENTION:
+            # Decode / draft verification: one C++ call over the cache (T-independent per token, see cpu.cpp).
+            start = cache.length
+            cache.append(layer, k.transpose(1, 2), v.transpose(1, 2))
+            ck, cv = cache.layers[layer]
+            out = kernels.attend_small(q[0], ck[0], cv[0], start + T, mask, self.head_dim ** -0.5)  # [T, H*d]
+            return self.o_proj(out.view(B, T, self.num_heads * self.head_dim))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, d]
         if cache is not None:
             k, v = cache.append(layer, k, v)  # everything cached so far plus these T: [B, Hkv, L+T, d]

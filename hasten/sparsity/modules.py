@@ -47,7 +47,7 @@ def transposed_layout(linear: nn.Module):
     Q4_1 blocks (exactly the same weight values), else the fp32 weight transposed."""
     layout = getattr(linear, "_sparse_layout", None)
     if layout is None:
-        if isinstance(linear, BlockQuantLinear) and linear.qtype == "Q4_1" and linear.out_features % 32 == 0:
+        if isinstance(linear, BlockQuantLinear) and linear.qtype == "Q4_1" and linear.out_features % 64 == 0:
             layout = sparse_cpu.TransposedQ4.from_q4_1(*linear.packed)
         else:
             layout = sparse_cpu.TransposedF32.from_weight(linear.weight)

@@ -62,6 +62,7 @@ void token_chunks(int64_t T, F f) {
 }
 
 constexpr int64_t TILE = 64;  // outputs per work item: divides 192, 576, 1536 and every multiple of 64
+constexpr int64_t PREFETCH = 32;  // rows ahead
 
 }  // namespace
 
@@ -117,14 +118,98 @@ torch::Tensor f32t_sparse_in(torch::Tensor x, double thr, torch::Tensor wt) {
   return y;
 }
 
-// x [T, K] f32; q [K, N/2] u8 (byte j of each 32-output group: low nibble = output j, high = output j+16);
-// d, m [K/32, N] f16 (the Q4_1 blocks' scale and minimum, per input block and output) → y [T, N]
-torch::Tensor q4t_sparse_in(torch::Tensor x, double thr, torch::Tensor q, torch::Tensor d, torch::Tensor m) {
-  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == torch::kUInt8 && q.is_contiguous(), "q must be contiguous u8 [K, N/2]");
-  const int64_t K = q.size(0), N = q.size(1) * 2, T = x.size(0), NB = K / QK;
-  TORCH_CHECK(K % QK == 0 && N % QK == 0, "q4t needs K and N divisible by 32");
+namespace {
+// Accumulate TN tokens over one tile of width W (128 or 64) of the transposed Q4_1 layout (see cpu.py):
+// out[t] += sum over active blocks of d * (sum_k x_k q_k) + m * (sum_k x_k).
+template <int TN, int W>
+inline void q4t_tile(const uint8_t* C, const at::Half* D, const at::Half* M, const Active& act, const std::vector<int64_t>& blk,
+                     const std::vector<int64_t>& first, const std::vector<int64_t>& last, const std::vector<float>& sx,
+                     int64_t T, int64_t t0, float* Y, int64_t N, int64_t n0) {
+  constexpr int V = W / 16;  // vectors of 16 outputs
+  constexpr int64_t ROW = W / 2;  // bytes of codes per input row
+#ifdef __AVX512F__
+  __m512 out[TN][V];
+  for (int t = 0; t < TN; ++t)
+    for (int v = 0; v < V; ++v) out[t][v] = _mm512_setzero_ps();
+  const __m512i low4 = _mm512_set1_epi8(15);
+  for (size_t bi = 0; bi < blk.size(); ++bi) {
+    __m512 acc[TN][V];
+    for (int t = 0; t < TN; ++t)
+      for (int v = 0; v < V; ++v) acc[t][v] = _mm512_setzero_ps();
+    for (int64_t a = first[bi]; a < last[bi]; ++a) {
+      const uint8_t* row = C + int64_t(act.k[a]) * ROW;
+      // Rows are read in an order the hardware prefetcher cannot guess (gaps where inputs were dropped):
+      // ask for the row PREFETCH ahead so many misses are in flight at once.
+      if (a + PREFETCH < int64_t(act.k.size()))
+        _mm_prefetch(reinterpret_cast<const char*>(C + int64_t(act.k[a + PREFETCH]) * ROW), _MM_HINT_T0);
+      __m512 w[V];
+      if constexpr (W == 128) {
+        const __m512i b = _mm512_loadu_si512(row);
+        const __m512i lo = _mm512_and_si512(b, low4), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), low4);
+        w[0] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(lo, 0)));
+        w[1] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(lo, 1)));
+        w[2] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(lo, 2)));
+        w[3] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(lo, 3)));
+        w[4] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(hi, 0)));
+        w[5] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(hi, 1)));
+        w[6] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(hi, 2)));
+        w[7] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(hi, 3)));
+      } else {
+        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row));
+        const __m256i l4 = _mm256_set1_epi8(15);
+        const __m256i lo = _mm256_and_si256(b, l4), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), l4);
+        w[0] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(lo, 0)));
+        w[1] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(lo, 1)));
+        w[2] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(hi, 0)));
+        w[3] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(hi, 1)));
+      }
+      const float* xa = act.xs.data() + a * T + t0;
+      for (int t = 0; t < TN; ++t) {
+        const __m512 xv = _mm512_set1_ps(xa[t]);
+        for (int v = 0; v < V; ++v) acc[t][v] = _mm512_fmadd_ps(w[v], xv, acc[t][v]);
+      }
+    }
+    const at::Half* d = D + blk[bi] * W;
+    const at::Half* m = M + blk[bi] * W;
+    for (int v = 0; v < V; ++v) {
+      const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + 16 * v)));
+      const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + 16 * v)));
+      for (int t = 0; t < TN; ++t) {
+        out[t][v] = _mm512_fmadd_ps(dv, acc[t][v], out[t][v]);
+        out[t][v] = _mm512_fmadd_ps(mv, _mm512_set1_ps(sx[bi * T + t0 + t]), out[t][v]);
+      }
+    }
+  }
+  for (int t = 0; t < TN; ++t)
+    for (int v = 0; v < V; ++v) _mm512_storeu_ps(Y + (t0 + t) * N + n0 + 16 * v, out[t][v]);
+#else
+  // Portable path: the same arithmetic, one output at a time.
+  for (int t = 0; t < TN; ++t)
+    for (int j = 0; j < W; ++j) {
+      const int64_t byte = j < W / 2 ? j : j - W / 2;
+      float o = 0.f;
+      for (size_t bi = 0; bi < blk.size(); ++bi) {
+        float acc = 0.f;
+        for (int64_t a = first[bi]; a < last[bi]; ++a) {
+          const uint8_t c = C[int64_t(act.k[a]) * ROW + byte];
+          acc = std::fma(float(j < W / 2 ? (c & 15) : (c >> 4)), act.xs[a * T + t0 + t], acc);
+        }
+        o = std::fma(float(D[blk[bi] * W + j]), acc, o);
+        o = std::fma(float(M[blk[bi] * W + j]), sx[bi * T + t0 + t], o);
+      }
+      Y[(t0 + t) * N + n0 + j] = o;
+    }
+#endif
+}
+}  // namespace
+
+// x [T, K] f32; q, d, m: the tiled transposed Q4_1 layout of sparsity/kernels/cpu.py (TransposedQ4) → y [T, N]
+torch::Tensor q4t_sparse_in(torch::Tensor x, double thr, torch::Tensor q, torch::Tensor d, torch::Tensor m, int64_t K, int64_t N) {
+  const int64_t T = x.size(0), NB = K / QK;
+  TORCH_CHECK(K % QK == 0 && N % 64 == 0, "q4t needs K divisible by 32 and N by 64");
+  TORCH_CHECK(q.scalar_type() == torch::kUInt8 && q.is_contiguous() && q.numel() == K * N / 2, "q must be u8 [K*N/2]");
   TORCH_CHECK(d.scalar_type() == torch::kFloat16 && m.scalar_type() == torch::kFloat16 && d.is_contiguous() &&
-              m.is_contiguous() && d.size(0) == NB && d.size(1) == N && m.sizes() == d.sizes(), "d, m must be f16 [K/32, N]");
+              m.is_contiguous() && d.numel() == NB * N && m.numel() == NB * N, "d, m must be f16 [K/32*N]");
   check_x(x, K);
   auto y = torch::zeros({T, N}, x.options());
   const Active act = select(x.data_ptr<float>(), T, K, float(thr));
@@ -144,75 +229,26 @@ torch::Tensor q4t_sparse_in(torch::Tensor x, double thr, torch::Tensor q, torch:
     last.back() = a + 1;
     for (int64_t t = 0; t < T; ++t) sx[(blk.size() - 1) * T + t] += act.xs[a * T + t];
   }
-  const int64_t NBA = blk.size(), half = N / 2;
   const uint8_t* Q = q.data_ptr<uint8_t>();
   const at::Half* D = d.data_ptr<at::Half>();
   const at::Half* M = m.data_ptr<at::Half>();
   float* Y = y.data_ptr<float>();
-  token_chunks(T, [&](int64_t t0, auto tn) {
-    constexpr int TN = decltype(tn)::value;
-    at::parallel_for(0, (N + TILE - 1) / TILE, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t tile = begin; tile < end; ++tile) {
-        const int64_t n0 = tile * TILE, width = std::min(TILE, N - n0);
-#ifdef __AVX512F__
-        if (width == TILE) {
-          const __m512i low4 = _mm512_set1_epi32(15);
-          __m512 out[TN][4];
-          for (int t = 0; t < TN; ++t)
-            for (int v = 0; v < 4; ++v) out[t][v] = _mm512_setzero_ps();
-          for (int64_t bi = 0; bi < NBA; ++bi) {
-            __m512 acc[TN][4];  // sum over the block's active inputs of x * q (the integer codes)
-            for (int t = 0; t < TN; ++t)
-              for (int v = 0; v < 4; ++v) acc[t][v] = _mm512_setzero_ps();
-            for (int64_t a = first[bi]; a < last[bi]; ++a) {
-              const uint8_t* qr = Q + int64_t(act.k[a]) * half + n0 / 2;
-              const __m512i c0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qr)));
-              const __m512i c1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qr + 16)));
-              const __m512 w[4] = {_mm512_cvtepi32_ps(_mm512_and_si512(c0, low4)), _mm512_cvtepi32_ps(_mm512_srli_epi32(c0, 4)),
-                                   _mm512_cvtepi32_ps(_mm512_and_si512(c1, low4)), _mm512_cvtepi32_ps(_mm512_srli_epi32(c1, 4))};
-              const float* xa = act.xs.data() + a * T + t0;
-              for (int t = 0; t < TN; ++t) {
-                const __m512 xv = _mm512_set1_ps(xa[t]);
-                for (int v = 0; v < 4; ++v) acc[t][v] = _mm512_fmadd_ps(w[v], xv, acc[t][v]);
-              }
-            }
-            const int64_t o = blk[bi] * N + n0;
-            for (int v = 0; v < 4; ++v) {
-              const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(D + o + 16 * v)));
-              const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(M + o + 16 * v)));
-              for (int t = 0; t < TN; ++t) {
-                out[t][v] = _mm512_fmadd_ps(dv, acc[t][v], out[t][v]);
-                out[t][v] = _mm512_fmadd_ps(mv, _mm512_set1_ps(sx[bi * T + t0 + t]), out[t][v]);
-              }
-            }
-          }
-          for (int t = 0; t < TN; ++t)
-            for (int v = 0; v < 4; ++v) _mm512_storeu_ps(Y + (t0 + t) * N + n0 + 16 * v, out[t][v]);
-          continue;
-        }
-#endif
-        // Portable path (and tail tiles): the same arithmetic, one output at a time.
-        for (int t = 0; t < TN; ++t) {
-          float* yr = Y + (t0 + t) * N + n0;
-          for (int64_t j = 0; j < width; ++j) {
-            const int64_t n = n0 + j, g = n / QK, r = n % QK;
-            const int64_t byte = g * 16 + (r < 16 ? r : r - 16);
-            float out = 0.f;
-            for (int64_t bi = 0; bi < NBA; ++bi) {
-              float acc = 0.f;
-              for (int64_t a = first[bi]; a < last[bi]; ++a) {
-                const uint8_t c = Q[int64_t(act.k[a]) * half + byte];
-                acc = std::fma(float(r < 16 ? (c & 15) : (c >> 4)), act.xs[a * T + t0 + t], acc);
-              }
-              const int64_t o = blk[bi] * N + n;
-              out = std::fma(float(D[o]), acc, out);
-              out = std::fma(float(M[o]), sx[bi * T + t0 + t], out);
-            }
-            yr[j] = out;
-          }
-        }
+  const int64_t tiles = (N + 127) / 128;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t n0 = tile * 128, width = std::min<int64_t>(128, N - n0);
+      const uint8_t* C = Q + n0 * K / 2;  // tiles before this one hold K * 64 bytes each
+      const at::Half* Dt = D + n0 * NB;
+      const at::Half* Mt = M + n0 * NB;
+      int64_t t = 0;
+      if (width == 128) {
+        for (; t + 2 <= T; t += 2) q4t_tile<2, 128>(C, Dt, Mt, act, blk, first, last, sx, T, t, Y, N, n0);
+        for (; t < T; ++t) q4t_tile<1, 128>(C, Dt, Mt, act, blk, first, last, sx, T, t, Y, N, n0);
+      } else {
+        for (; t + 4 <= T; t += 4) q4t_tile<4, 64>(C, Dt, Mt, act, blk, first, last, sx, T, t, Y, N, n0);
+        for (; t < T; ++t) q4t_tile<1, 64>(C, Dt, Mt, act, blk, first, last, sx, T, t, Y, N, n0);
       }
-    });
+    }
   });
   return y;
 }

@@ -75,33 +75,59 @@ class TransposedF32:
         return self.wt.numel() * 4
 
 
+TILE = 128  # outputs per tile: one 64-byte cache line of 4-bit codes per input row
+
+
 @dataclass(frozen=True)
 class TransposedQ4:
-    q: torch.Tensor  # [K, N/2] u8: byte j of each 32-output group holds output j (low nibble) and j+16 (high)
-    d: torch.Tensor  # [K/32, N] fp16: block scale, per input block and output
-    m: torch.Tensor  # [K/32, N] fp16: block minimum
+    """GGUF Q4_1 weights laid out for reading by input channel, tile by tile (values unchanged).
+
+    Outputs are cut into tiles of 128 (the last may be 64 wide). Within a tile the codes of one input row are one
+    64-byte cache line (byte j: output j in the low nibble, output j+64 in the high one), rows follow each other,
+    and tiles follow each other: a thread owning a tile streams one contiguous region and skips a whole line per
+    dropped input. The blocks' fp16 scale d and minimum m are laid out the same way, [tile][K/32][width].
+    """
+    q: torch.Tensor  # u8 [K * N / 2]
+    d: torch.Tensor  # f16 [K/32 * N]
+    m: torch.Tensor  # f16 [K/32 * N]
+    k: int
+    n: int
 
     @classmethod
     def from_q4_1(cls, d: torch.Tensor, m: torch.Tensor, qs: torch.Tensor) -> "TransposedQ4":
         """From hasten's repacked Q4_1 blocks: d, m [N, K/32] f32 (exact fp16 values), qs [N, K/32, 16] u8."""
         n, nb = d.shape
-        if n % QK:
-            raise ValueError(f"q4t needs the output count to be a multiple of {QK} (got {n})")
+        if n % 64:
+            raise ValueError(f"q4t needs the output count to be a multiple of 64 (got {n})")
         raw = qs.numpy()
         codes = np.concatenate([raw & 15, raw >> 4], axis=2).reshape(n, nb * QK)  # [N, K] codes 0..15
-        ct = np.ascontiguousarray(codes.T).reshape(nb * QK, n // QK, 2, 16)  # [K, groups, half, 16]
-        packed = (ct[:, :, 0, :] | (ct[:, :, 1, :] << 4)).astype(np.uint8).reshape(nb * QK, n // 2)
-        return cls(torch.from_numpy(packed), d.t().contiguous().half(), m.t().contiguous().half())
+        q_parts, d_parts, m_parts = [], [], []
+        dh, mh = d.numpy().astype(np.float16), m.numpy().astype(np.float16)
+        for n0 in range(0, n, TILE):
+            w = min(TILE, n - n0)
+            ct = codes[n0:n0 + w].T  # [K, w]
+            q_parts.append((ct[:, : w // 2] | (ct[:, w // 2:] << 4)).astype(np.uint8).ravel())
+            d_parts.append(np.ascontiguousarray(dh[n0:n0 + w].T).ravel())  # [K/32, w]
+            m_parts.append(np.ascontiguousarray(mh[n0:n0 + w].T).ravel())
+        return cls(torch.from_numpy(np.concatenate(q_parts)), torch.from_numpy(np.concatenate(d_parts)),
+                   torch.from_numpy(np.concatenate(m_parts)), nb * QK, n)
 
     def dequantize(self) -> torch.Tensor:
         """W [N, K] fp32 with gguf-py's arithmetic (fp32(d*q) + m): the reference the kernel must match."""
-        raw = self.q.numpy()
-        k, half = raw.shape
-        groups = raw.reshape(k, half // 16, 16)
-        codes = np.concatenate([groups & 15, groups >> 4], axis=2).reshape(k, half * 2).astype(np.float32)  # [K, N]
-        d = np.repeat(self.d.float().numpy(), QK, axis=0)  # [K, N]
-        m = np.repeat(self.m.float().numpy(), QK, axis=0)
-        return torch.from_numpy((d * codes + m).T.copy())
+        k, n, nb = self.k, self.n, self.k // QK
+        q, d, m = self.q.numpy(), self.d.numpy(), self.m.numpy()
+        out = np.empty((n, k), np.float32)
+        qo = so = 0
+        for n0 in range(0, n, TILE):
+            w = min(TILE, n - n0)
+            seg = q[qo: qo + k * w // 2].reshape(k, w // 2)
+            codes = np.concatenate([seg & 15, seg >> 4], axis=1).astype(np.float32)  # [K, w]
+            dd = np.repeat(d[so: so + nb * w].reshape(nb, w).astype(np.float32), QK, axis=0)
+            mm = np.repeat(m[so: so + nb * w].reshape(nb, w).astype(np.float32), QK, axis=0)
+            out[n0:n0 + w] = (dd * codes + mm).T
+            qo += k * w // 2
+            so += nb * w
+        return torch.from_numpy(out)
 
     @property
     def nbytes(self) -> int:
@@ -113,7 +139,7 @@ def sparse_in(x: torch.Tensor, threshold: float, weight) -> torch.Tensor:
     rows of inputs some token keeps are read. Needs the extension (callers check `extension()` first)."""
     ext = extension()
     if isinstance(weight, TransposedQ4):
-        return ext.q4t_sparse_in(x, float(threshold), weight.q, weight.d, weight.m)
+        return ext.q4t_sparse_in(x, float(threshold), weight.q, weight.d, weight.m, weight.k, weight.n)
     return ext.f32t_sparse_in(x, float(threshold), weight.wt)
 
 
