@@ -17,6 +17,8 @@ def _rows(summary: dict, group: str, precision: dict[str, str], skipped: dict[st
         share = f"{100 * e['draft_share']:.1f}%" if e.get("draft_share") is not None else "—"
         same, total = (e["identical"], e["prompts"]) if group == "overall" else e["identical_groups"][group]
         ident = "n/a (sampling)" if summary.get("sampling") else f"{same}/{total}" + (" (ref)" if m == ref else "")
+        if e.get("quality"):
+            ident = f"lossy ({same}/{total})"
         yield [m, f"{e['tokens_per_s'].get(group, 0.0):.1f}", speed, tau, ident, share, precision.get(m, "—")]
 
 
@@ -43,6 +45,21 @@ def _precision(result: dict) -> tuple[dict[str, str], dict[str, str]]:
     return precision, skipped
 
 
+QUALITY_HEADER = ["method", "tokens/s", "speedup", "perplexity (dense)", "top-1 agreement", "mean KL", "held-out tokens"]
+
+
+def _quality_rows(summary: dict):
+    """Lossy methods: speed next to quality on held-out text (sparsity/quality.py)."""
+    for m, e in summary["methods"].items():
+        q = e.get("quality")
+        if not q:
+            continue
+        s = e["speedup"].get("overall")
+        yield [m, f"{e['tokens_per_s']['overall']:.1f}", f"{s['median']:.2f}x" if s else "n/a",
+               f"{q['perplexity']:.2f} ({q['dense_perplexity']:.2f})", f"{100 * q['top1_agreement']:.1f}%",
+               f"{q['mean_kl']:.4f}", f"{q['tokens']} ({q['corpus']})"]
+
+
 def _context_line(ctx: dict) -> str:
     return (f"{ctx['date']} · {ctx['cpu']} ({ctx['cores']} cores{', ' + ctx['gpu'] if ctx.get('gpu') else ''}) · "
             f"torch {ctx['torch']} · transformers {ctx['transformers']} · {ctx['dtype']} · {ctx['threads']} threads · "
@@ -62,6 +79,15 @@ def terminal(result: dict) -> str:
             lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
             if k == 0:
                 lines.append("  ".join("-" * w for w in widths))
+    quality = list(_quality_rows(summary))
+    if quality:
+        rows = [QUALITY_HEADER] + quality
+        widths = [max(len(r[i]) for r in rows) for i in range(len(QUALITY_HEADER))]
+        lines.append("\nquality of lossy methods (vs the dense model, held-out text)")
+        for k, r in enumerate(rows):
+            lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+            if k == 0:
+                lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
@@ -75,14 +101,22 @@ def markdown(result: dict) -> str:
                 "|" + "|".join(["---"] * len(HEADER)) + "|"]
         out += ["| " + " | ".join(r) + " |" for r in _rows(summary, group, *_precision(result))]
         out.append("")
+    quality = list(_quality_rows(summary))
+    if quality:
+        out += ["**quality of lossy methods** (vs the dense model, held-out text)", "",
+                "| " + " | ".join(QUALITY_HEADER) + " |", "|" + "|".join(["---"] * len(QUALITY_HEADER)) + "|"]
+        out += ["| " + " | ".join(r) + " |" for r in quality]
+        out.append("")
     return "\n".join(out)
 
 
 def write_all(result: dict, out: str | Path) -> list[Path]:
     """Markdown table, PNG speedup plot and the HTML acceptance view into directory `out`."""
     from .html import acceptance_view
-    from .plots import speedup_bars
+    from .plots import speed_vs_quality, speedup_bars
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(markdown(result))
-    return [out / "report.md", speedup_bars(result, out / "speedup.png"), acceptance_view(result, out / "tokens.html")]
+    paths = [out / "report.md", speedup_bars(result, out / "speedup.png"), acceptance_view(result, out / "tokens.html")]
+    quality_plot = speed_vs_quality(result, out / "speed_vs_quality.png")
+    return paths + ([quality_plot] if quality_plot else [])

@@ -16,8 +16,9 @@ def register_all(register) -> None:
              help="TEAL: drop small inputs of every linear (sparsity=0.5, alloc=uniform|greedy); lossy")
     register("cats", lambda engine, sparsity=0.5: lossy(engine, Cats(sparsity)), lossless=False,
              help="CATS: drop MLP neurons with small |SiLU(gate)| (sparsity=0.5); lossy")
-    register("dejavu", lambda engine, sparsity=0.5, heads=0.0: lossy(engine, DejaVu(sparsity, heads)), lossless=False,
-             help="Deja Vu: learned predictors pick MLP neurons (and heads=share of attention heads to skip); lossy")
+    register("dejavu", lambda engine, sparsity=0.5, heads=0.0, rank=64: lossy(engine, DejaVu(sparsity, heads, rank)),
+             lossless=False, help="Deja Vu: learned predictors (rank=64) pick MLP neurons one step ahead (heads=share "
+                                  "of attention heads to skip too); lossy")
     register("ffsplit", lambda engine, sparsity=0.5, heavy=0.1: lossy(engine, FFSplit(sparsity, heavy)), lossless=False,
              help="FFSplit: heavy-hitter neurons dense (heavy=0.1 of them), the rest gate-thresholded; lossy")
 

@@ -25,3 +25,21 @@ def test_write_all_makes_markdown_plot_and_token_marks(tmp_path):
     assert page.count('class="tok src-prompt-lookup"') == 3  # 2 tokens + the legend
     assert "&lt;wor" in page  # token text is escaped
     assert "| prompt-lookup |" in paths[0].read_text() and "2.00x" in paths[0].read_text()
+
+
+def test_lossy_methods_get_a_quality_table_and_a_speed_vs_quality_plot(tmp_path):
+    res = result()
+    for rec in [dict(r, method="teal:0.5", seconds=0.8, token_ids=[5, 6, 9, 9]) for r in res["records"]
+                if r["method"] == "baseline"]:
+        res["records"].append(rec)
+    res["summary"] = summarize(res["records"], "baseline")
+    res["summary"]["methods"]["teal:0.5"]["quality"] = {
+        "perplexity": 24.0, "dense_perplexity": 20.0, "top1_agreement": 0.7, "mean_kl": 0.3, "tokens": 1024,
+        "corpus": "debian:python3.11-doc"}
+    paths = report.write_all(res, tmp_path)
+    assert [p.name for p in paths][-1] == "speed_vs_quality.png"
+    assert paths[-1].stat().st_size > 1000 and paths[-1].read_bytes()[:4] == b"\x89PNG"
+    md = paths[0].read_text()
+    assert "quality of lossy methods" in md and "| teal:0.5 | 5.0 | 1.25x | 24.00 (20.00) | 70.0% | 0.3000 |" in md
+    assert "lossy (0/1)" in md  # a lossy method is not counted as failing identity
+    assert "quality of lossy methods" in report.terminal(res)

@@ -155,3 +155,38 @@ def test_sparse_draft_on_the_default_model_is_lossless(default_engine):
     base = default_engine.generate(prompt, max_new_tokens=24, chat=True)
     got = default_engine.generate(prompt, max_new_tokens=24, chat=True, method="sparse-draft:0.5")
     assert got.token_ids == base.token_ids and got.mean_accepted > 1.0
+
+
+def test_dejavu_block_computes_the_mlp_on_the_predicted_neurons_only():
+    import torch.nn.functional as F
+    from hasten.sparsity.methods.dejavu import DejaVuBlock, Predictor, _top_mask
+    from hasten.sparsity.modules import clone
+    block = TARGET.layers[1]
+    predictor = Predictor(64, 96, 8)
+    dv = DejaVuBlock(clone(block), predictor, keep_neurons=40, head_predictor=None, keep_heads=4, sparsity=0.58,
+                     head_sparsity=0.0)
+    x = torch.randn(1, 5, 64)
+    cos, sin = TARGET._rope(torch.arange(5))
+    with torch.inference_mode():
+        got = dv(x, cos, sin, 1, None, None)
+        h = block.input_layernorm(x)
+        keep = _top_mask(predictor(h), 40)
+        mid = x + block.self_attn(h, cos, sin, 1, None, None)
+        y = block.post_attention_layernorm(mid)
+        ref = mid + block.mlp.down_proj(F.silu(block.mlp.gate_proj(y)) * block.mlp.up_proj(y) * keep)
+    assert keep.sum(-1).eq(40).all()
+    assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_ffsplit_keeps_heavy_hitters_whatever_their_gate():
+    import torch.nn.functional as F
+    from hasten.sparsity.methods.ffsplit import SplitMLP
+    mlp = TARGET.layers[0].mlp
+    heavy = torch.tensor([0, 7, 50])
+    split = SplitMLP(mlp, heavy, threshold=1e9, sparsity=0.9)  # a threshold no light neuron passes
+    x = torch.randn(1, 3, 64)
+    with torch.inference_mode():
+        gate = F.silu(mlp.gate_proj(x))
+        h = torch.zeros_like(gate)
+        h[..., heavy] = (gate * mlp.up_proj(x))[..., heavy]
+        assert torch.allclose(split(x), mlp.down_proj(h), atol=1e-5)

@@ -25,7 +25,7 @@ from ...models.quantized import BlockQuantLinear
 from .base import check_sparsity
 
 TRAIN_TOKENS = 8192
-HIDDEN = 128
+HIDDEN = 64  # predictor width: its fp32 weights are read every token, so it must stay far below the MLP's
 EPOCHS = 6
 BATCH = 256
 
@@ -96,10 +96,12 @@ def _top_mask(scores: torch.Tensor, keep: int) -> torch.Tensor:
 
 
 class DejaVu:
-    def __init__(self, sparsity: float = 0.5, heads: float = 0.0):
+    def __init__(self, sparsity: float = 0.5, heads: float = 0.0, rank: int = HIDDEN):
         self.sparsity = check_sparsity(sparsity)
         self.heads = check_sparsity(heads)
-        self.name = f"dejavu:{self.sparsity:g}" + (f",heads={self.heads:g}" if self.heads else "")
+        self.rank = int(rank)
+        self.name = f"dejavu:{self.sparsity:g}" + (f",heads={self.heads:g}" if self.heads else "") + \
+            (f",rank={self.rank}" if self.rank != HIDDEN else "")
         self.mlp_predictors: list[Predictor] = []
         self.head_predictors: list[Predictor | None] = []
         self.recall: list[float] = []  # per layer: share of true top neurons the predictor keeps (held-in)
@@ -107,11 +109,12 @@ class DejaVu:
     def calibrate(self, engine, stats: ActivationStats) -> None:
         from ...models.loading import cache_dir
         config = engine.model.config
-        path = cache_dir() / "sparsity" / f"dejavu-{engine.model_hash}-{stats.corpus.replace(':', '-')}-{self.sparsity:g}-{self.heads:g}.pt"
+        path = cache_dir() / "sparsity" / f"dejavu-{engine.model_hash}-{stats.corpus.replace(':', '-')}-{stats.tokens}-{self.sparsity:g}-{self.heads:g}-{self.rank}.pt"
         if path.exists():
             saved = torch.load(path, weights_only=True)
-            self.mlp_predictors = [self._predictor(config.hidden_size, config.intermediate_size, sd) for sd in saved["mlp"]]
-            self.head_predictors = [self._predictor(config.hidden_size, config.num_heads, sd) if sd else None
+            self.mlp_predictors = [self._predictor(config.hidden_size, config.intermediate_size, self.rank, sd)
+                                   for sd in saved["mlp"]]
+            self.head_predictors = [self._predictor(config.hidden_size, config.num_heads, self.rank, sd) if sd else None
                                     for sd in saved["heads"]]
             self.recall = saved["recall"]
             return
@@ -122,18 +125,18 @@ class DejaVu:
         self.mlp_predictors, self.head_predictors, self.recall = [], [], []
         for i in tqdm(range(config.num_layers), desc="training predictors", unit="layer", file=sys.stderr):
             x, neuron_labels, head_labels = data[i]
-            p, recall = _train(x, neuron_labels, seed=i)
+            p, recall = _train(x, neuron_labels, seed=i, hidden=self.rank)
             self.mlp_predictors.append(p)
             self.recall.append(recall)
-            self.head_predictors.append(_train(x, head_labels, seed=1000 + i)[0] if self.heads > 0 else None)
+            self.head_predictors.append(_train(x, head_labels, seed=1000 + i, hidden=self.rank)[0] if self.heads > 0 else None)
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"mlp": [p.state_dict() for p in self.mlp_predictors],
                     "heads": [p.state_dict() if p is not None else {} for p in self.head_predictors],
                     "recall": self.recall}, path)
 
     @staticmethod
-    def _predictor(dim, out, state):
-        p = Predictor(dim, out)
+    def _predictor(dim, out, rank, state):
+        p = Predictor(dim, out, rank)
         p.load_state_dict(state)
         return p.eval()
 
@@ -172,7 +175,7 @@ def _training_data(model, chunks, sparsity: float, heads: float):
     return [(torch.cat(xs[i]), torch.cat(ns[i]), torch.cat(hs[i])) for i in range(len(model.layers))]
 
 
-def _train(x: torch.Tensor, labels: torch.Tensor, seed: int) -> tuple[Predictor, float]:
+def _train(x: torch.Tensor, labels: torch.Tensor, seed: int, hidden: int = HIDDEN) -> tuple[Predictor, float]:
     """BCE + Adam on 90% of the tokens; → the predictor and its recall of true top units on the other 10%."""
     torch.manual_seed(seed)
     n = x.shape[0]
@@ -180,7 +183,7 @@ def _train(x: torch.Tensor, labels: torch.Tensor, seed: int) -> tuple[Predictor,
     split = int(n * 0.9)
     train, test = perm[:split], perm[split:]
     x, y = x.float(), labels.float()
-    p = Predictor(x.shape[1], y.shape[1])
+    p = Predictor(x.shape[1], y.shape[1], hidden)
     opt = torch.optim.Adam(p.parameters(), lr=2e-3)
     pos_weight = ((1 - y.mean()) / y.mean().clamp_min(1e-6)).clamp(max=10.0)
     with torch.enable_grad():
