@@ -155,7 +155,7 @@ def bench(model, methods, reference, questions, per_category, rounds, max_new_to
         for m, g, ta, tb, ratio in runner.compare(a, b):
             click.echo(f"  {m:28s} {g:16s} {ta:8.1f} → {tb:8.1f}  {ratio:.2f}x")
         return
-    names = [m.strip() for m in methods.split(",") if m.strip()]
+    names = registry.split_list(methods)
     if temperature > 0:
         names = [m for m in names if m not in PEERS]
     for m in names:
@@ -288,7 +288,7 @@ def calibrate(model, methods, corpus, tokens, heldout_tokens, refresh, json_path
     from .sparsity.calibrate import SEQ_LEN, activation_stats, measured_sparsity
     from .sparsity.corpus import load as load_corpus
     from .sparsity.quality import method_quality
-    names = [m.strip() for m in methods.split(",") if m.strip()]
+    names = registry.split_list(methods)
     for m in names:
         if registry.parse(m)[0].lossless:
             raise UsageError(f"{m} is not a sparse (lossy) method; calibrate takes teal, cats, dejavu, ffsplit")

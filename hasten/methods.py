@@ -63,6 +63,21 @@ def parse(text: str) -> list[MethodSpec]:
     return specs
 
 
+def split_list(text: str) -> list[str]:
+    """A comma-separated list of methods whose own parameters may contain commas:
+    'baseline,teal:0.5,alloc=greedy,prompt-lookup:n=2,k=5' → ['baseline', 'teal:0.5,alloc=greedy', 'prompt-lookup:n=2,k=5']
+    (a `key=value` item without a colon continues the method before it)."""
+    out: list[str] = []
+    for item in (i.strip() for i in text.split(",")):
+        if not item:
+            continue
+        if out and "=" in item and ":" not in item.split("=", 1)[0] and ":" in out[-1].split("+")[-1]:
+            out[-1] += "," + item
+        else:
+            out.append(item)
+    return out
+
+
 def build(text: str, engine) -> Drafter:
     specs = parse(text)
     drafters = [_REGISTRY[s.name][0](engine, **s.params) for s in specs]

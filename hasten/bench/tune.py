@@ -20,7 +20,9 @@ SEARCH_SPACE = (
     "prompt-lookup:k=3", "prompt-lookup:k=5", "prompt-lookup:k=8", "prompt-lookup:n=2,k=5", "prompt-lookup:n=4,k=8",
     "prompt-lookup:k=4,adaptive=0", "recycling:nodes=6", "recycling:nodes=12", "recycling:nodes=24",
     "jacobi:block=2,blocks=1", "jacobi:block=3,blocks=2", "layer-skip",
+    "sparse-draft:0.5", "sparse-draft:0.65", "sparse-draft:0.5,method=cats",
     "prompt-lookup+recycling", "prompt-lookup:k=5+recycling:nodes=6", "prompt-lookup+jacobi",
+    "prompt-lookup+sparse-draft:0.5",
 )
 
 

@@ -73,11 +73,23 @@ class SparseLinear(nn.Module):
         self.bias = getattr(linear, "bias", None)
         self.use_kernel = sparsity >= DENSE_BELOW
         self.layout = transposed_layout(linear) if self.use_kernel else None
+        # The CPU kernel and its weight arguments, resolved once: a decode step makes ~200 of these calls and
+        # each lookup costs microseconds.
+        ext = sparse_cpu.extension() if self.use_kernel else None
+        self._kernel, self._args = None, ()
+        if ext is not None:
+            if isinstance(self.layout, sparse_cpu.TransposedQ4):
+                l = self.layout
+                self._kernel, self._args = ext.q4t_sparse_in, (l.q, l.d, l.m, l.k, l.n)
+            else:
+                self._kernel, self._args = ext.f32t_sparse_in, (self.layout.wt,)
+        self._max_numel = MAX_KERNEL_ROWS * self.in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_kernel and _kernel_ok(x):
+        if self._kernel is not None and x.dtype == torch.float32 and not x.is_cuda and x.numel() <= self._max_numel \
+                and not x.requires_grad:
             shape = x.shape
-            y = sparse_cpu.sparse_in(x.reshape(-1, shape[-1]).contiguous(), self.threshold, self.layout)
+            y = self._kernel(x.reshape(-1, shape[-1]).contiguous(), self.threshold, *self._args)
             if self.bias is not None:
                 y += self.bias
             return y.view(*shape[:-1], self.out_features)

@@ -12,7 +12,7 @@ def test_tune_saves_a_lossless_profile_that_auto_uses(default_engine, tmp_path, 
     with pytest.raises(methods.UnknownMethodError, match="hasten tune"):
         methods.build("auto", default_engine)
     qs = load_questions(per_category=1)[1:3]
-    profile = tune.tune(default_engine, qs, budget_s=120, max_new_tokens=16,
+    profile = tune.tune(default_engine, qs, budget_s=10_000, max_new_tokens=16,
                         space=("prompt-lookup:k=4", "recycling:nodes=6"), progress=False)
     assert {r["method"] for r in profile["ranking"]} == {"prompt-lookup:k=4", "recycling:nodes=6"}
     assert all(r["identical"] for r in profile["ranking"])
@@ -21,3 +21,10 @@ def test_tune_saves_a_lossless_profile_that_auto_uses(default_engine, tmp_path, 
     drafter = methods.build("auto", default_engine)
     expected = methods.build(profile["best"], default_engine)
     assert type(drafter) is type(expected)
+
+
+def test_tune_stops_at_its_budget(default_engine):
+    qs = load_questions(per_category=1)[1:2]
+    profile = tune.tune(default_engine, qs, budget_s=0, max_new_tokens=4, space=("prompt-lookup:k=4",), progress=False)
+    assert profile["ranking"] == [] and profile["skipped_for_budget"] == ["prompt-lookup:k=4"]
+    assert profile["best"] == "baseline"
