@@ -22,6 +22,10 @@ from ..models.quantized import MAX_KERNEL_ROWS, BlockQuantLinear
 from .kernels import cpu as sparse_cpu
 
 DENSE_BELOW = 0.15  # a layer sparser than this runs the dense kernel on its masked input
+# Several tokens at once read the union of their active inputs, which grows fast: measured on the default model
+# (python -m hasten.sparsity.measure, BENCHMARKS.md) the sparse kernel loses to the dense block kernel from 4
+# tokens on below ~75% sparsity, so those calls take the dense kernel on the masked input.
+SPARSE_MANY_TOKENS_FROM = 0.75
 
 
 def clone(model: nn.Module) -> nn.Module:
@@ -83,7 +87,7 @@ class SparseLinear(nn.Module):
                 self._kernel, self._args = ext.q4t_sparse_in, (l.q, l.d, l.m, l.k, l.n)
             else:
                 self._kernel, self._args = ext.f32t_sparse_in, (self.layout.wt,)
-        self._max_numel = MAX_KERNEL_ROWS * self.in_features
+        self._max_numel = (MAX_KERNEL_ROWS if sparsity >= SPARSE_MANY_TOKENS_FROM else 2) * self.in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._kernel is not None and x.dtype == torch.float32 and not x.is_cuda and x.numel() <= self._max_numel \
