@@ -4,9 +4,10 @@ For each shape (q/k/v/o, gate/up, down) and sparsity, times y = W·x for T token
 - torch: F.linear on the dense fp32 weight (what a plain PyTorch model runs),
 - block: hasten's dense Q4_1 block kernel (what hasten's baseline runs),
 - sparse: the sparse-input kernel on the transposed Q4_1 layout (reads only the kept inputs' weights).
-Inputs are the real activations of that layer on held-out text where available (--real, the default), so the
-union of active channels over T tokens is what decoding would see; `--random` uses Gaussian inputs.
-Each time is the median of interleaved repeats. Prints a Markdown table (and --json FILE for the raw numbers).
+Inputs are each layer's real activations on held-out text (the default), so the union of active channels over T
+tokens is what decoding would see; `--random` uses Gaussian inputs. Every timing sweeps the same layer of all
+blocks, as a decode step does, so weights stream from memory instead of sitting warm in cache (a single-layer
+loop would flatter every method equally but hide what memory costs). Each time is the median of the repeats. Prints a Markdown table (and --json FILE for the raw numbers).
 """
 from __future__ import annotations
 
@@ -33,14 +34,15 @@ def _time(fn, repeats: int) -> float:
     return statistics.median(out)
 
 
-def _real_inputs(engine, layer: int, tokens: int = 512) -> dict[str, torch.Tensor]:
+def _real_inputs(engine, tokens: int = 256) -> dict[tuple[int, str], torch.Tensor]:
+    """(layer, name) → that linear's inputs on held-out text [tokens, K] (the dense model's activations)."""
     from .calibrate import SEQ_LEN
     from .corpus import load
     chunks = load().token_chunks(engine.tokenizer, "heldout", tokens, SEQ_LEN)
-    seen: dict[str, list[torch.Tensor]] = {}
-    block = engine.model.layers[layer]
+    seen: dict[tuple[int, str], list[torch.Tensor]] = {}
     hooks = [block.get_submodule(path).register_forward_pre_hook(
-        lambda m, a, name=name: seen.setdefault(name, []).append(a[0][0].clone())) for name, path in LAYERS.items()]
+        lambda m, a, key=(i, name): seen.setdefault(key, []).append(a[0][0].clone()))
+        for i, block in enumerate(engine.model.layers) for name, path in LAYERS.items()]
     try:
         with torch.inference_mode():
             for ids in chunks:
@@ -51,32 +53,32 @@ def _real_inputs(engine, layer: int, tokens: int = 512) -> dict[str, torch.Tenso
     return {k: torch.cat(v) for k, v in seen.items()}
 
 
-def measure(engine, tokens=(1, 4, 8), sparsities=SPARSITIES, layer: int = 15, repeats: int = 200,
-            real: bool = True) -> list[dict]:
+def measure(engine, tokens=(1, 4, 8), sparsities=SPARSITIES, repeats: int = 30, real: bool = True) -> list[dict]:
+    """Each timing calls the layer of that name in every block in turn, as decoding does, so the weights come
+    from memory rather than from a cache still warm from the previous call; reported per call."""
     from .kernels import cpu as sparse_cpu
     from .modules import transposed_layout
-    block = engine.model.layers[layer]
-    inputs = _real_inputs(engine, layer) if real else {}
-    rows = []
+    blocks = engine.model.layers
+    inputs = _real_inputs(engine) if real else {}
     gen = torch.Generator().manual_seed(0)
+    rows = []
     for name, path in LAYERS.items():
-        linear = block.get_submodule(path)
-        layout = transposed_layout(linear)
-        K = linear.in_features
+        linears = [block.get_submodule(path) for block in blocks]
+        layouts = [transposed_layout(lin) for lin in linears]
+        K, N = linears[0].in_features, linears[0].out_features
         for T in tokens:
-            if real:
-                x = inputs[name][100: 100 + T].contiguous()  # consecutive tokens, as a draft would score them
-            else:
-                x = torch.randn(T, K, generator=gen)
+            xs = [inputs[(i, name)][100: 100 + T].contiguous() if real else torch.randn(T, K, generator=gen)
+                  for i in range(len(blocks))]
             for s in sparsities:
-                thr = float(x.abs().flatten().quantile(s)) if s > 0 else -1.0
-                union = float((x.abs() > thr).any(0).float().mean())
-                t_torch = _time(lambda: F.linear(x, linear.weight), repeats)
-                t_block = _time(lambda: linear(x), repeats)
-                t_sparse = _time(lambda: sparse_cpu.sparse_in(x, thr, layout), repeats)
-                rows.append({"layer": name, "shape": f"{K}x{linear.out_features}", "tokens": T, "sparsity": s,
-                             "union_active": union, "torch_us": t_torch * 1e6, "block_us": t_block * 1e6,
-                             "sparse_us": t_sparse * 1e6})
+                thrs = [float(x.abs().flatten().quantile(s)) if s > 0 else -1.0 for x in xs]
+                union = sum(float((x.abs() > t).any(0).float().mean()) for x, t in zip(xs, thrs)) / len(xs)
+                calls = list(zip(linears, layouts, xs, thrs))
+                t_torch = _time(lambda: [F.linear(x, lin.weight) for lin, _, x, _ in calls], repeats)
+                t_block = _time(lambda: [lin(x) for lin, _, x, _ in calls], repeats)
+                t_sparse = _time(lambda: [sparse_cpu.sparse_in(x, t, lay) for _, lay, x, t in calls], repeats)
+                n = len(calls)
+                rows.append({"layer": name, "shape": f"{K}x{N}", "tokens": T, "sparsity": s, "union_active": union,
+                             "torch_us": t_torch / n * 1e6, "block_us": t_block / n * 1e6, "sparse_us": t_sparse / n * 1e6})
     return rows
 
 
@@ -91,12 +93,13 @@ def markdown(rows: list[dict]) -> str:
 
 
 def summary(rows: list[dict]) -> str:
-    """Per (T, sparsity): all five shapes summed (one layer's worth of the measured linears)."""
+    """Per (T, sparsity): q, k, o, up, down plus v (= k's shape) and gate (= up's) — one block's seven linears."""
     out = ["| T | sparsity | torch fp32 µs | block Q4_1 µs | sparse µs | vs torch | vs block |", "|---|---|---|---|---|---|---|"]
     keys = sorted({(r["tokens"], r["sparsity"]) for r in rows})
     for T, s in keys:
         sel = [r for r in rows if r["tokens"] == T and r["sparsity"] == s]
-        a, b, c = (sum(r[k] for r in sel) for k in ("torch_us", "block_us", "sparse_us"))
+        twice = {"k_proj", "up_proj"}  # v_proj and gate_proj have the same shapes
+        a, b, c = (sum(r[k] * (2 if r["layer"] in twice else 1) for r in sel) for k in ("torch_us", "block_us", "sparse_us"))
         out.append(f"| {T} | {s:.0%} | {a:.0f} | {b:.0f} | {c:.0f} | {a / c:.2f}x | {b / c:.2f}x |")
     return "\n".join(out)
 
@@ -104,7 +107,7 @@ def summary(rows: list[dict]) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--repeats", type=int, default=200)
+    ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--random", action="store_true", help="Gaussian inputs instead of real activations")
     ap.add_argument("--tokens", default="1,4,8")
     ap.add_argument("--json", help="write the raw rows here")
@@ -113,7 +116,7 @@ def main(argv=None) -> None:
     from ..engine import load
     engine = load()
     rows = measure(engine, tuple(int(t) for t in args.tokens.split(",")), repeats=args.repeats, real=not args.random)
-    print(f"threads={args.threads} inputs={'random' if args.random else 'real (held-out text, layer 15)'}\n")
+    print(f"threads={args.threads} inputs={'random' if args.random else 'real (held-out text, every layer)'}\n")
     print(markdown(rows))
     print()
     print(summary(rows))

@@ -62,7 +62,7 @@ void token_chunks(int64_t T, F f) {
 }
 
 constexpr int64_t TILE = 64;  // outputs per work item: divides 192, 576, 1536 and every multiple of 64
-constexpr int64_t PREFETCH = 32;  // rows ahead
+constexpr int64_t PREFETCH = 48;  // rows ahead
 
 }  // namespace
 
@@ -124,7 +124,7 @@ namespace {
 template <int TN, int W>
 inline void q4t_tile(const uint8_t* C, const at::Half* D, const at::Half* M, const Active& act, const std::vector<int64_t>& blk,
                      const std::vector<int64_t>& first, const std::vector<int64_t>& last, const std::vector<float>& sx,
-                     int64_t T, int64_t t0, float* Y, int64_t N, int64_t n0) {
+                     int64_t T, int64_t t0, float* Y, int64_t N, int64_t n0, const uint8_t* next_tile, int64_t next_row) {
   constexpr int V = W / 16;  // vectors of 16 outputs
   constexpr int64_t ROW = W / 2;  // bytes of codes per input row
 #ifdef __AVX512F__
@@ -140,8 +140,11 @@ inline void q4t_tile(const uint8_t* C, const at::Half* D, const at::Half* M, con
       const uint8_t* row = C + int64_t(act.k[a]) * ROW;
       // Rows are read in an order the hardware prefetcher cannot guess (gaps where inputs were dropped):
       // ask for the row PREFETCH ahead so many misses are in flight at once.
-      if (a + PREFETCH < int64_t(act.k.size()))
-        _mm_prefetch(reinterpret_cast<const char*>(C + int64_t(act.k[a + PREFETCH]) * ROW), _MM_HINT_T0);
+      const int64_t A = act.k.size();
+      if (a + PREFETCH < A)
+        _mm_prefetch(reinterpret_cast<const char*>(C + int64_t(act.k[a + PREFETCH]) * ROW), _MM_HINT_T1);
+      else if (next_tile != nullptr)  // the first rows of this thread's next tile
+        _mm_prefetch(reinterpret_cast<const char*>(next_tile + int64_t(act.k[a + PREFETCH - A]) * next_row), _MM_HINT_T1);
       __m512 w[V];
       if constexpr (W == 128) {
         const __m512i b = _mm512_loadu_si512(row);
@@ -171,6 +174,11 @@ inline void q4t_tile(const uint8_t* C, const at::Half* D, const at::Half* M, con
     }
     const at::Half* d = D + blk[bi] * W;
     const at::Half* m = M + blk[bi] * W;
+    if (bi + 1 < blk.size())  // the next block's scales: 2 x W x 2 bytes
+      for (int64_t o = 0; o < W * 2; o += 64) {
+        _mm_prefetch(reinterpret_cast<const char*>(D + blk[bi + 1] * W) + o, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(M + blk[bi + 1] * W) + o, _MM_HINT_T0);
+      }
     for (int v = 0; v < V; ++v) {
       const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + 16 * v)));
       const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + 16 * v)));
@@ -240,13 +248,16 @@ torch::Tensor q4t_sparse_in(torch::Tensor x, double thr, torch::Tensor q, torch:
       const uint8_t* C = Q + n0 * K / 2;  // tiles before this one hold K * 64 bytes each
       const at::Half* Dt = D + n0 * NB;
       const at::Half* Mt = M + n0 * NB;
+      const int64_t n1 = n0 + 128;  // this thread's next tile, if any (its first rows are prefetched at the end)
+      const uint8_t* next = (tile + 1 < end && A > PREFETCH) ? Q + n1 * K / 2 : nullptr;
+      const int64_t next_row = std::min<int64_t>(128, N - n1) / 2;
       int64_t t = 0;
       if (width == 128) {
-        for (; t + 2 <= T; t += 2) q4t_tile<2, 128>(C, Dt, Mt, act, blk, first, last, sx, T, t, Y, N, n0);
-        for (; t < T; ++t) q4t_tile<1, 128>(C, Dt, Mt, act, blk, first, last, sx, T, t, Y, N, n0);
+        for (; t + 2 <= T; t += 2) q4t_tile<2, 128>(C, Dt, Mt, act, blk, first, last, sx, T, t, Y, N, n0, next, next_row);
+        for (; t < T; ++t) q4t_tile<1, 128>(C, Dt, Mt, act, blk, first, last, sx, T, t, Y, N, n0, next, next_row);
       } else {
-        for (; t + 4 <= T; t += 4) q4t_tile<4, 64>(C, Dt, Mt, act, blk, first, last, sx, T, t, Y, N, n0);
-        for (; t < T; ++t) q4t_tile<1, 64>(C, Dt, Mt, act, blk, first, last, sx, T, t, Y, N, n0);
+        for (; t + 4 <= T; t += 4) q4t_tile<4, 64>(C, Dt, Mt, act, blk, first, last, sx, T, t, Y, N, n0, next, next_row);
+        for (; t < T; ++t) q4t_tile<1, 64>(C, Dt, Mt, act, blk, first, last, sx, T, t, Y, N, n0, next, next_row);
       }
     }
   });
@@ -292,6 +303,18 @@ inline void q4_1_row(const float* X, int64_t K, const float* D, const float* M, 
 #endif
 }
 
+constexpr int64_t ROWS_AHEAD = 6;
+
+inline void prefetch_q4_1_row(const float* D, const float* M, const uint8_t* Q, int64_t NB, int64_t i) {
+#ifdef __AVX512F__
+  for (int64_t o = 0; o < NB * 16; o += 64) _mm_prefetch(reinterpret_cast<const char*>(Q + i * NB * 16) + o, _MM_HINT_T1);
+  for (int64_t o = 0; o < NB * 4; o += 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(D + i * NB) + o, _MM_HINT_T1);
+    _mm_prefetch(reinterpret_cast<const char*>(M + i * NB) + o, _MM_HINT_T1);
+  }
+#endif
+}
+
 template <int TN>
 inline void f32_row(const float* X, int64_t K, const float* W, int64_t i, float* out) {
   const float* w = W + i * K;
@@ -320,9 +343,13 @@ inline void f32_row(const float* X, int64_t K, const float* W, int64_t i, float*
 // Rows `rows` of y [T, N] (zeros elsewhere); `row(TN, x_chunk, i, out)` computes one row for a token chunk.
 // gate (optional, [T, N]): y[t, i] = gate[t, i] * (W_i · x_t) where |gate[t, i]| > thr, else 0, over the rows
 // where any token's gate passes (CATS: the SiLU(gate) activations decide which rows of up_proj are computed).
-template <typename Row>
+struct NoPrefetch {
+  void operator()(int64_t) const {}
+};
+
+template <typename Row, typename Prefetch = NoPrefetch>
 torch::Tensor rows_impl(const torch::Tensor& x, int64_t K, int64_t N, const int32_t* rows, int64_t R,
-                        const float* gate, float thr, Row row) {
+                        const float* gate, float thr, Row row, Prefetch prefetch = Prefetch()) {
   const int64_t T = x.size(0);
   auto y = torch::zeros({T, N}, x.options());
   std::vector<int32_t> picked;
@@ -342,6 +369,7 @@ torch::Tensor rows_impl(const torch::Tensor& x, int64_t K, int64_t N, const int3
   at::parallel_for(0, R, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t i = rows[r];
+      if (r + ROWS_AHEAD < end) prefetch(rows[r + ROWS_AHEAD]);  // chosen rows: an order no prefetcher guesses
       float out[4];
       token_chunks(T, [&](int64_t t0, auto tn) {
         constexpr int TN = decltype(tn)::value;
@@ -386,7 +414,7 @@ torch::Tensor q4_1_rows(torch::Tensor x, torch::Tensor rows, torch::Tensor d, to
   const uint8_t* Q = qs.data_ptr<uint8_t>();
   return rows_impl(x, K, N, rows.data_ptr<int32_t>(), rows.size(0), nullptr, 0.f, [&](auto tn, const float* X, int64_t i, float* out) {
     q4_1_row<decltype(tn)::value>(X, K, D, M, Q, NB, i, out);
-  });
+  }, [&](int64_t i) { prefetch_q4_1_row(D, M, Q, NB, i); });
 }
 
 torch::Tensor q4_1_rows_gated(torch::Tensor x, torch::Tensor gate, double thr, torch::Tensor d, torch::Tensor m, torch::Tensor qs) {
@@ -397,7 +425,7 @@ torch::Tensor q4_1_rows_gated(torch::Tensor x, torch::Tensor gate, double thr, t
   const uint8_t* Q = qs.data_ptr<uint8_t>();
   return rows_impl(x, K, N, nullptr, 0, gate.data_ptr<float>(), float(thr), [&](auto tn, const float* X, int64_t i, float* out) {
     q4_1_row<decltype(tn)::value>(X, K, D, M, Q, NB, i, out);
-  });
+  }, [&](int64_t i) { prefetch_q4_1_row(D, M, Q, NB, i); });
 }
 
 // x [T, K]; rows int32 [R]; w [N, K] f32 → y [T, N]
