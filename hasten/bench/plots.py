@@ -15,20 +15,24 @@ def speedup_bars(result: dict, path: Path) -> Path:
     groups = ["overall"] + summary["groups"]
     methods = [m for m in summary["methods"] if m != ref]
     width = 0.8 / max(1, len(methods))
-    fig, ax = plt.subplots(figsize=(max(7, 1.3 * len(groups)), 4.2), dpi=120)
+    fig, ax = plt.subplots(figsize=(max(7, 1.3 * len(groups)) + (2.5 if len(methods) > 6 else 0), 4.2), dpi=120)
+    colours = plt.get_cmap("tab20" if len(methods) > 10 else "tab10")
     for i, m in enumerate(methods):
         sp = summary["methods"][m]["speedup"]
         med = [sp.get(g, {}).get("median", 0.0) for g in groups]
         lo = [max(0.0, v - sp.get(g, {}).get("min", v)) for g, v in zip(groups, med)]
         hi = [max(0.0, sp.get(g, {}).get("max", v) - v) for g, v in zip(groups, med)]
         xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(groups))]
-        ax.bar(xs, med, width, yerr=[lo, hi], capsize=2, label=m)
+        ax.bar(xs, med, width, yerr=[lo, hi], capsize=2, label=m, color=colours(i % colours.N))
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(groups)), groups, rotation=20)
     ax.set_ylabel(f"speedup vs {ref} (median, min–max)")
     ctx = result.get("context", {})
     ax.set_title(f"{ctx.get('model', '')} · {ctx.get('cpu', '')[:40]} · {ctx.get('threads', '?')} threads", fontsize=9)
-    ax.legend(fontsize=8, ncol=2)
+    if len(methods) > 6:  # many methods: the legend goes beside the bars, not over them
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=1 if len(methods) <= 16 else 2)
+    else:
+        ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -66,6 +70,8 @@ def speed_vs_quality(result: dict, path: Path) -> Path | None:
             ax.annotate(m, (dense_x, e["speedup"]["overall"]["median"]), fontsize=7, xytext=(3, -9),
                         textcoords="offset points")
         ax.axhline(1.0, color="grey", linewidth=0.8)
+        if key == "perplexity":
+            ax.set_xscale("log")  # a lossy method's perplexity can be 10x the dense model's
         ax.set_xlabel(label)
         ax.set_ylabel(f"speedup vs {ref} (median)")
         handles, labels = ax.get_legend_handles_labels()
