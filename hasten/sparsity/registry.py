@@ -22,14 +22,14 @@ def register_all(register) -> None:
     register("ffsplit", lambda engine, sparsity=0.5, heavy=0.1: lossy(engine, FFSplit(sparsity, heavy)), lossless=False,
              help="FFSplit: heavy-hitter neurons dense (heavy=0.1 of them), the rest gate-thresholded; lossy")
 
-    def sparse_draft(engine, sparsity=0.6, method="teal", k=4):
+    def sparse_draft(engine, sparsity=0.6, method="teal", k=4, adaptive=1):
         from ..decoding.drafters.sparse_draft import SparseDraft
         makers = {"teal": Teal, "cats": Cats, "dejavu": DejaVu, "ffsplit": FFSplit}
         if method not in makers:
             from ..methods import UnknownMethodError
             raise UnknownMethodError(f"sparse-draft method must be one of {', '.join(makers)} (got {method!r})")
         sparsifier = makers[method](sparsity)
-        return SparseDraft(engine, sparse_model(engine, sparsifier), sparsifier.name, int(k))
+        return SparseDraft(engine, sparse_model(engine, sparsifier), sparsifier.name, int(k), bool(adaptive))
 
     register("sparse-draft", sparse_draft,
-             help="the model made sparse drafts for itself, lossless (sparsity=0.6, method=teal, k=4)")
+             help="the model made sparse drafts for itself, lossless (sparsity=0.6, method=teal, k=4, adaptive=1)")

@@ -153,8 +153,10 @@ def test_default_model_thresholds_hit_the_target_on_heldout_text(default_engine)
 def test_sparse_draft_on_the_default_model_is_lossless(default_engine):
     prompt = "Write a haiku about the sea."
     base = default_engine.generate(prompt, max_new_tokens=24, chat=True)
-    got = default_engine.generate(prompt, max_new_tokens=24, chat=True, method="sparse-draft:0.5")
-    assert got.token_ids == base.token_ids and got.mean_accepted > 1.0
+    # adaptive=0: always draft k tokens (the adaptive controller may rightly decide drafting does not pay here)
+    got = default_engine.generate(prompt, max_new_tokens=24, chat=True, method="sparse-draft:0.5,k=3,adaptive=0")
+    assert got.token_ids == base.token_ids
+    assert got.mean_accepted > 1.0  # drafts were proposed and some accepted: the check above is not vacuous
 
 
 def test_dejavu_block_computes_the_mlp_on_the_predicted_neurons_only():

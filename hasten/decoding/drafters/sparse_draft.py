@@ -34,9 +34,9 @@ def relative_cost(dense, sparse, passes: int = 8) -> float:
 
 
 class SparseDraft(ModelDrafter):
-    def __init__(self, engine, sparse_model, sparsifier_name: str, k: int = 4):
+    def __init__(self, engine, sparse_model, sparsifier_name: str, k: int = 4, adaptive: bool = True):
         cost = relative_cost(engine.model, sparse_model)
         super().__init__(sparse_model, len(engine.tokenizer), k, 1, cost=step_cost(engine), draft_cost=cost,
-                         name="sparse-draft", prior=0.8)
+                         adaptive=adaptive, name="sparse-draft", prior=0.8)
         self.sparsifier_name = sparsifier_name
         self.draft_cost = cost
