@@ -155,7 +155,7 @@ def bench(model, methods, reference, questions, per_category, rounds, max_new_to
         for m, g, ta, tb, ratio in runner.compare(a, b):
             click.echo(f"  {m:28s} {g:16s} {ta:8.1f} → {tb:8.1f}  {ratio:.2f}x")
         return
-    names = registry.split_list(methods)
+    names = list(dict.fromkeys(registry.split_list(methods)))  # a method named twice runs once
     if temperature > 0:
         names = [m for m in names if m not in PEERS]
     for m in names:
@@ -279,7 +279,8 @@ def calibrate(model, methods, corpus, tokens, heldout_tokens, refresh, json_path
     Records activation magnitudes at every sparsified input over the calibration split of the corpus (cached per
     model), fits each method (thresholds, TEAL's greedy allocation, Deja Vu's predictors), then measures on the
     held-out split: the share of activations actually dropped, perplexity, top-1 agreement and mean KL against the
-    dense model. Later `--method teal:0.5` etc. reuse all of it.
+    dense model. Everything is cached per model: with the default corpus and --tokens, later `--method teal:0.5`
+    etc. start from it without calibrating again.
     """
     from dataclasses import asdict
 
@@ -289,9 +290,12 @@ def calibrate(model, methods, corpus, tokens, heldout_tokens, refresh, json_path
     from .sparsity.corpus import load as load_corpus
     from .sparsity.quality import method_quality
     names = registry.split_list(methods)
+    from .sparsity.methods.base import check_sparsity
     for m in names:
-        if registry.parse(m)[0].lossless:
+        spec = registry.parse(m)[0]
+        if spec.lossless:
             raise UsageError(f"{m} is not a sparse (lossy) method; calibrate takes teal, cats, dejavu, ffsplit")
+        check_sparsity(spec.params.get("sparsity", 0.5))  # before minutes of calibration, not after
     source = load_corpus(corpus)
     set_threads(threads)
     engine = load(model)

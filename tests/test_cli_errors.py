@@ -74,3 +74,14 @@ def test_generate_streams_text_and_statistics():
     assert result.exit_code == 0, result.output
     assert "Paris" in result.output
     assert "tokens/s" in result.output and "mean accepted 1.00" in result.output
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("calibrate", "--corpus", "/nonexistent/texts"), "no such file or folder"),
+    (("calibrate", "--methods", "prompt-lookup"), "not a sparse (lossy) method"),
+    (("calibrate", "--methods", "teal:1.5"), "sparsity must be a number in [0, 1)"),
+    (("generate", "hi", "--method", "cats:abc"), "sparsity must be a number"),
+    (("generate", "hi", "--method", "teal:0.5,alloc=magic"), "alloc must be"),
+])
+def test_bad_sparsity_input(args, needle):
+    assert_one_line_error(*run(*args), needle)

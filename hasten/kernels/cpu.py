@@ -27,28 +27,29 @@ QK = 32  # weights per block, both formats
 def extension():
     """Compile (once per machine, cached) and import the C++ kernels; None where no compiler works (torch paths
     are used then, slower but equal up to summation order)."""
-    try:
-        return _build()
-    except Exception as e:  # no compiler, no ninja, unsupported platform
-        import warnings
-        warnings.warn(f"hasten: CPU kernels unavailable ({type(e).__name__}: {str(e)[:200]}); using torch ops")
-        return None
+    return build_extension("hasten_cpu", Path(__file__).with_suffix(".cpp"), "CPU kernels")
 
 
-def _build():
+def build_extension(name: str, source: Path, what: str):
+    """A C++ extension built once per machine and torch version with torch's own builder (cached under
+    hasten's cache dir), or None with a warning where it cannot be built (no compiler, no ninja)."""
     import sys
 
-    from torch.utils.cpp_extension import load
+    try:
+        from torch.utils.cpp_extension import load
 
-    from ..models.loading import cache_dir
-
-    build = cache_dir() / "kernels" / f"torch-{torch.__version__}"
-    build.mkdir(parents=True, exist_ok=True)
-    if not any(build.glob("*.so")):
-        print("hasten: compiling CPU kernels once (about a minute)…", file=sys.stderr)
-    native = "-march=native" if os.uname().machine in ("x86_64", "AMD64") else "-mcpu=native"
-    return load(name="hasten_cpu", sources=[str(Path(__file__).with_suffix(".cpp"))],
-                build_directory=str(build), extra_cflags=["-O3", native, "-ffp-contract=off", "-fopenmp"], verbose=False)
+        from ..models.loading import cache_dir
+        build = cache_dir() / "kernels" / f"torch-{torch.__version__}" / name
+        build.mkdir(parents=True, exist_ok=True)
+        if not any(build.glob("*.so")):
+            print(f"hasten: compiling {what} once (about a minute)…", file=sys.stderr)
+        native = "-march=native" if os.uname().machine in ("x86_64", "AMD64") else "-mcpu=native"
+        return load(name=name, sources=[str(source)], build_directory=str(build),
+                    extra_cflags=["-O3", native, "-ffp-contract=off", "-fopenmp"], verbose=False)
+    except Exception as e:  # no compiler, no ninja, unsupported platform
+        import warnings
+        warnings.warn(f"hasten: {what} unavailable ({type(e).__name__}: {str(e)[:200]}); using torch ops")
+        return None
 
 
 def repack_q4_1(raw: np.ndarray):

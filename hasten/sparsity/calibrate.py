@@ -91,7 +91,6 @@ def activation_stats(engine, corpus: str | None = None, tokens: int = DEFAULT_TO
 
 def collect(model, chunks: list[list[int]], progress: bool = False, seed: int = 0) -> ActivationStats:
     """Run the dense model over `chunks` and record magnitudes at every site (see the module docstring)."""
-    from tqdm import tqdm
     gen = torch.Generator().manual_seed(seed)
     samples: dict[str, list[torch.Tensor]] = {}
     sums: dict[str, torch.Tensor] = {}
@@ -119,14 +118,8 @@ def collect(model, chunks: list[list[int]], progress: bool = False, seed: int = 
                   layer.mlp.down_proj.register_forward_pre_hook(down_pre),
                   layer.mlp.gate_proj.register_forward_hook(
                       lambda module, args, out, i=i: record(f"layers.{i}.gate_act", F.silu(out)))]
-    try:
-        with torch.inference_mode():
-            for ids in tqdm(chunks, desc="calibrating", unit="window", disable=not progress, file=sys.stderr):
-                model(torch.tensor([ids], device=model.device), last_only=True)
-                count[0] += len(ids)
-    finally:
-        for h in hooks:
-            h.remove()
+    forward_over(model, chunks, hooks, "calibrating" if progress else None)
+    count[0] = sum(len(ids) for ids in chunks)
     levels = torch.linspace(0, 1, QUANTILE_STEPS + 1)
     quantiles = {}
     for key, parts in samples.items():
@@ -135,6 +128,19 @@ def collect(model, chunks: list[list[int]], progress: bool = False, seed: int = 
         quantiles[key] = values[pos].numpy()
     channel = {k: (v / count[0]).numpy() for k, v in sums.items()}
     return ActivationStats("", count[0], quantiles, channel)
+
+
+def forward_over(model, chunks: list[list[int]], hooks: list, progress: str | None = None) -> None:
+    """Run the model teacher-forced over token windows while `hooks` (handles) record what they need, then remove
+    the hooks whatever happens. `progress` names a progress bar."""
+    from tqdm import tqdm
+    try:
+        with torch.inference_mode():
+            for ids in tqdm(chunks, desc=progress, unit="window", disable=progress is None, file=sys.stderr):
+                model(torch.tensor([ids], device=model.device), last_only=True)
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def measured_sparsity(model, chunks: list[list[int]]) -> dict[str, float]:
@@ -147,11 +153,5 @@ def measured_sparsity(model, chunks: list[list[int]]) -> dict[str, float]:
             hooks.append(module.register_forward_pre_hook(
                 lambda m, args, name=name: dropped.setdefault(name, []).append(
                     float((args[0].abs() <= m.threshold).float().mean()))))
-    try:
-        with torch.inference_mode():
-            for ids in chunks:
-                model(torch.tensor([ids], device=model.device), last_only=True)
-    finally:
-        for h in hooks:
-            h.remove()
+    forward_over(model, chunks, hooks)
     return {k: float(np.mean(v)) for k, v in dropped.items()}

@@ -36,20 +36,14 @@ def _time(fn, repeats: int) -> float:
 
 def _real_inputs(engine, tokens: int = 256) -> dict[tuple[int, str], torch.Tensor]:
     """(layer, name) → that linear's inputs on held-out text [tokens, K] (the dense model's activations)."""
-    from .calibrate import SEQ_LEN
+    from .calibrate import SEQ_LEN, forward_over
     from .corpus import load
     chunks = load().token_chunks(engine.tokenizer, "heldout", tokens, SEQ_LEN)
     seen: dict[tuple[int, str], list[torch.Tensor]] = {}
     hooks = [block.get_submodule(path).register_forward_pre_hook(
         lambda m, a, key=(i, name): seen.setdefault(key, []).append(a[0][0].clone()))
         for i, block in enumerate(engine.model.layers) for name, path in LAYERS.items()]
-    try:
-        with torch.inference_mode():
-            for ids in chunks:
-                engine.model(torch.tensor([ids]), last_only=True)
-    finally:
-        for h in hooks:
-            h.remove()
+    forward_over(engine.model, chunks, hooks)
     return {k: torch.cat(v) for k, v in seen.items()}
 
 

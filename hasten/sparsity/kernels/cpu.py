@@ -3,26 +3,25 @@
 Layouts. A dropped input k removes column k of W, so the sparse-input kernels keep W *transposed*, [K, N]: the
 weights of one input are one contiguous row, read whole or skipped whole.
 - `TransposedF32`: W^T in fp32 (any model; 4 bytes per weight read).
-- `TransposedQ4`: a GGUF Q4_1 matrix transposed without changing a single weight value: the 4-bit codes of W^T
-  packed two per byte along the outputs, plus each block's fp16 scale d and minimum m laid out [K/32, N]. A Q4_1
-  block covers 32 consecutive inputs of one output row, so for the active inputs of a block
-  sum_k x_k (d q_k + m) = d * sum_k x_k q_k + m * sum_k x_k: the kernel reads 0.5 byte per active weight plus
-  d and m (4 bytes per output) for each block that has any active input. Dense Q4_1 reads 0.5625 bytes per
-  weight (0.75 in hasten's repacked fp32-scale layout); at 50% sparsity q4t reads ~0.375.
+- `TransposedQ4`: a GGUF Q4_1 matrix transposed without changing a single weight value, tiled by 128 outputs so
+  one input row of a tile is one 64-byte cache line of 4-bit codes, plus each block's fp16 scale d and minimum m
+  laid out the same way. A Q4_1 block covers 32 consecutive inputs of one output row, so for the active inputs
+  of a block sum_k x_k (d q_k + m) = d * sum_k x_k q_k + m * sum_k x_k: the kernel reads 0.5 byte per active
+  weight plus d and m (4 bytes per output) for each block that has any active input. Dense Q4_1 reads 0.625
+  bytes per weight; at 50% sparsity q4t reads ~0.375.
 Row subsets (CATS, Deja Vu: neurons or heads chosen per token) read rows of W in the model's own layout: the
 repacked Q4_1 blocks of models/quantized.py, or fp32 rows.
 
-Why C++ (sparsity/kernels/cpu.cpp) and not numba — measured with `python -m hasten.sparsity.measure` on this
-2-core AVX-512 Xeon (BENCHMARKS.md has the table; the numba twins below exist for that comparison): numba
-vectorises the fp32 loop but not the nibble decode of q4t, and its threading layer competes with torch's pool
-for the two cores; the C++ kernels share torch's pool (at::parallel_for) and use AVX-512 intrinsics. The
-extension is compiled once per machine with torch's extension builder and cached under hasten's cache dir;
-where no compiler works, `extension()` returns None and the sparse modules compute the same function with
-torch (masked input times the dense weight).
+Why C++ (sparsity/kernels/cpu.cpp) and not numba: the layout needs a vectorised 4-bit decode that numba did not
+emit when measured for the dense block kernel (kernels/cpu.py: ≥ 1.4 ms for one ffn_up call vs torch's 0.15 ms),
+numba's threading layer competes with torch's pool for the two cores, and the kernel depends on explicit software
+prefetch (BENCHMARKS.md: gate/up 2.3 → 1.3 ms per step at 50%), which numba cannot express. The C++ kernels share
+torch's pool (at::parallel_for) and use AVX-512 intrinsics; they are compiled once per machine with torch's
+extension builder (kernels/cpu.py::build_extension); where no compiler works, `extension()` returns None and the
+sparse modules compute the same function with torch (masked input times the dense weight).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -36,28 +35,8 @@ QK = 32  # inputs per Q4_1 block
 @lru_cache(maxsize=1)
 def extension():
     """The compiled kernels (built once per machine and torch version), or None where they cannot be built."""
-    try:
-        return _build()
-    except Exception as e:  # no compiler, no ninja, unsupported platform
-        import warnings
-        warnings.warn(f"hasten: sparse CPU kernels unavailable ({type(e).__name__}: {str(e)[:200]}); using torch ops")
-        return None
-
-
-def _build():
-    import sys
-
-    from torch.utils.cpp_extension import load
-
-    from ...models.loading import cache_dir
-
-    build = cache_dir() / "kernels" / f"torch-{torch.__version__}" / "sparse"
-    build.mkdir(parents=True, exist_ok=True)
-    if not any(build.glob("*.so")):
-        print("hasten: compiling sparse CPU kernels once (about a minute)…", file=sys.stderr)
-    native = "-march=native" if os.uname().machine in ("x86_64", "AMD64") else "-mcpu=native"
-    return load(name="hasten_sparse_cpu", sources=[str(Path(__file__).with_suffix(".cpp"))], build_directory=str(build),
-                extra_cflags=["-O3", native, "-ffp-contract=off", "-fopenmp"], verbose=False)
+    from ...kernels.cpu import build_extension
+    return build_extension("hasten_sparse_cpu", Path(__file__).with_suffix(".cpp"), "sparse CPU kernels")
 
 
 # ---- weight layouts -------------------------------------------------------------------------------------------
@@ -141,80 +120,3 @@ def sparse_in(x: torch.Tensor, threshold: float, weight) -> torch.Tensor:
     if isinstance(weight, TransposedQ4):
         return ext.q4t_sparse_in(x, float(threshold), weight.q, weight.d, weight.m, weight.k, weight.n)
     return ext.f32t_sparse_in(x, float(threshold), weight.wt)
-
-
-# ---- numba twins: the same algorithms, kept to measure numba against C++ (see the module docstring) -------------
-
-def numba_kernels():
-    """(f32t, q4t) numba functions over numpy arrays — f32t(x, thr, wt), q4t(x, thr, q, d_f32, m_f32) — or None
-    where numba is missing."""
-    try:
-        import numba
-    except ImportError:
-        return None
-    return _numba_kernels(numba)
-
-
-@lru_cache(maxsize=1)
-def _numba_kernels(numba):
-    @numba.njit(cache=True)
-    def select(x, thr):
-        T, K = x.shape
-        idx = np.empty(K, np.int64)
-        xs = np.zeros((K, T), np.float32)
-        a = 0
-        for k in range(K):
-            keep = False
-            for t in range(T):
-                keep |= abs(x[t, k]) > thr
-            if keep:
-                idx[a] = k
-                for t in range(T):
-                    v = x[t, k]
-                    xs[a, t] = v if abs(v) > thr else 0.0
-                a += 1
-        return idx[:a], xs[:a]
-
-    @numba.njit(parallel=True, cache=True)
-    def f32t(x, thr, wt):
-        idx, xs = select(x, thr)
-        T, N = x.shape[0], wt.shape[1]
-        y = np.zeros((T, N), np.float32)
-        for tile in numba.prange((N + 63) // 64):
-            n0, n1 = tile * 64, min(N, tile * 64 + 64)
-            for t in range(T):
-                for a in range(idx.shape[0]):
-                    xv, row = xs[a, t], idx[a]
-                    for j in range(n0, n1):
-                        y[t, j] += xv * wt[row, j]
-        return y
-
-    @numba.njit(parallel=True, cache=True)
-    def q4t(x, thr, q, d, m):
-        idx, xs = select(x, thr)
-        T, N = x.shape[0], q.shape[1] * 2
-        y = np.zeros((T, N), np.float32)
-        for tile in numba.prange(N // 64):
-            acc = np.empty(64, np.float32)
-            for t in range(T):
-                a = 0
-                while a < idx.shape[0]:
-                    b = idx[a] // 32
-                    acc[:] = 0.0
-                    sx = np.float32(0.0)
-                    while a < idx.shape[0] and idx[a] // 32 == b:
-                        xv = xs[a, t]
-                        base = tile * 32
-                        for g in range(2):
-                            for j in range(16):
-                                c = q[idx[a], base + g * 16 + j]
-                                acc[g * 32 + j] += np.float32(c & 15) * xv
-                                acc[g * 32 + j + 16] += np.float32(c >> 4) * xv
-                        sx += xv
-                        a += 1
-                    for j in range(64):
-                        n = tile * 64 + j
-                        y[t, n] += d[b, n] * acc[j] + m[b, n] * sx
-        return y
-
-    return f32t, q4t

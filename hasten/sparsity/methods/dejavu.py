@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..calibrate import SEQ_LEN, ActivationStats
+from ..calibrate import SEQ_LEN, ActivationStats, forward_over
 from ..kernels import cpu as sparse_cpu
 from ..modules import SparseLinear, _kernel_ok
 from ...models.quantized import BlockQuantLinear
@@ -165,13 +165,7 @@ def _training_data(model, chunks, sparsity: float, heads: float):
         hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(
             lambda m, a, i=i: hs[i].append(_top_mask(
                 a[0].reshape(-1, config.num_heads, config.head_dim).norm(dim=-1), keep_h))))
-    try:
-        with torch.inference_mode():
-            for ids in chunks:
-                model(torch.tensor([ids]), last_only=True)
-    finally:
-        for h in hooks:
-            h.remove()
+    forward_over(model, chunks, hooks)
     return [(torch.cat(xs[i]), torch.cat(ns[i]), torch.cat(hs[i])) for i in range(len(model.layers))]
 
 

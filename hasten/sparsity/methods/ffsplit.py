@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..calibrate import SEQ_LEN, ActivationStats
+from ..calibrate import SEQ_LEN, ActivationStats, forward_over
 from ..modules import SparseLinear, _kernel_ok
 from ..kernels import cpu as sparse_cpu
 from ...models.quantized import BlockQuantLinear
@@ -78,13 +78,7 @@ class FFSplit:
             light[self.heavy[i]] = False
             hooks.append(layer.mlp.gate_proj.register_forward_hook(
                 lambda m, a, out, i=i, light=light: gates[i].append(F.silu(out)[..., light].abs().flatten())))
-        try:
-            with torch.inference_mode():
-                for ids in chunks:
-                    model(torch.tensor([ids]), last_only=True)
-        finally:
-            for h in hooks:
-                h.remove()
+        forward_over(model, chunks, hooks)
         self.thresholds = []
         for parts in gates:
             values = torch.cat(parts)

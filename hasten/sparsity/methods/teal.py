@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from ..calibrate import SEQ_LEN, ActivationStats
+from ..calibrate import SEQ_LEN, ActivationStats, forward_over
 from ..modules import SparseLinear
 from .base import check_sparsity
 
@@ -115,13 +115,7 @@ def _block_inputs(model, chunks) -> list[torch.Tensor]:
     inputs: list[list[torch.Tensor]] = [[] for _ in model.layers]
     hooks = [block.register_forward_pre_hook(lambda m, args, i=i: inputs[i].append(args[0].detach().clone()))
              for i, block in enumerate(model.layers)]
-    try:
-        with torch.inference_mode():
-            for ids in chunks:
-                model(torch.tensor([ids]), last_only=True)
-    finally:
-        for h in hooks:
-            h.remove()
+    forward_over(model, chunks, hooks)
     return [torch.cat(parts) for parts in inputs]
 
 
