@@ -52,6 +52,25 @@ def threads_option(fn):
                         help="torch/numba threads [default: all cores]")(fn)
 
 
+def corpus_option(fn):
+    return click.option("--corpus", type=click.Path(), default=None,
+                        help="calibration text for sparse methods (teal, cats, …): a file or a folder of "
+                             ".txt/.md/.rst [default: Debian's Python docs]")(fn)
+
+
+def check_corpus(corpus: str | None) -> None:
+    if corpus is not None:
+        from .sparsity.corpus import load as load_corpus
+        load_corpus(corpus)
+
+
+def use_corpus(engine, corpus: str | None) -> None:
+    """Sparse methods built by this engine calibrate on `corpus` (cached per corpus like the default)."""
+    if corpus is not None:
+        from .sparsity.calibrate import DEFAULT_TOKENS
+        engine.sparsity_calibration = (corpus, DEFAULT_TOKENS)
+
+
 def set_threads(threads: int | None) -> int:
     import torch
     if threads:
@@ -89,9 +108,11 @@ def main():
 @click.option("--seed", type=int, default=None, help="sampling seed (reproducible output)")
 @click.option("--stop", multiple=True, help="stop string (repeatable)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object (text + statistics) instead of streaming")
+@corpus_option
 @threads_option
 @user_errors
-def generate(prompt, model, method, chat, max_new_tokens, temperature, top_k, top_p, seed, stop, as_json, threads):
+def generate(prompt, model, method, chat, max_new_tokens, temperature, top_k, top_p, seed, stop, as_json, corpus,
+             threads):
     """Generate a continuation of PROMPT (or stdin), streaming text to stdout and statistics to stderr."""
     if prompt is None:
         if sys.stdin is None or sys.stdin.isatty():
@@ -102,7 +123,9 @@ def generate(prompt, model, method, chat, max_new_tokens, temperature, top_k, to
     methods.parse(method)  # fail on a typo before spending seconds on loading
     validate_options(max_new_tokens, temperature, top_k, top_p)
     set_threads(threads)
+    check_corpus(corpus)  # a bad path fails before seconds of loading
     engine = load(model)
+    use_corpus(engine, corpus)
     run = engine.run(prompt, max_new_tokens=max_new_tokens, method=method, temperature=temperature, top_k=top_k,
                      top_p=top_p, seed=seed, stop=list(stop), chat=chat)
     for chunk in run:
@@ -139,10 +162,11 @@ def generate(prompt, model, method, chat, max_new_tokens, temperature, top_k, to
               help="also write report.md, speedup.png and tokens.html (where tokens came from) into this directory")
 @click.option("--compare", nargs=2, type=click.Path(exists=True, dir_okay=False), default=None,
               metavar="A.json B.json", help="instead of running, print the ratio table B/A of two saved runs")
+@corpus_option
 @threads_option
 @user_errors
 def bench(model, methods, reference, questions, per_category, rounds, max_new_tokens, temperature, json_path,
-          markdown_path, report_dir, compare, threads):
+          markdown_path, report_dir, compare, corpus, threads):
     """Measure methods and peers side by side on the same weights and prompts (interleaved rounds, warm-up)."""
     from .bench import report, runner
     from .bench.context import collect
@@ -167,7 +191,9 @@ def bench(model, methods, reference, questions, per_category, rounds, max_new_to
     from .engine import load, validate_options
     validate_options(max_new_tokens, temperature, 0, 1.0)
     n_threads = set_threads(threads)
+    check_corpus(corpus)  # a bad path fails before seconds of loading
     engine = load(model)
+    use_corpus(engine, corpus)
     config = runner.BenchConfig(tuple(names), reference, rounds, max_new_tokens, temperature)
     records = runner.run(engine, qs, config)
     result = {"context": collect(engine, n_threads, questions or "hasten default suite", len(qs), max_new_tokens, rounds),
@@ -216,9 +242,10 @@ def _read_result(path: str) -> dict:
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--queue-size", type=click.IntRange(min=1), default=16, show_default=True,
               help="requests waiting or running at once; more get 503 with Retry-After")
+@corpus_option
 @threads_option
 @user_errors
-def serve(model, method, host, port, queue_size, threads):
+def serve(model, method, host, port, queue_size, corpus, threads):
     """Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models) and a chat page at /."""
     import uvicorn
 
@@ -227,7 +254,9 @@ def serve(model, method, host, port, queue_size, threads):
     from .serve.app import create_app
     registry.parse(method)
     set_threads(threads)
+    check_corpus(corpus)  # a bad path fails before seconds of loading
     engine = load(model)
+    use_corpus(engine, corpus)
     engine.drafter(method)  # build (and calibrate) the default method before taking requests
     click.echo(f"hasten: serving {engine.name} with {method} on http://{host}:{port}", err=True)
     uvicorn.run(create_app(engine, method, queue_size), host=host, port=port, log_level="warning",

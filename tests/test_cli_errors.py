@@ -85,3 +85,8 @@ def test_generate_streams_text_and_statistics():
 ])
 def test_bad_sparsity_input(args, needle):
     assert_one_line_error(*run(*args), needle)
+
+
+@pytest.mark.parametrize("command", [("generate", "hi", "--method", "teal:0.5"), ("bench", "--methods", "baseline,teal:0.5")])
+def test_a_missing_corpus_is_one_line(command):
+    assert_one_line_error(*run(*command, "--corpus", "/nonexistent/corpus"), "no such file or folder")

@@ -7,6 +7,7 @@ quality is measured against the dense model on held-out text.
 """
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -192,3 +193,25 @@ def test_ffsplit_keeps_heavy_hitters_whatever_their_gate():
         h = torch.zeros_like(gate)
         h[..., heavy] = (gate * mlp.up_proj(x))[..., heavy]
         assert torch.allclose(split(x), mlp.down_proj(h), atol=1e-5)
+
+
+@pytest.mark.integration
+def test_generate_with_a_corpus_of_ones_own(tmp_path):
+    """--corpus: calibration on the user's text file (its first three quarters), cached under its own name."""
+    from click.testing import CliRunner
+
+    from hasten.cli import main
+    from hasten.sparsity.corpus import load
+    try:
+        text = "\n\n".join(load().texts("heldout")[:3])
+    except Exception:
+        pytest.skip("no Debian Python docs to make a corpus file from")
+    path = tmp_path / "my_corpus.txt"
+    path.write_text(text)
+    result = CliRunner().invoke(main, ["generate", "The capital of France is", "-n", "8", "--method", "teal:0.3",
+                                       "--corpus", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output[result.output.index("{"):])
+    assert out["method"] == "teal:0.3" and len(out["token_ids"]) > 0
+    from hasten.models.loading import cache_dir
+    assert any("my-corpus" in p.name for p in (cache_dir() / "sparsity").iterdir())  # calibrated on that file
