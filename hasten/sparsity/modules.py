@@ -59,7 +59,7 @@ def transposed_layout(linear: nn.Module):
     return layout
 
 
-def _kernel_ok(x: torch.Tensor) -> bool:
+def cpu_kernel_applies(x: torch.Tensor) -> bool:
     rows = x.numel() // x.shape[-1]
     return (x.device.type == "cpu" and x.dtype == torch.float32 and rows <= MAX_KERNEL_ROWS
             and not (x.requires_grad and torch.is_grad_enabled()) and sparse_cpu.extension() is not None)
@@ -124,7 +124,7 @@ class GatedRowsLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         ext = sparse_cpu.extension()
-        if _kernel_ok(x) and ext is not None and self.bias is None:
+        if cpu_kernel_applies(x) and ext is not None and self.bias is None:
             x2, g2 = x.reshape(-1, x.shape[-1]).contiguous(), gate.reshape(-1, gate.shape[-1]).contiguous()
             if isinstance(self.dense, BlockQuantLinear) and self.dense.qtype == "Q4_1":
                 y = ext.q4_1_rows_gated(x2, g2, self.threshold, *self.dense.packed)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..calibrate import SEQ_LEN, ActivationStats, forward_over
-from ..modules import SparseLinear, _kernel_ok
+from ..modules import SparseLinear, cpu_kernel_applies
 from ..kernels import cpu as sparse_cpu
 from ...models.quantized import BlockQuantLinear
 from .base import check_sparsity
@@ -37,7 +37,7 @@ class SplitMLP(nn.Module):
         gate = F.silu(self.gate_proj(x))
         light_gate = gate.masked_fill(self.heavy_mask, 0.0)
         ext = sparse_cpu.extension()
-        if _kernel_ok(x) and isinstance(self.up, BlockQuantLinear) and self.up.qtype == "Q4_1":
+        if cpu_kernel_applies(x) and isinstance(self.up, BlockQuantLinear) and self.up.qtype == "Q4_1":
             x2 = x.reshape(-1, x.shape[-1]).contiguous()
             light = ext.q4_1_rows_gated(x2, light_gate.reshape(x2.shape[0], -1).contiguous(), self.threshold, *self.up.packed)
             heavy = ext.q4_1_rows(x2, self.heavy_rows, *self.up.packed)
