@@ -99,7 +99,7 @@ def main():
 @click.argument("prompt", required=False)
 @model_option
 @click.option("--method", default="baseline", show_default=True,
-              help="decoding method, e.g. baseline, prompt-lookup, prompt-lookup:k=8+recycling (see `hasten models`)")
+              help="decoding method, e.g. baseline, prompt-lookup, prompt-lookup:k=8+recycling (merge trees), 'prompt-lookup|recycling' (the first that drafts; quote the |) (see `hasten models`)")
 @click.option("--chat/--no-chat", default=False, help="wrap PROMPT in the model's chat template as a user message")
 @click.option("--max-new-tokens", "-n", type=int, default=256, show_default=True)
 @click.option("--temperature", "-t", type=float, default=0.0, show_default=True, help="0 = greedy")
@@ -145,7 +145,7 @@ def generate(prompt, model, method, chat, max_new_tokens, temperature, top_k, to
 @main.command()
 @model_option
 @click.option("--methods", default="baseline,hf,hf-pld", show_default=True,
-              help="comma-separated: hasten methods (compositions with '+') and peers hf, hf-pld")
+              help="comma-separated: hasten methods (compositions: a+b merges trees, 'a|b' falls back to b) and peers hf, hf-pld")
 @click.option("--reference", default="baseline", show_default=True, help="speedups are relative to this method")
 @click.option("--questions", type=click.Path(dir_okay=False), default=None,
               help="Spec-Bench-format JSONL (question_id, category, turns) [default: hasten's suite]")

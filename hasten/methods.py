@@ -1,11 +1,13 @@
 """The one registry of method names → a configured drafter (and, for lossy methods, a sparsified model).
 
-Syntax: `name`, `name:value` (the factory's first parameter) or `name:key=value,key=value`; `a+b` composes
-drafters into one tree. Adding a method = one file implementing a protocol + one `register` line.
+Syntax: `name`, `name:value` (the factory's first parameter) or `name:key=value,key=value`; `a+b` merges
+drafters' proposals into one tree; `a|b` takes a's proposal when it has one, else b's (`+` binds tighter).
+Adding a method = one file implementing a protocol + one `register` line.
 """
 from __future__ import annotations
 
 import inspect
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -37,10 +39,11 @@ def available() -> dict[str, str]:
 
 
 def parse(text: str) -> list[MethodSpec]:
-    """'prompt-lookup:k=8+recycling' → one spec per composed drafter. Raises UnknownMethodError."""
+    """'prompt-lookup:k=8+recycling' → one spec per composed drafter ('a|b' too: a's, then b's). Raises
+    UnknownMethodError."""
     _load_builtin()
     specs = []
-    for part in text.split("+"):
+    for part in re.split(r"[+|]", text):
         name, _, arg = part.strip().partition(":")
         if name not in _REGISTRY:
             raise UnknownMethodError(f"unknown method {name!r}; choose from {', '.join(sorted(_REGISTRY))} "
@@ -59,7 +62,11 @@ def parse(text: str) -> list[MethodSpec]:
             params[key] = _number(value)
         specs.append(MethodSpec(name, params, lossless))
     if len(specs) > 1 and any(s.name == "baseline" for s in specs):
-        raise UnknownMethodError("baseline proposes nothing and cannot be composed; drop it from the '+' list")
+        raise UnknownMethodError("baseline proposes nothing and cannot be composed; drop it from the '+'/'|' list")
+    if len(specs) > 1 and not all(s.lossless for s in specs):
+        lossy = next(s.name for s in specs if not s.lossless)
+        raise UnknownMethodError(f"{lossy} changes the model and cannot be composed with drafters; run it alone "
+                                 "(or use its lossless self-speculative form, sparse-draft)")
     return specs
 
 
@@ -71,7 +78,7 @@ def split_list(text: str) -> list[str]:
     for item in (i.strip() for i in text.split(",")):
         if not item:
             continue
-        if out and "=" in item and ":" not in item.split("=", 1)[0] and ":" in out[-1].split("+")[-1]:
+        if out and "=" in item and ":" not in item.split("=", 1)[0] and ":" in re.split(r"[+|]", out[-1])[-1]:
             out[-1] += "," + item
         else:
             out.append(item)
@@ -79,12 +86,13 @@ def split_list(text: str) -> list[str]:
 
 
 def build(text: str, engine) -> Drafter:
-    specs = parse(text)
-    drafters = [_REGISTRY[s.name][0](engine, **s.params) for s in specs]
-    if len(drafters) == 1:
-        return drafters[0]
-    from .decoding.drafters.compose import Composition
-    return Composition(drafters)
+    from .decoding.drafters.compose import Composition, Fallback
+    parse(text)  # the whole text is checked before anything is built
+    alternatives = []
+    for alternative in text.split("|"):
+        drafters = [_REGISTRY[s.name][0](engine, **s.params) for s in parse(alternative)]
+        alternatives.append(drafters[0] if len(drafters) == 1 else Composition(drafters))
+    return alternatives[0] if len(alternatives) == 1 else Fallback(alternatives)
 
 
 def machine_key() -> str:

@@ -1,6 +1,7 @@
 """`hasten tune`: find the fastest lossless method for this model on this machine, by wall clock on a sample.
 
-For each configuration in the search space (drafters × their parameters × compositions), every sample prompt
+For each configuration in the search space (drafters × their parameters × compositions `a+b` and fallbacks
+`a|b`), every sample prompt
 runs `baseline` then the configuration, back to back (so both see the same state of the machine); a
 configuration counts only if every output is identical to baseline's. The ranking (speedup = Σ baseline
 seconds / Σ configuration seconds over equal tokens) is saved as a profile that `--method auto` uses.
@@ -23,6 +24,8 @@ SEARCH_SPACE = (
     "sparse-draft:0.5", "sparse-draft:0.65", "sparse-draft:0.5,method=cats",
     "prompt-lookup+recycling", "prompt-lookup:k=5+recycling:nodes=6", "prompt-lookup+jacobi",
     "prompt-lookup+sparse-draft:0.5",
+    "prompt-lookup|recycling", "prompt-lookup|recycling:nodes=6", "prompt-lookup:k=5|recycling:nodes=12",
+    "prompt-lookup:n=4,k=8|recycling", "prompt-lookup|jacobi", "prompt-lookup|layer-skip",
 )
 
 

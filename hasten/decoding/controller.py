@@ -62,13 +62,26 @@ def measure_step_cost(model, context: int = 256, sizes=SIZES, repeats: int = 5) 
     return {s: statistics.median(v) for s, v in times.items()}
 
 
+def forward_code_hash() -> str:
+    """A hash of the code a target forward runs (model modules and kernels): a step-cost table measured before
+    a kernel changed would misprice drafts, so the cache is keyed by it."""
+    import hashlib
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted([*root.glob("models/*.py"), *root.glob("kernels/*.cpp"), *root.glob("kernels/*.py")]):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:10]
+
+
 def step_cost(engine) -> StepCost:
     """The engine's measured step cost, from the cache or measured now (a few seconds, once per machine)."""
     cached = getattr(engine, "_step_cost", None)
     if cached is not None:
         return cached
     from ..models.loading import cache_dir
-    path = cache_dir() / "step_cost" / f"{engine.model_hash}-{torch.get_num_threads()}threads.json"
+    name = f"{engine.model_hash}-{forward_code_hash()}-{torch.get_num_threads()}threads.json"
+    path = cache_dir() / "step_cost" / name
     try:
         table = {int(k): v for k, v in json.loads(path.read_text()).items()}
     except (OSError, ValueError):

@@ -63,3 +63,15 @@ def flatten(root: int, draft: Draft, cached: int, device="cpu"):
 
 def path_tokens(draft: Draft, path: list[int]) -> list[int]:
     return [draft.tokens[i - 1] for i in path]
+
+
+def find_path(draft: Draft, tokens: list[int]) -> list[int]:
+    """Draft node indices (0-based) spelling the longest prefix of `tokens` as a path down from the root: where
+    a drafter's own proposal sits inside a merged or truncated tree (empty if it is not there)."""
+    nodes, parent = [], -1
+    for t in tokens:
+        parent = next((i for i, (tok, p) in enumerate(zip(draft.tokens, draft.parents)) if p == parent and tok == t), None)
+        if parent is None:
+            break
+        nodes.append(parent)
+    return nodes

@@ -3,7 +3,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from hasten.decoding.drafters.base import NoDraft
-from hasten.decoding.drafters.compose import Composition
+from hasten.decoding.drafters.compose import Composition, Fallback
 from hasten.decoding.drafters.jacobi import Jacobi
 from hasten.decoding.drafters.prompt_lookup import PromptLookup
 from hasten.decoding.drafters.recycling import TokenRecycling
@@ -36,6 +36,12 @@ DRAFTERS = {
     "recycling": lambda k: TokenRecycling(VOCAB, top_k=3, max_nodes=k, depth=4, adaptive=False),
     "prompt-lookup+recycling": lambda k: Composition([PromptLookup(3, k, adaptive=False),
                                                       TokenRecycling(VOCAB, 3, k, 4, adaptive=False)]),
+    "prompt-lookup+jacobi": lambda k: Composition([PromptLookup(2, k, adaptive=False),
+                                                   Jacobi(block=k, blocks=1, adaptive=False)]),
+    "prompt-lookup|recycling": lambda k: Fallback([PromptLookup(3, k, adaptive=False),
+                                                   TokenRecycling(VOCAB, 3, k, 4, adaptive=False)]),
+    "prompt-lookup|jacobi+recycling": lambda k: Fallback([
+        PromptLookup(2, k), Composition([Jacobi(block=k, blocks=1), TokenRecycling(VOCAB, 3, k, 4)])]),
 }
 
 
@@ -89,8 +95,50 @@ def test_composition_merges_shared_prefixes():
     assert draft.sources == ["a", "a", "a", "b", "b"]
 
 
+def test_fallback_scores_the_first_proposal_and_teaches_every_drafter():
+    from hasten.decoding.drafters.base import DecodeState
+    from hasten.decoding.tree import Draft
+
+    class Recorder:
+        def __init__(self, name, tokens):
+            self.name, self.tokens, self.log = name, tokens, []
+
+        def begin(self, state):
+            pass
+
+        def propose(self, state):
+            self.log.append("propose")
+            return Draft.chain(self.tokens)
+
+        def observe(self, draft, logits):
+            self.log.append("observe")
+
+        def commit(self, accepted, logits):
+            self.log.append("commit")
+
+    state = DecodeState([1], 1, SamplingConfig(), None, budget=10)
+    empty, first, second = Recorder("e", []), Recorder("a", [5, 6]), Recorder("b", [7])
+    fallback = Fallback([empty, first, second])
+    assert fallback.name == "e|a|b"
+    draft = fallback.propose(state)
+    assert draft.tokens == [5, 6] and draft.sources == ["a", "a"]
+    assert second.log == []  # never asked: its proposal would not be scored
+    fallback.observe(draft, None)
+    fallback.commit([5], None)
+    assert empty.log == first.log == ["propose", "observe", "commit"] and second.log == ["observe", "commit"]
+
+
+def test_find_path_locates_a_chain_inside_a_merged_tree():
+    from hasten.decoding.tree import Draft, find_path
+    tree = Draft([5, 6, 7, 8, 9], [-1, 0, 1, 1, -1])
+    assert find_path(tree, [5, 6, 8]) == [0, 1, 3]
+    assert find_path(tree, [5, 6, 4]) == [0, 1]  # the prefix that was scored
+    assert find_path(tree, [9]) == [4] and find_path(tree, [6]) == []
+
+
 @pytest.mark.integration
-@pytest.mark.parametrize("method", ["prompt-lookup", "recycling", "jacobi", "prompt-lookup+recycling"])
+@pytest.mark.parametrize("method", ["prompt-lookup", "recycling", "jacobi", "prompt-lookup+recycling",
+                                    "prompt-lookup|recycling"])
 def test_default_model_outputs_identical_to_baseline(default_engine, method):
     from hasten.bench.suite import load_questions
     for q in load_questions(per_category=1)[1:4]:  # summarization, translation, qa

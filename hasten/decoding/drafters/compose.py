@@ -1,4 +1,5 @@
-"""`a+b`: several drafters' proposals merged into one token tree (a trie: shared prefixes are scored once)."""
+"""Combining drafters: `a+b` merges their proposals into one token tree (a trie: shared prefixes are scored once);
+`a|b` (Fallback) scores a's proposal when it has one and b's otherwise."""
 from __future__ import annotations
 
 from ..tree import Draft
@@ -33,6 +34,37 @@ class Composition:
                     sources.append(srcs[i])
                 where.append(node)
         return Draft(tokens, parents, None, sources)
+
+    def observe(self, draft, tree_logits):
+        for d in self.drafters:
+            if hasattr(d, "observe"):
+                d.observe(draft, tree_logits)
+
+    def commit(self, accepted, target_logits):
+        for d in self.drafters:
+            d.commit(accepted, target_logits)
+
+
+class Fallback:
+    """`a|b`: a's proposal when it has one, else b's. Unlike `a+b`, the tree is never the union, so a step
+    costs what one drafter's proposal costs; every drafter still learns from every step (commit/observe)."""
+
+    def __init__(self, drafters):
+        self.drafters = list(drafters)
+        self.name = "|".join(d.name for d in self.drafters)
+
+    def begin(self, state):
+        for d in self.drafters:
+            d.begin(state)
+
+    def propose(self, state):
+        for d in self.drafters:
+            draft = d.propose(state)
+            if len(draft):
+                if draft.sources is None:
+                    draft.sources = [d.name] * len(draft)
+                return draft
+        return draft
 
     def observe(self, draft, tree_logits):
         for d in self.drafters:

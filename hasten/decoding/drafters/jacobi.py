@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import OrderedDict, defaultdict
 
 from ..controller import DraftSizeController, StepCost
-from ..tree import Draft
+from ..tree import Draft, find_path
 
 
 class Jacobi:
@@ -76,7 +76,11 @@ class Jacobi:
         return Draft(tokens, parents, None, [self.name] * len(tokens))
 
     def observe(self, draft, tree_logits):
-        choice = tree_logits.argmax(-1).tolist()  # [1+n]: row 0 is the root
+        # The chain's own nodes: inside a merged tree (`a+b`) they need not come first, and when another drafter's
+        # proposal was scored instead (`a|b`) or the tree was cut, only a prefix or none of them was scored.
+        path = find_path(draft, self.chain)
+        self.chain = self.chain[:len(path)]
+        choice = tree_logits[[0] + [i + 1 for i in path]].argmax(-1).tolist()  # row 0 is the root
         lineage = self.lineage + [()] * (len(self.chain) + 1 - len(self.lineage))
         # One Jacobi iteration: the target's token after the root and after each chain token.
         self.next_iterate = [choice[0]] + [choice[i + 1] for i in range(len(self.chain))]
@@ -102,4 +106,4 @@ class Jacobi:
                 self._remember(tuple(rejected[: self.ngram]))  # rejection recycling
         else:
             self.guess, self.lineage = [], []
-        self.next_iterate = []
+        self.next_iterate, self.chain = [], []  # a chain belongs to one step: never observed twice
