@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
+from ..decoding.drafters.compose import forget_all
 from .peers import PEERS, HFPeer
 from .suite import Question
 
@@ -47,6 +48,9 @@ def run(engine, questions: list[Question], config: BenchConfig, progress: bool =
     bar = tqdm(total=config.rounds * len(questions) * len(methods), desc="bench", unit="run",
                disable=not progress, leave=False)
     for rnd in range(config.rounds):
+        # Every round starts from the same drafter state: drafters that learn across prompts (Token Recycling,
+        # Jacobi) learn from the prompts before this one in the round, never from this prompt's previous round.
+        forget_all(engine.drafter(m) for m in methods if m not in peers)
         for q in questions:
             for method in methods:
                 rec = once(method, prompts[q.question_id])

@@ -15,6 +15,7 @@ import time
 from tqdm import tqdm
 
 from .. import methods
+from ..decoding.drafters.compose import forget_all
 from .context import cpu_model
 
 SEARCH_SPACE = (
@@ -44,6 +45,7 @@ def tune(engine, questions, budget_s: float = 600.0, max_new_tokens: int = 64, s
             continue
         base_s = cand_s = 0.0
         identical = True
+        forget_all([engine.drafter(config)])  # learned state comes from this sample only, as in `hasten bench`
         for p, ref in zip(prompts, expected):
             base = engine.generate(p, max_new_tokens=max_new_tokens)
             cand = engine.generate(p, max_new_tokens=max_new_tokens, method=config)

@@ -69,3 +69,19 @@ def test_bench_end_to_end(tmp_path):
     assert len(data["records"]) == 6
     compared = CliRunner().invoke(main, ["bench", "--compare", str(out), str(out)])
     assert compared.exit_code == 0 and "1.00x" in compared.output
+
+
+@pytest.mark.integration
+def test_rounds_start_from_the_same_drafter_state(default_engine):
+    """Token Recycling and Jacobi learn across prompts; a later round must not draft from the same prompt's
+    earlier run (that would inflate every round after the first), so each round repeats the first exactly."""
+    from hasten.bench import runner
+    from hasten.bench.suite import load_questions
+    questions = load_questions(per_category=1)[:2]
+    config = runner.BenchConfig(("baseline", "recycling", "prompt-lookup|jacobi"), rounds=2, max_new_tokens=24)
+    records = runner.run(default_engine, questions, config, progress=False)
+    passes = {}
+    for r in records:
+        passes.setdefault((r["method"], r["question_id"]), []).append(r["target_passes"])
+    assert all(a == b for a, b in passes.values()), passes
+    assert passes[("recycling", questions[1].question_id)][0] < 24  # it did learn within the round

@@ -41,6 +41,8 @@ class Drafter(Protocol):
     # "drafter" proposes nothing: sparsity/methods/base.py::SparseDecoding).
     # Optional: `observe(draft, tree_logits)` is called before commit with the logits of every scored node
     # [1+n, V] (root first), for drafters that learn from rejected nodes too (Jacobi iteration).
+    # Optional: `forget()` drops what was learned from earlier generations (Token Recycling's table, Jacobi's
+    # pool); benchmarks call it at the start of each round so that no run drafts from its own prompt's last run.
 
 
 class NoDraft:

@@ -35,6 +35,9 @@ class Composition:
                 where.append(node)
         return Draft(tokens, parents, None, sources)
 
+    def forget(self):
+        forget_all(self.drafters)
+
     def observe(self, draft, tree_logits):
         for d in self.drafters:
             if hasattr(d, "observe"):
@@ -66,6 +69,9 @@ class Fallback:
                 return draft
         return draft
 
+    def forget(self):
+        forget_all(self.drafters)
+
     def observe(self, draft, tree_logits):
         for d in self.drafters:
             if hasattr(d, "observe"):
@@ -74,3 +80,9 @@ class Fallback:
     def commit(self, accepted, target_logits):
         for d in self.drafters:
             d.commit(accepted, target_logits)
+
+
+def forget_all(drafters) -> None:
+    for d in drafters:
+        if hasattr(d, "forget"):
+            d.forget()

@@ -28,6 +28,10 @@ class Jacobi:
         self.adaptive = adaptive
         self.pool: dict[int, OrderedDict] = defaultdict(OrderedDict)  # first token → n-gram tails, newest last
 
+    def forget(self):
+        self.pool.clear()
+        self.controller = DraftSizeController(self.controller.cost, self.window, prior=0.3)
+
     def begin(self, state):
         self.guess: list[int] = []  # the Jacobi iterate for the positions after the root
         self.lineage: list[tuple] = []  # per guessed token: the trajectory tokens that led to it

@@ -29,6 +29,10 @@ class TokenRecycling:
         self.adaptive = adaptive
         self.controller = DraftSizeController(self.cost, max_nodes)
 
+    def forget(self):
+        self.table.fill_(-1)
+        self.controller = DraftSizeController(self.cost, self.max_nodes)
+
     def begin(self, state):
         self.last = state.tokens[-1] if state.tokens else None
         self.last_proposed = 0
