@@ -21,60 +21,82 @@ namespace {
 constexpr int64_t QK = 32;
 
 #ifdef __AVX512F__
-// TN tokens of one row: 2*TN accumulators live in registers (TN is a compile-time constant).
-template <int TN, typename Dequant>
-inline void row_tokens(const float* xb0, float* y, int64_t K, int64_t N, int64_t NB, int64_t i, Dequant& dequant) {
-  __m512 lo_acc[TN], hi_acc[TN];
-  for (int k = 0; k < TN; ++k) lo_acc[k] = hi_acc[k] = _mm512_setzero_ps();
+// R rows x TN tokens: 2*R*TN accumulators live in registers (R, TN compile-time constants). Several rows at once
+// give the core independent FMA chains to overlap (one row's two chains leave it waiting on FMA latency); each
+// (row, token) result still comes from the same instruction sequence, so interleaving changes no bit.
+template <int R, int TN, typename Dequant>
+inline void rows_tokens(const float* xb0, float* y, int64_t K, int64_t N, int64_t NB, int64_t i, Dequant& dequant) {
+  __m512 lo_acc[R][TN], hi_acc[R][TN];
+  for (int r = 0; r < R; ++r)
+    for (int k = 0; k < TN; ++k) lo_acc[r][k] = hi_acc[r][k] = _mm512_setzero_ps();
   for (int64_t b = 0; b < NB; ++b) {
-    __m512 w_lo, w_hi;  // weights 0..15 and 16..31 of block b of row i
-    dequant(i, b, w_lo, w_hi);
     const float* xb = xb0 + b * QK;
-    for (int k = 0; k < TN; ++k) {
-      lo_acc[k] = _mm512_fmadd_ps(w_lo, _mm512_loadu_ps(xb + k * K), lo_acc[k]);
-      hi_acc[k] = _mm512_fmadd_ps(w_hi, _mm512_loadu_ps(xb + k * K + 16), hi_acc[k]);
+    for (int r = 0; r < R; ++r) {
+      __m512 w_lo, w_hi;  // weights 0..15 and 16..31 of block b of row i + r
+      dequant(i + r, b, w_lo, w_hi);
+      for (int k = 0; k < TN; ++k) {
+        lo_acc[r][k] = _mm512_fmadd_ps(w_lo, _mm512_loadu_ps(xb + k * K), lo_acc[r][k]);
+        hi_acc[r][k] = _mm512_fmadd_ps(w_hi, _mm512_loadu_ps(xb + k * K + 16), hi_acc[r][k]);
+      }
     }
   }
-  for (int k = 0; k < TN; ++k) y[k * N + i] = _mm512_reduce_add_ps(_mm512_add_ps(lo_acc[k], hi_acc[k]));
+  for (int r = 0; r < R; ++r)
+    for (int k = 0; k < TN; ++k) y[k * N + i + r] = _mm512_reduce_add_ps(_mm512_add_ps(lo_acc[r][k], hi_acc[r][k]));
+}
+
+// All T tokens of rows [i, i + R): the same per-token instruction sequence in every specialisation, so results
+// do not depend on T. Rows x tokens per pass are chosen to keep at most 16 accumulators.
+template <int R, typename Dequant>
+inline void rows_all_tokens(const float* X, float* Y, int64_t T, int64_t K, int64_t N, int64_t NB, int64_t i, Dequant& dequant) {
+  constexpr int R4 = R < 2 ? R : 2;
+  int64_t t = 0;
+  for (; t + 8 <= T; t += 8)
+    for (int r = 0; r < R; ++r) rows_tokens<1, 8>(X + t * K, Y + t * N, K, N, NB, i + r, dequant);
+  for (; t + 4 <= T; t += 4)
+    for (int r = 0; r < R; r += R4) rows_tokens<R4, 4>(X + t * K, Y + t * N, K, N, NB, i + r, dequant);
+  for (; t + 2 <= T; t += 2) rows_tokens<R, 2>(X + t * K, Y + t * N, K, N, NB, i, dequant);
+  for (; t < T; ++t) rows_tokens<R, 1>(X + t * K, Y + t * N, K, N, NB, i, dequant);
 }
 
 template <typename Dequant>
 void run_rows(const float* X, float* Y, int64_t T, int64_t K, int64_t N, int64_t NB, Dequant dequant) {
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      int64_t t = 0;
-      // Same per-token instruction sequence in every specialisation: results do not depend on T.
-      for (; t + 8 <= T; t += 8) row_tokens<8>(X + t * K, Y + t * N, K, N, NB, i, dequant);
-      for (; t + 4 <= T; t += 4) row_tokens<4>(X + t * K, Y + t * N, K, N, NB, i, dequant);
-      for (; t + 2 <= T; t += 2) row_tokens<2>(X + t * K, Y + t * N, K, N, NB, i, dequant);
-      for (; t < T; ++t) row_tokens<1>(X + t * K, Y + t * N, K, N, NB, i, dequant);
-    }
+    int64_t i = begin;
+    for (; i + 4 <= end; i += 4) rows_all_tokens<4>(X, Y, T, K, N, NB, i, dequant);
+    for (; i < end; ++i) rows_all_tokens<1>(X, Y, T, K, N, NB, i, dequant);
   });
 }
 #endif
 
-void check(const torch::Tensor& x, const torch::Tensor& d, int64_t block_bytes, const torch::Tensor& qs) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x must be contiguous f32 [T, K]");
-  TORCH_CHECK(x.size(1) == d.size(1) * QK, "x has ", x.size(1), " features, weights ", d.size(1) * QK);
+// x [..., K] (any leading shape, read as T = numel / K rows) → y [..., N], allocated here.
+torch::Tensor check_and_alloc(const torch::Tensor& x, const torch::Tensor& d, int64_t block_bytes, const torch::Tensor& qs) {
+  TORCH_CHECK(x.dim() >= 1 && x.is_cpu() && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
+              "x must be a contiguous f32 CPU tensor [..., K]");
+  TORCH_CHECK(x.size(-1) == d.size(1) * QK, "x has ", x.size(-1), " features, weights ", d.size(1) * QK);
   TORCH_CHECK(qs.size(0) == d.size(0) && qs.size(1) == d.size(1) && qs.size(2) == block_bytes, "bad block layout");
+  auto shape = x.sizes().vec();
+  shape.back() = d.size(0);
+  return torch::empty(shape, x.options());
 }
 }  // namespace
 
-// x [T, K] f32; d, m [N, K/32] f32; qs [N, K/32, 16] u8 (low nibble = weight j, high nibble = weight j+16)
+// x [..., K] f32; d, m [N, K/32] f32; qs [N, K/32, 16] u8 (low nibble = weight j, high nibble = weight j+16)
 torch::Tensor q4_1_matmul(torch::Tensor x, torch::Tensor d, torch::Tensor m, torch::Tensor qs) {
-  check(x, d, 16, qs);
-  const int64_t T = x.size(0), K = x.size(1), N = d.size(0), NB = d.size(1);
-  auto y = torch::empty({T, N}, x.options());
+  auto y = check_and_alloc(x, d, 16, qs);
+  const int64_t K = x.size(-1), T = x.numel() / K, N = d.size(0), NB = d.size(1);
   const float *D = d.data_ptr<float>(), *M = m.data_ptr<float>();
   const uint8_t* Q = qs.data_ptr<uint8_t>();
 #ifdef __AVX512F__
-  const __m512i low4 = _mm512_set1_epi32(15);
+  // A block has only 16 distinct weights, d*j + m for j = 0..15: build them once (one register) and look each
+  // weight up with vpermps, which reads only the low 4 bits of each index, so the byte itself indexes the low
+  // nibble and byte >> 4 the high one. 6 vector ops per block instead of 11, same values bit for bit.
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   run_rows(x.data_ptr<float>(), y.data_ptr<float>(), T, K, N, NB, [&](int64_t i, int64_t b, __m512& lo, __m512& hi) {
     const int64_t o = i * NB + b;
     const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(Q + o * 16)));
-    const __m512 dv = _mm512_set1_ps(D[o]), mv = _mm512_set1_ps(M[o]);
-    lo = _mm512_add_ps(_mm512_mul_ps(dv, _mm512_cvtepi32_ps(_mm512_and_si512(q, low4))), mv);
-    hi = _mm512_add_ps(_mm512_mul_ps(dv, _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4))), mv);
+    const __m512 table = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(D[o]), iota), _mm512_set1_ps(M[o]));
+    lo = _mm512_permutexvar_ps(q, table);
+    hi = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), table);
   });
 #else
   const float* X = x.data_ptr<float>();
@@ -102,11 +124,10 @@ torch::Tensor q4_1_matmul(torch::Tensor x, torch::Tensor d, torch::Tensor m, tor
   return y;
 }
 
-// x [T, K] f32; d [N, K/32] f32; qs [N, K/32, 32] i8
+// x [..., K] f32; d [N, K/32] f32; qs [N, K/32, 32] i8
 torch::Tensor q8_0_matmul(torch::Tensor x, torch::Tensor d, torch::Tensor qs) {
-  check(x, d, 32, qs);
-  const int64_t T = x.size(0), K = x.size(1), N = d.size(0), NB = d.size(1);
-  auto y = torch::empty({T, N}, x.options());
+  auto y = check_and_alloc(x, d, 32, qs);
+  const int64_t K = x.size(-1), T = x.numel() / K, N = d.size(0), NB = d.size(1);
   const float* D = d.data_ptr<float>();
   const int8_t* Q = qs.data_ptr<int8_t>();
 #ifdef __AVX512F__

@@ -40,13 +40,15 @@ class BlockQuantLinear(nn.Module):
         self.packed = packed
         ext = cpu_kernels.extension()
         self._kernel = None if ext is None else (ext.q4_1_matmul if qtype == "Q4_1" else ext.q8_0_matmul)
+        self._max_kernel_numel = MAX_KERNEL_ROWS * self.in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        rows = x.numel() // shape[-1]
-        if self._kernel is None or rows > MAX_KERNEL_ROWS or x.dtype != torch.float32 or x.is_cuda:
-            return F.linear(x, self.weight.to(x.dtype))
-        return self._kernel(x.reshape(rows, shape[-1]).contiguous(), *self.packed).view(*shape[:-1], self.out_features)
+        # A decode step makes ~200 of these calls, so the kernel path is kept to a few attribute reads: the kernel
+        # takes any leading shape and checks device, dtype and layout itself.
+        kernel = self._kernel
+        if kernel is not None and x.numel() <= self._max_kernel_numel and x.dtype == torch.float32 and not x.is_cuda:
+            return kernel(x if x.is_contiguous() else x.contiguous(), *self.packed)
+        return F.linear(x, self.weight.to(x.dtype))
 
     def extra_repr(self) -> str:
         return f"{self.qtype}, in_features={self.in_features}, out_features={self.out_features}"
