@@ -22,11 +22,14 @@ class KVCache:
         self.max_len = max_len
         self.length = 0
 
+    def check_room(self, n: int) -> None:
+        if self.length + n > self.max_len:
+            raise ContextOverflowError(f"KV cache holds {self.max_len} positions; {self.length + n} needed")
+
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write k, v [B, Hkv, T, d] after the current length; return all entries up to and including them."""
         start, n = self.length, k.shape[2]
-        if start + n > self.max_len:
-            raise ContextOverflowError(f"KV cache holds {self.max_len} positions; {start + n} needed")
+        self.check_room(n)
         ck, cv = self.layers[layer]
         ck.narrow(2, start, n).copy_(k)
         cv.narrow(2, start, n).copy_(v)

@@ -193,8 +193,37 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, layer, cache, mask):
+        if cache is not None and x.shape[0] == 1 and x.shape[1] <= SMALL_ATTENTION and cos.dim() == 2:
+            fused = self._fused()
+            kernels = _cpu_kernels(x) if fused is not None else None
+            if kernels is not None:  # decode / draft verification: the whole block in one C++ call
+                start = cache.length
+                cache.check_room(x.shape[1])
+                ck, cv = cache.layers[layer]
+                attn = self.self_attn
+                return kernels.decode_block(x.contiguous(), *fused, cos, sin, ck, cv, start, mask,
+                                            attn.head_dim ** -0.5, attn.num_heads, attn.num_kv_heads)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, cache, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def _fused(self):
+        """decode_block's weight arguments when this block is the plain one (block-quantized linears, RMSNorms,
+        no q/k norm), else None. Cached, and checked by identity on every call: sparse methods swap modules
+        in clones that share this block's attributes."""
+        attn, mlp = self._modules["self_attn"], self._modules["mlp"]
+        mods = (self._modules["input_layernorm"], self._modules["post_attention_layernorm"],
+                *(attn._modules[n] for n in ("q_proj", "k_proj", "v_proj", "o_proj")),
+                *(mlp._modules[n] for n in ("gate_proj", "up_proj", "down_proj")))
+        cached = self.__dict__.get("_fused_cache")
+        if cached is not None and all(a is b for a, b in zip(cached[0], mods)):
+            return cached[1]
+        from .quantized import BlockQuantLinear
+        plain = (type(attn) is Attention and type(mlp) is MLP and attn.q_norm is None
+                 and all(type(n) is RMSNorm and n.weight.dtype == torch.float32 for n in mods[:2])
+                 and all(type(m) is BlockQuantLinear and m._kernel is not None for m in mods[2:]))
+        args = (mods[0].weight, mods[1].weight, mods[0].eps, [list(m.packed) for m in mods[2:]]) if plain else None
+        self.__dict__["_fused_cache"] = (mods, args)
+        return args
 
 
 class Transformer(nn.Module):

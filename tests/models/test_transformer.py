@@ -75,3 +75,47 @@ def test_default_model_matches_transformers(default_engine):
     with torch.inference_mode():
         expected = hf(torch.tensor([ids])).logits
     assert (default_engine.logits(ids) - expected).abs().max() < 1e-3
+
+
+@pytest.mark.integration
+def test_fused_decode_block_is_bit_identical_to_the_modules(default_engine, monkeypatch):
+    """decode_block (one C++ call per block) must give exactly the logits of the module-by-module path, for a
+    prompt, single tokens, a draft chain and a draft tree."""
+    from hasten.decoding.tree import Draft, flatten
+    from hasten.models import transformer
+
+    model = default_engine.model
+    g = torch.Generator().manual_seed(0)
+    tree = Draft([5, 6, 7, 8], [-1, 0, -1, 2])
+
+    def run():
+        cache = model.new_cache(300)
+        outs = []
+        with torch.inference_mode():
+            outs.append(model(torch.randint(0, 1000, (1, 40), generator=g), cache=cache))
+            for n in (1, 1, 6, 1):
+                outs.append(model(torch.randint(0, 1000, (1, n), generator=g), cache=cache))
+            tokens, positions, mask = flatten(9, tree, cache.length)
+            outs.append(model(tokens[None], positions, cache, mask))
+        return outs
+
+    g.manual_seed(0)
+    fused = run()
+    assert model.layers[0]._fused() is not None  # the fused path was taken
+    monkeypatch.setattr(transformer.Block, "_fused", lambda self: None)
+    g.manual_seed(0)
+    plain = run()
+    assert all(torch.equal(a, b) for a, b in zip(fused, plain))
+
+
+@pytest.mark.integration
+def test_swapped_modules_leave_the_fused_path(default_engine):
+    """A sparse clone swaps linears; its blocks must run their own modules, not the dense block's kernels."""
+    from torch import nn
+
+    from hasten.sparsity.modules import sparsify
+    model = default_engine.model
+    assert model.layers[3]._fused() is not None
+    clone = sparsify(model, {"layers.3.mlp.down_proj": nn.Identity()})
+    assert clone.layers[3]._fused() is None and clone.layers[2]._fused() is not None
+    assert model.layers[3]._fused() is not None
