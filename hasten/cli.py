@@ -282,7 +282,8 @@ def tune(model, questions, per_category, budget, max_new_tokens, threads):
     engine = load(model)
     profile = tuner.tune(engine, qs, budget, max_new_tokens)
     for r in profile["ranking"]:
-        click.echo(f"  {r['method']:36s} {r['speedup']:.2f}x  {'identical' if r['identical'] else 'DIFFERS (excluded)'}")
+        status = "identical" if r["identical"] else "DIFFERS (excluded)"
+        click.echo(f"  {r['method']:40s} {r['speedup']:.2f}x  {status}  ({r['passes']} pass{'es' * (r['passes'] > 1)})")
     if profile["skipped_for_budget"]:
         click.echo(f"  not tried within the budget: {', '.join(profile['skipped_for_budget'])}")
     click.echo(f"best: {profile['best']} → saved {tuner.save(engine, profile)} (use --method auto)")
