@@ -274,26 +274,45 @@ torch::Tensor attend_small(torch::Tensor q, torch::Tensor k, torch::Tensor v, in
   return out;
 }
 
+// sparsity/kernels/cpu.cpp, built into this extension.
+torch::Tensor q4t_sparse_in(torch::Tensor x, double thr, torch::Tensor q, torch::Tensor d, torch::Tensor m, int64_t K, int64_t N);
+void register_sparse_kernels(pybind11::module& mod);
+
 namespace {
-torch::Tensor linear_blocks(const torch::Tensor& x, const std::vector<torch::Tensor>& w) {
-  return w.size() == 3 ? q4_1_matmul(x, w[0], w[1], w[2]) : q8_0_matmul(x, w[0], w[1]);
+// One linear layer of a decoder block, as its module's `fused_spec()` describes it (models/quantized.py,
+// sparsity/modules.py): w = packed dense blocks [d, m, qs] (Q4_1) or [d, qs] (Q8_0), optionally followed by the
+// transposed Q4_1 layout [q, d, m] of TEAL's sparse-input kernel; thr < 0: dense; else inputs with |x| <= thr
+// are dropped, by the sparse kernel up to max_t tokens and by the dense kernel on the masked input above.
+// Each branch is exactly what the module's forward runs.
+torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& w, double thr, int64_t max_t) {
+  const bool q4_1 = w.size() == 3 || w.size() == 6;
+  auto dense = [&](const torch::Tensor& in) {
+    return q4_1 ? q4_1_matmul(in, w[0], w[1], w[2]) : q8_0_matmul(in, w[0], w[1]);
+  };
+  if (thr < 0) return dense(x);
+  const int64_t K = x.size(-1), T = x.numel() / K;
+  if (w.size() == 6 && T <= max_t) return q4t_sparse_in(x.view({T, K}), thr, w[3], w[4], w[5], K, w[0].size(0));
+  return dense(x * (x.abs() > thr));
 }
 }  // namespace
 
 // One Llama decoder block (pre-norm attention, SiLU-gated MLP) for a few tokens over the KV cache, in one call.
 // A decode step used to make ~25 Python-level calls per block (~4 ms of a ~19 ms step on this 2-core machine);
 // this runs the very kernels and ATen ops the Python modules run, in the same order, so every bit is the same.
-// x [1, T, D]; lin = packed blocks of q, k, v, o, gate, up, down (3 tensors: Q4_1, 2: Q8_0); cos, sin [T, d];
+// x [1, T, D]; lin, thr, max_t = q, k, v, o, gate, up, down (see `linear`); cos, sin [T, d];
 // ck, cv = this layer's cache [1, Hkv, max_len, d], written at start..start+T; mask [T, start+T] or none.
 torch::Tensor decode_block(torch::Tensor x, torch::Tensor ln1, torch::Tensor ln2, double eps,
-                           std::vector<std::vector<torch::Tensor>> lin, torch::Tensor cos, torch::Tensor sin,
-                           torch::Tensor ck, torch::Tensor cv, int64_t start, c10::optional<torch::Tensor> mask,
-                           double scale, int64_t H, int64_t Hkv) {
-  TORCH_CHECK(x.dim() == 3 && x.size(0) == 1 && x.is_contiguous() && lin.size() == 7, "decode_block: bad arguments");
+                           std::vector<std::vector<torch::Tensor>> lin, std::vector<double> thr,
+                           std::vector<int64_t> max_t, torch::Tensor cos, torch::Tensor sin, torch::Tensor ck,
+                           torch::Tensor cv, int64_t start, c10::optional<torch::Tensor> mask, double scale,
+                           int64_t H, int64_t Hkv) {
+  TORCH_CHECK(x.dim() == 3 && x.size(0) == 1 && x.is_contiguous() && lin.size() == 7 && thr.size() == 7 &&
+              max_t.size() == 7, "decode_block: bad arguments");
   TORCH_CHECK(start + x.size(1) <= ck.size(2), "decode_block: KV cache overflow");
   const int64_t T = x.size(1), D = x.size(2);
+  auto lin_ = [&](int i, const torch::Tensor& in) { return linear(in, lin[i], thr[i], max_t[i]); };
   const auto h = rms_norm(x.view({T, D}), ln1, eps);
-  auto q = linear_blocks(h, lin[0]), k = linear_blocks(h, lin[1]), v = linear_blocks(h, lin[2]);
+  auto q = lin_(0, h), k = lin_(1, h), v = lin_(2, h);
   const int64_t d = q.size(1) / H;
   q = q.view({T, H, d});
   k = k.view({T, Hkv, d});
@@ -302,10 +321,10 @@ torch::Tensor decode_block(torch::Tensor x, torch::Tensor ln1, torch::Tensor ln2
   ck.narrow(2, start, T).copy_(k.view({1, T, Hkv, d}).transpose(1, 2));
   cv.narrow(2, start, T).copy_(v.view({1, T, Hkv, d}).transpose(1, 2));
   const auto attn = attend_small(q, ck[0], cv[0], start + T, mask, scale);
-  x = x + linear_blocks(attn, lin[3]).view({1, T, D});
+  x = x + lin_(3, attn).view({1, T, D});
   const auto h2 = rms_norm(x.view({T, D}), ln2, eps);
-  const auto gated = at::silu(linear_blocks(h2, lin[4])) * linear_blocks(h2, lin[5]);
-  return x + linear_blocks(gated, lin[6]).view({1, T, D});
+  const auto gated = at::silu(lin_(4, h2)) * lin_(5, h2);
+  return x + lin_(6, gated).view({1, T, D});
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
@@ -315,4 +334,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("rms_norm", &rms_norm, "RMSNorm over the last dim of [T, D]");
   mod.def("rope_", &rope_, "rotary embedding in place on [T, H, d]");
   mod.def("attend_small", &attend_small, "attention of a few tokens over the KV cache (causal or masked)");
+  register_sparse_kernels(mod);
 }

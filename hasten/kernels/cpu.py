@@ -27,10 +27,12 @@ QK = 32  # weights per block, both formats
 def extension():
     """Compile (once per machine, cached) and import the C++ kernels; None where no compiler works (torch paths
     are used then, slower but equal up to summation order)."""
-    return build_extension("hasten_cpu", Path(__file__).with_suffix(".cpp"), "CPU kernels")
+    # The sparsity kernels are built into the same module: decode_block runs TEAL's sparse linears too.
+    sparse = Path(__file__).resolve().parents[1] / "sparsity" / "kernels" / "sparse_cpu.cpp"
+    return build_extension("hasten_cpu", [Path(__file__).with_suffix(".cpp"), sparse], "CPU kernels")
 
 
-def build_extension(name: str, source: Path, what: str):
+def build_extension(name: str, sources: list[Path], what: str):
     """A C++ extension built once per machine and torch version with torch's own builder (cached under
     hasten's cache dir), or None with a warning where it cannot be built (no compiler, no ninja)."""
     import sys
@@ -44,7 +46,7 @@ def build_extension(name: str, source: Path, what: str):
         if not any(build.glob("*.so")):
             print(f"hasten: compiling {what} once (about a minute)…", file=sys.stderr)
         native = "-march=native" if os.uname().machine in ("x86_64", "AMD64") else "-mcpu=native"
-        return load(name=name, sources=[str(source)], build_directory=str(build),
+        return load(name=name, sources=[str(s) for s in sources], build_directory=str(build),
                     extra_cflags=["-O3", native, "-ffp-contract=off", "-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no ninja, unsupported platform
         import warnings

@@ -50,5 +50,9 @@ class BlockQuantLinear(nn.Module):
             return kernel(x if x.is_contiguous() else x.contiguous(), *self.packed)
         return F.linear(x, self.weight.to(x.dtype))
 
+    def fused_spec(self):
+        """How decode_block (kernels/cpu.cpp) runs this layer: (tensors, threshold, max tokens) — dense blocks."""
+        return (list(self.packed), -1.0, 0) if self._kernel is not None else None
+
     def extra_repr(self) -> str:
         return f"{self.qtype}, in_features={self.in_features}, out_features={self.out_features}"

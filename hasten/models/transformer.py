@@ -207,21 +207,24 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def _fused(self):
-        """decode_block's weight arguments when this block is the plain one (block-quantized linears, RMSNorms,
-        no q/k norm), else None. Cached, and checked by identity on every call: sparse methods swap modules
-        in clones that share this block's attributes."""
+        """decode_block's weight arguments when every part of this block can run in it (RMSNorms, no q/k norm,
+        linears that describe themselves with `fused_spec()`: block-quantized, or TEAL's sparse-input ones), else
+        None. Cached, and checked by identity on every call: sparse methods swap modules in clones that share
+        this block's attributes."""
         attn, mlp = self._modules["self_attn"], self._modules["mlp"]
         mods = (self._modules["input_layernorm"], self._modules["post_attention_layernorm"],
-                *(attn._modules[n] for n in ("q_proj", "k_proj", "v_proj", "o_proj")),
-                *(mlp._modules[n] for n in ("gate_proj", "up_proj", "down_proj")))
+                *(attn._modules.get(n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")),
+                *(mlp._modules.get(n) for n in ("gate_proj", "up_proj", "down_proj")))
         cached = self.__dict__.get("_fused_cache")
         if cached is not None and all(a is b for a, b in zip(cached[0], mods)):
             return cached[1]
-        from .quantized import BlockQuantLinear
-        plain = (type(attn) is Attention and type(mlp) is MLP and attn.q_norm is None
-                 and all(type(n) is RMSNorm and n.weight.dtype == torch.float32 for n in mods[:2])
-                 and all(type(m) is BlockQuantLinear and m._kernel is not None for m in mods[2:]))
-        args = (mods[0].weight, mods[1].weight, mods[0].eps, [list(m.packed) for m in mods[2:]]) if plain else None
+        specs = [getattr(m, "fused_spec", lambda: None)() for m in mods[2:]]
+        plain = (type(attn) is Attention and type(mlp) is MLP and attn.q_norm is None and None not in specs
+                 and all(type(n) is RMSNorm and n.weight.dtype == torch.float32 for n in mods[:2]))
+        args = None
+        if plain:
+            args = (mods[0].weight, mods[1].weight, mods[0].eps, [s[0] for s in specs], [s[1] for s in specs],
+                    [s[2] for s in specs])
         self.__dict__["_fused_cache"] = (mods, args)
         return args
 

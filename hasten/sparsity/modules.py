@@ -109,6 +109,18 @@ class SparseLinear(nn.Module):
                 return y.view(*x.shape[:-1], self.out_features)
         return self.dense(x * (x.abs() > self.threshold))
 
+    def fused_spec(self):
+        """How decode_block (kernels/cpu.cpp) runs this layer, branch for branch as `forward` does on the CPU:
+        the dense blocks (+ the transposed layout and the token limit of the sparse kernel) and the threshold."""
+        dense = getattr(self.dense, "fused_spec", lambda: None)()
+        if dense is None or self.bias is not None:
+            return None
+        if self._kernel is None:  # below DENSE_BELOW: the dense kernel on the masked input
+            return dense[0], self.threshold, 0
+        if not isinstance(self.layout, sparse_cpu.TransposedQ4) or len(dense[0]) != 3:
+            return None
+        return dense[0] + [self.layout.q, self.layout.d, self.layout.m], self.threshold, self._max_numel // self.in_features
+
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, threshold={self.threshold:.4g}, sparsity={self.sparsity:.2f}"
 

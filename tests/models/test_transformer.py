@@ -119,3 +119,26 @@ def test_swapped_modules_leave_the_fused_path(default_engine):
     clone = sparsify(model, {"layers.3.mlp.down_proj": nn.Identity()})
     assert clone.layers[3]._fused() is None and clone.layers[2]._fused() is not None
     assert model.layers[3]._fused() is not None
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("method", ["teal:0.25", "teal:0.65"])
+def test_teal_blocks_fuse_bit_identically(default_engine, monkeypatch, method):
+    """TEAL's sparse linears describe themselves to decode_block (sparse kernel up to their token limit, dense
+    kernel on the masked input above it): the fused blocks must reproduce the module path bit for bit."""
+    from hasten.models import transformer
+
+    model = default_engine.drafter(method).target
+    assert all(block._fused() is not None for block in model.layers)
+
+    def run():
+        g = torch.Generator().manual_seed(0)
+        cache = model.new_cache(300)
+        with torch.inference_mode():
+            outs = [model(torch.randint(0, 1000, (1, 40), generator=g), cache=cache)]
+            outs += [model(torch.randint(0, 1000, (1, n), generator=g), cache=cache) for n in (1, 2, 1, 6, 1)]
+        return outs
+
+    fused = run()
+    monkeypatch.setattr(transformer.Block, "_fused", lambda self: None)
+    assert all(torch.equal(a, b) for a, b in zip(fused, run()))

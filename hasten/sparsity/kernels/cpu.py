@@ -12,7 +12,7 @@ weights of one input are one contiguous row, read whole or skipped whole.
 Row subsets (CATS, Deja Vu: neurons or heads chosen per token) read rows of W in the model's own layout: the
 repacked Q4_1 blocks of models/quantized.py, or fp32 rows.
 
-Why C++ (sparsity/kernels/cpu.cpp) and not numba: the layout needs a vectorised 4-bit decode that numba did not
+Why C++ (sparsity/kernels/sparse_cpu.cpp) and not numba: the layout needs a vectorised 4-bit decode that numba did not
 emit when measured for the dense block kernel (kernels/cpu.py: ≥ 1.4 ms for one ffn_up call vs torch's 0.15 ms),
 numba's threading layer competes with torch's pool for the two cores, and the kernel depends on explicit software
 prefetch (BENCHMARKS.md: gate/up 2.3 → 1.3 ms per step at 50%), which numba cannot express. The C++ kernels share
@@ -35,8 +35,8 @@ QK = 32  # inputs per Q4_1 block
 @lru_cache(maxsize=1)
 def extension():
     """The compiled kernels (built once per machine and torch version), or None where they cannot be built."""
-    from ...kernels.cpu import build_extension
-    return build_extension("hasten_sparse_cpu", Path(__file__).with_suffix(".cpp"), "sparse CPU kernels")
+    from ...kernels.cpu import extension as cpu_extension
+    return cpu_extension()  # one extension holds the dense and the sparse kernels (kernels/cpu.py)
 
 
 # ---- weight layouts -------------------------------------------------------------------------------------------

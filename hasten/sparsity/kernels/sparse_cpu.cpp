@@ -451,7 +451,8 @@ torch::Tensor f32_rows_gated(torch::Tensor x, torch::Tensor gate, double thr, to
   });
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+// Built into the same extension as kernels/cpu.cpp (one .so: its decode_block calls q4t_sparse_in directly).
+void register_sparse_kernels(pybind11::module& mod) {
   mod.def("f32t_sparse_in", &f32t_sparse_in, "y = x @ W^T over the active inputs, W^T fp32 [K, N]");
   mod.def("q4t_sparse_in", &q4t_sparse_in, "y = x @ W^T over the active inputs, W^T as transposed Q4_1 codes");
   mod.def("q4_1_rows", &q4_1_rows, "selected output rows of x @ W^T from Q4_1 blocks");
