@@ -91,6 +91,11 @@ def terminal(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _md_row(cells) -> str:
+    """A table row; a `|` inside a cell (the fallback method `a|b`) is escaped so the columns stay put."""
+    return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+
 def markdown(result: dict) -> str:
     summary = result["summary"]
     out = []
@@ -99,13 +104,13 @@ def markdown(result: dict) -> str:
     for group in ["overall"] + summary["groups"]:
         out += [f"**{group}** (speedup vs `{summary['reference']}`)", "", "| " + " | ".join(HEADER) + " |",
                 "|" + "|".join(["---"] * len(HEADER)) + "|"]
-        out += ["| " + " | ".join(r) + " |" for r in _rows(summary, group, *_precision(result))]
+        out += [_md_row(r) for r in _rows(summary, group, *_precision(result))]
         out.append("")
     quality = list(_quality_rows(summary))
     if quality:
         out += ["**quality of lossy methods** (vs the dense model, held-out text)", "",
                 "| " + " | ".join(QUALITY_HEADER) + " |", "|" + "|".join(["---"] * len(QUALITY_HEADER)) + "|"]
-        out += ["| " + " | ".join(r) + " |" for r in quality]
+        out += [_md_row(r) for r in quality]
         out.append("")
     return "\n".join(out)
 

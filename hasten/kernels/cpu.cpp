@@ -276,6 +276,7 @@ torch::Tensor attend_small(torch::Tensor q, torch::Tensor k, torch::Tensor v, in
 
 // sparsity/kernels/cpu.cpp, built into this extension.
 torch::Tensor q4t_sparse_in(torch::Tensor x, double thr, torch::Tensor q, torch::Tensor d, torch::Tensor m, int64_t K, int64_t N);
+torch::Tensor q4_1_rows_gated(torch::Tensor x, torch::Tensor gate, double thr, torch::Tensor d, torch::Tensor m, torch::Tensor qs);
 void register_sparse_kernels(pybind11::module& mod);
 
 namespace {
@@ -301,11 +302,12 @@ torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& w
 // this runs the very kernels and ATen ops the Python modules run, in the same order, so every bit is the same.
 // x [1, T, D]; lin, thr, max_t = q, k, v, o, gate, up, down (see `linear`); cos, sin [T, d];
 // ck, cv = this layer's cache [1, Hkv, max_len, d], written at start..start+T; mask [T, start+T] or none.
+// gated_up_thr < 0: SwiGLU, silu(gate) * up; else CATS: up's rows only where |silu(gate)| > gated_up_thr.
 torch::Tensor decode_block(torch::Tensor x, torch::Tensor ln1, torch::Tensor ln2, double eps,
                            std::vector<std::vector<torch::Tensor>> lin, std::vector<double> thr,
                            std::vector<int64_t> max_t, torch::Tensor cos, torch::Tensor sin, torch::Tensor ck,
                            torch::Tensor cv, int64_t start, c10::optional<torch::Tensor> mask, double scale,
-                           int64_t H, int64_t Hkv) {
+                           int64_t H, int64_t Hkv, double gated_up_thr) {
   TORCH_CHECK(x.dim() == 3 && x.size(0) == 1 && x.is_contiguous() && lin.size() == 7 && thr.size() == 7 &&
               max_t.size() == 7, "decode_block: bad arguments");
   TORCH_CHECK(start + x.size(1) <= ck.size(2), "decode_block: KV cache overflow");
@@ -323,7 +325,9 @@ torch::Tensor decode_block(torch::Tensor x, torch::Tensor ln1, torch::Tensor ln2
   const auto attn = attend_small(q, ck[0], cv[0], start + T, mask, scale);
   x = x + lin_(3, attn).view({1, T, D});
   const auto h2 = rms_norm(x.view({T, D}), ln2, eps);
-  const auto gated = at::silu(lin_(4, h2)) * lin_(5, h2);
+  const auto gate = at::silu(lin_(4, h2));
+  const auto gated = gated_up_thr < 0 ? gate * lin_(5, h2)
+                                      : q4_1_rows_gated(h2, gate, gated_up_thr, lin[5][0], lin[5][1], lin[5][2]);
   return x + lin_(6, gated).view({1, T, D});
 }
 

@@ -174,6 +174,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    gated_up_threshold = -1.0  # decode_block computes silu(gate) * up (sparsity/modules.py::GatedMLP differs)
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
@@ -201,8 +203,8 @@ class Block(nn.Module):
                 cache.check_room(x.shape[1])
                 ck, cv = cache.layers[layer]
                 attn = self.self_attn
-                return kernels.decode_block(x.contiguous(), *fused, cos, sin, ck, cv, start, mask,
-                                            attn.head_dim ** -0.5, attn.num_heads, attn.num_kv_heads)
+                return kernels.decode_block(x.contiguous(), *fused[:6], cos, sin, ck, cv, start, mask,
+                                            attn.head_dim ** -0.5, attn.num_heads, attn.num_kv_heads, fused[6])
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, cache, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -219,12 +221,13 @@ class Block(nn.Module):
         if cached is not None and all(a is b for a, b in zip(cached[0], mods)):
             return cached[1]
         specs = [getattr(m, "fused_spec", lambda: None)() for m in mods[2:]]
-        plain = (type(attn) is Attention and type(mlp) is MLP and attn.q_norm is None and None not in specs
+        gated_up = getattr(mlp, "gated_up_threshold", None)  # MLP: -1 (SwiGLU); CATS' GatedMLP: its threshold
+        plain = (type(attn) is Attention and gated_up is not None and attn.q_norm is None and None not in specs
                  and all(type(n) is RMSNorm and n.weight.dtype == torch.float32 for n in mods[:2]))
         args = None
         if plain:
             args = (mods[0].weight, mods[1].weight, mods[0].eps, [s[0] for s in specs], [s[1] for s in specs],
-                    [s[2] for s in specs])
+                    [s[2] for s in specs], float(gated_up))
         self.__dict__["_fused_cache"] = (mods, args)
         return args
 

@@ -146,6 +146,13 @@ class GatedRowsLinear(nn.Module):
         keep = gate.abs() > self.threshold
         return torch.where(keep, gate * self.dense(x), torch.zeros((), dtype=x.dtype, device=x.device))
 
+    def fused_spec(self):
+        """For decode_block's gated MLP (GatedMLP.gated_up_threshold): the dense Q4_1 blocks its kernel reads."""
+        d = self.dense
+        if self.bias is None and isinstance(d, BlockQuantLinear) and d.qtype == "Q4_1" and d._kernel is not None:
+            return list(d.packed), -1.0, 0
+        return None
+
 
 class GatedMLP(nn.Module):
     """SwiGLU MLP with neurons dropped where |SiLU(gate)| ≤ threshold: up_proj computes the surviving rows only,
@@ -157,6 +164,11 @@ class GatedMLP(nn.Module):
         self.up_proj = GatedRowsLinear(mlp.up_proj, threshold)
         self.down_proj = SparseLinear(mlp.down_proj, 0.0, sparsity)  # exact zeros are the dropped neurons
         self.threshold, self.sparsity = float(threshold), float(sparsity)
+
+    @property
+    def gated_up_threshold(self) -> float:
+        """decode_block computes up_proj's rows where |silu(gate)| > this, as forward does (kernels/cpu.cpp)."""
+        return self.threshold
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.up_proj(x, F.silu(self.gate_proj(x))))

@@ -43,3 +43,14 @@ def test_lossy_methods_get_a_quality_table_and_a_speed_vs_quality_plot(tmp_path)
     assert "quality of lossy methods" in md and "| teal:0.5 | 5.0 | 1.25x | 24.00 (20.00) | 70.0% | 0.3000 |" in md
     assert "lossy (0/1)" in md  # a lossy method is not counted as failing identity
     assert "quality of lossy methods" in report.terminal(res)
+
+
+def test_a_fallback_method_keeps_the_markdown_columns():
+    r = result()
+    for rec in r["records"]:
+        if rec["method"] == "prompt-lookup":
+            rec["method"] = "prompt-lookup|recycling"
+    r["summary"] = summarize(r["records"], "baseline")
+    rows = [l for l in report.markdown(r).splitlines() if l.startswith("| prompt-lookup")]
+    assert rows and all(l.replace("\\|", "").count("|") == len(report.HEADER) + 1 for l in rows)
+    assert "prompt-lookup\\|recycling" in rows[0]

@@ -122,10 +122,11 @@ def test_swapped_modules_leave_the_fused_path(default_engine):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("method", ["teal:0.25", "teal:0.65"])
-def test_teal_blocks_fuse_bit_identically(default_engine, monkeypatch, method):
+@pytest.mark.parametrize("method", ["teal:0.25", "teal:0.65", "cats:0.5"])
+def test_sparse_blocks_fuse_bit_identically(default_engine, monkeypatch, method):
     """TEAL's sparse linears describe themselves to decode_block (sparse kernel up to their token limit, dense
-    kernel on the masked input above it): the fused blocks must reproduce the module path bit for bit."""
+    kernel on the masked input above it), and so does CATS' gated MLP: the fused blocks must reproduce the module
+    path bit for bit."""
     from hasten.models import transformer
 
     model = default_engine.drafter(method).target
