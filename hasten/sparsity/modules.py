@@ -4,8 +4,8 @@
 wants W transposed, so the weights of one input are contiguous). `GatedRowsLinear` computes only the output
 rows whose gate passes (CATS's up_proj). Both fall back to the same function computed densely (masked input ×
 dense weight) where no kernel applies — prefill of many tokens, non-fp32, no compiler — and where the kernel
-would lose: below a per-shape crossover sparsity the dense block kernel on the masked input is faster (measured
-with `python -m hasten.sparsity.measure`, see `cpu_sparse_wins_from`).
+would lose: below DENSE_BELOW sparsity the dense block kernel on the masked input is faster (measured with
+`python -m hasten.sparsity.measure`).
 
 A sparse model is a clone of the dense one sharing every weight tensor (`clone`), so several sparsity levels
 and the dense target live side by side for the cost of the transposed layouts only (cached per layer).
@@ -21,20 +21,7 @@ from torch import nn
 from ..models.quantized import MAX_KERNEL_ROWS, BlockQuantLinear
 from .kernels import cpu as sparse_cpu
 
-DENSE_BELOW = 0.15  # a layer sparser than this runs the dense kernel on its masked input, on any device
-
-
-def cpu_sparse_wins_from(in_features: int, out_features: int) -> float:
-    """The sparsity from which the CPU sparse-input kernel beats the dense block kernel at one token, by shape.
-    Measured on the default model (2-core AVX-512 Xeon, 2026-11-27, BENCHMARKS.md): 576x1536 (gate, up) from
-    ~25%; 576x576 (q, o) from ~65%; 1536x576 (down) from ~70%; 576x192 (k, v) not even at 80%. The dense kernel
-    interleaves rows and streams; the sparse one gathers rows in a data-dependent order, which pays only where a
-    dropped input saves a long row (many outputs) or most inputs are dropped."""
-    if out_features >= 1024:
-        return 0.25
-    if out_features >= 512:
-        return 0.65 if in_features < 1024 else 0.7
-    return 0.85
+DENSE_BELOW = 0.15  # a layer sparser than this runs the dense kernel on its masked input
 # Several tokens at once read the union of their active inputs, which grows fast: measured on the default model
 # (python -m hasten.sparsity.measure, BENCHMARKS.md) the sparse kernel loses to the dense block kernel from 4
 # tokens on below ~75% sparsity, so those calls take the dense kernel on the masked input.
@@ -89,11 +76,10 @@ class SparseLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.bias = getattr(linear, "bias", None)
         self.use_kernel = sparsity >= DENSE_BELOW
-        cpu_kernel = sparsity >= max(DENSE_BELOW, cpu_sparse_wins_from(linear.in_features, linear.out_features))
-        self.layout = transposed_layout(linear) if cpu_kernel else None
+        self.layout = transposed_layout(linear) if self.use_kernel else None
         # The CPU kernel and its weight arguments, resolved once: a decode step makes ~200 of these calls and
         # each lookup costs microseconds.
-        ext = sparse_cpu.extension() if cpu_kernel else None
+        ext = sparse_cpu.extension() if self.use_kernel else None
         self._kernel, self._args = None, ()
         if ext is not None:
             if isinstance(self.layout, sparse_cpu.TransposedQ4):

