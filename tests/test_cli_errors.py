@@ -53,6 +53,13 @@ def test_unknown_method():
     assert_one_line_error(*run("generate", "hi", "--method", "warp-drive"), "unknown method 'warp-drive'")
 
 
+@pytest.mark.parametrize("method,needle", [("prompt-lookup|", "unknown method ''"),
+                                           ("prompt-lookup|teal:0.5", "teal changes the model and cannot be composed"),
+                                           ("recycling|baseline", "baseline proposes nothing")])
+def test_bad_fallback_method(method, needle):
+    assert_one_line_error(*run("generate", "hi", "--method", method), needle)
+
+
 def test_unknown_method_parameter():
     assert_one_line_error(*run("generate", "hi", "--method", "baseline:k=3"), "has no parameter 'k'")
 

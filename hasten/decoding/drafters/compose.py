@@ -5,14 +5,37 @@ from __future__ import annotations
 from ..tree import Draft
 
 
-class Composition:
+class _Combined:
+    """Several drafters behind one: each of them learns from every step (begin/observe/commit/forget);
+    subclasses decide what is proposed."""
+
+    joiner = ""
+
     def __init__(self, drafters):
         self.drafters = list(drafters)
-        self.name = "+".join(d.name for d in self.drafters)
+        self.name = self.joiner.join(d.name for d in self.drafters)
 
     def begin(self, state):
         for d in self.drafters:
             d.begin(state)
+
+    def forget(self):
+        forget_all(self.drafters)
+
+    def observe(self, draft, tree_logits):
+        for d in self.drafters:
+            if hasattr(d, "observe"):
+                d.observe(draft, tree_logits)
+
+    def commit(self, accepted, target_logits):
+        for d in self.drafters:
+            d.commit(accepted, target_logits)
+
+
+class Composition(_Combined):
+    """`a+b`: every drafter's proposal, merged into one tree."""
+
+    joiner = "+"
 
     def propose(self, state):
         tokens, parents, sources = [], [], []
@@ -35,32 +58,15 @@ class Composition:
                 where.append(node)
         return Draft(tokens, parents, None, sources)
 
-    def forget(self):
-        forget_all(self.drafters)
 
-    def observe(self, draft, tree_logits):
-        for d in self.drafters:
-            if hasattr(d, "observe"):
-                d.observe(draft, tree_logits)
-
-    def commit(self, accepted, target_logits):
-        for d in self.drafters:
-            d.commit(accepted, target_logits)
-
-
-class Fallback:
+class Fallback(_Combined):
     """`a|b`: a's proposal when it has one, else b's. Unlike `a+b`, the tree is never the union, so a step
-    costs what one drafter's proposal costs; every drafter still learns from every step (commit/observe)."""
+    costs what one drafter's proposal costs; later drafters are not even asked once one has proposed."""
 
-    def __init__(self, drafters):
-        self.drafters = list(drafters)
-        self.name = "|".join(d.name for d in self.drafters)
-
-    def begin(self, state):
-        for d in self.drafters:
-            d.begin(state)
+    joiner = "|"
 
     def propose(self, state):
+        draft = Draft()
         for d in self.drafters:
             draft = d.propose(state)
             if len(draft):
@@ -68,18 +74,6 @@ class Fallback:
                     draft.sources = [d.name] * len(draft)
                 return draft
         return draft
-
-    def forget(self):
-        forget_all(self.drafters)
-
-    def observe(self, draft, tree_logits):
-        for d in self.drafters:
-            if hasattr(d, "observe"):
-                d.observe(draft, tree_logits)
-
-    def commit(self, accepted, target_logits):
-        for d in self.drafters:
-            d.commit(accepted, target_logits)
 
 
 def forget_all(drafters) -> None:
