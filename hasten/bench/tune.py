@@ -21,6 +21,7 @@ from ..decoding.drafters.compose import forget_all
 from .context import cpu_model
 
 SEARCH_SPACE = (
+    "prompt-lookup", "recycling", "jacobi",  # each method's defaults: what a user would pick by hand
     "prompt-lookup:k=3", "prompt-lookup:k=5", "prompt-lookup:k=8", "prompt-lookup:n=2,k=5", "prompt-lookup:n=4,k=8",
     "prompt-lookup:k=4,adaptive=0", "recycling:nodes=6", "recycling:nodes=12", "recycling:nodes=24",
     "jacobi:block=2,blocks=1", "jacobi:block=3,blocks=2", "layer-skip",
