@@ -90,9 +90,22 @@ def build(text: str, engine) -> Drafter:
     parse(text)  # the whole text is checked before anything is built
     alternatives = []
     for alternative in text.split("|"):
-        drafters = [_REGISTRY[s.name][0](engine, **s.params) for s in parse(alternative)]
+        drafters = [_make(s, engine) for s in parse(alternative)]
         alternatives.append(drafters[0] if len(drafters) == 1 else Composition(drafters))
     return alternatives[0] if len(alternatives) == 1 else Fallback(alternatives)
+
+
+def _make(spec: MethodSpec, engine) -> Drafter:
+    try:
+        return _REGISTRY[spec.name][0](engine, **spec.params)
+    except UnknownMethodError:
+        raise
+    except ValueError as e:  # a parameter out of range: one line, not a traceback
+        raise UnknownMethodError(str(e) if spec.name in str(e) else f"{spec.name}: {e}") from None
+    except TypeError:  # e.g. recycling:k=abc
+        given = ", ".join(f"{k}={v}" for k, v in spec.params.items())
+        raise UnknownMethodError(f"{spec.name}: a parameter has the wrong type ({given}); see `hasten generate "
+                                 "--help` for what each method takes") from None
 
 
 def machine_key() -> str:
@@ -126,6 +139,14 @@ def _auto(engine):
                                  f"({path.name}); run `hasten tune` first") from None
     print(f"hasten: --method auto uses {best} (from {path})", file=sys.stderr)
     return build(best, engine)
+
+
+def _eagle(engine, k=4, threshold=0.4):
+    from .decoding.drafters.eagle import HeadNotTrainedError, eagle
+    try:
+        return eagle(engine, k, float(threshold))
+    except HeadNotTrainedError as e:
+        raise UnknownMethodError(str(e)) from None
 
 
 def _number(value: str):
@@ -166,5 +187,7 @@ def _load_builtin() -> None:
              help="a smaller model with the same tokenizer (model=PATH, k=4 draft length, n=1 chains; n>1: SpecTr)")
     register("layer-skip", lambda engine, skip=None, k=4: layer_skip(engine, skip, k),
              help="self-speculation with calibrated skipped layers (skip=10-19 to choose, k=4)")
+    register("eagle", _eagle,
+             help="EAGLE-style head on the target's features (needs `hasten train-head` once; k=4, threshold=0.4)")
     from .sparsity import registry as sparsity_methods
     sparsity_methods.register_all(register)

@@ -64,6 +64,18 @@ def test_unknown_method_parameter():
     assert_one_line_error(*run("generate", "hi", "--method", "baseline:k=3"), "has no parameter 'k'")
 
 
+@pytest.mark.parametrize("method,needle", [("prompt-lookup:n=0", "prompt-lookup needs n ≥ 1"),
+                                           ("recycling:k=abc", "recycling: a parameter has the wrong type (k=abc)")])
+def test_bad_method_parameter_value(method, needle):
+    assert_one_line_error(*run("generate", "hi", "--method", method), needle)
+
+
+def test_eagle_without_a_trained_head(tmp_path, monkeypatch):
+    from hasten.decoding.drafters import eagle
+    monkeypatch.setattr(eagle, "head_path", lambda engine: tmp_path / "no-head.pt")
+    assert_one_line_error(*run("generate", "hi", "--method", "prompt-lookup|eagle"), "hasten train-head")
+
+
 @pytest.mark.parametrize("args,needle", [(("-n", "0"), "max_new_tokens"), (("-t", "-0.5"), "temperature"),
                                          (("--top-p", "0"), "top_p")])
 def test_bad_generation_options(args, needle):

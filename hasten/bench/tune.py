@@ -31,11 +31,28 @@ SEARCH_SPACE = (
     "prompt-lookup|recycling", "prompt-lookup|recycling:nodes=6", "prompt-lookup:k=5|recycling:nodes=12",
     "prompt-lookup:n=4,k=8|recycling", "prompt-lookup|jacobi", "prompt-lookup|layer-skip",
 )
+# Tried where this model has a trained draft head (`hasten train-head`); left out, with a note, where not.
+EAGLE_SPACE = (
+    "eagle", "eagle:threshold=0.25", "eagle:threshold=0.6", "eagle:k=2",
+    "prompt-lookup|eagle", "prompt-lookup|eagle:threshold=0.25", "prompt-lookup|eagle:threshold=0.6",
+    "prompt-lookup:n=2,k=5|eagle", "prompt-lookup+eagle",
+)
 
 
-def tune(engine, questions, budget_s: float = 600.0, max_new_tokens: int = 64, space=SEARCH_SPACE,
+def search_space(engine) -> tuple[tuple[str, ...], str | None]:
+    """→ (configurations to try, a note on what was left out and why, or None)."""
+    from ..decoding.drafters.eagle import head_path
+    if head_path(engine).exists():
+        return SEARCH_SPACE + EAGLE_SPACE, None
+    return SEARCH_SPACE, "eagle configurations left out: no draft head for this model (run `hasten train-head` first)"
+
+
+def tune(engine, questions, budget_s: float = 600.0, max_new_tokens: int = 64, space=None,
          progress: bool = True, finalists: int = 4, final_rounds: int = 2) -> dict:
     prompts = [engine.encode(q.prompt, chat=True) for q in questions]
+    note = None
+    if space is None:
+        space, note = search_space(engine)
     for m in ("baseline",) + tuple(space):  # warm-up: kernel builds, step-cost measurement, calibrations
         engine.generate(prompts[0], max_new_tokens=8, method=m)
     started = time.perf_counter()
@@ -83,7 +100,7 @@ def tune(engine, questions, budget_s: float = 600.0, max_new_tokens: int = 64, s
     return {"model": engine.name, "model_hash": engine.model_hash, "machine": methods.machine_key(),
             "cpu": cpu_model(), "threads": torch.get_num_threads(), "prompts": len(prompts),
             "max_new_tokens": max_new_tokens, "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "best": best, "finalists": final, "ranking": ranking, "skipped_for_budget": skipped}
+            "best": best, "finalists": final, "ranking": ranking, "skipped_for_budget": skipped, "note": note}
 
 
 def save(engine, profile: dict):

@@ -60,10 +60,17 @@ def decode(model: Transformer, prompt: list[int], drafter: Drafter, sampling: Sa
     cache.length = 0
 
     with torch.inference_mode():
-        logits = model(torch.tensor([prompt], device=model.device), cache=cache, last_only=True)[0]  # [1, V]
+        wants_hidden = getattr(drafter, "wants_hidden", False)
+        hidden = None
+        logits = model(torch.tensor([prompt], device=model.device), cache=cache, last_only=True,
+                       return_hidden=wants_hidden)
+        if wants_hidden:
+            logits, hidden = logits[0][0], logits[1][0]  # [1, V], [1, D]
+        else:
+            logits = logits[0]  # [1, V]
         stats.target_passes += 1
         first = int(logits[-1].argmax()) if sampling.greedy else sample(probabilities(logits[-1], sampling), generator)
-        state = DecodeState(list(prompt), len(prompt), sampling, generator, budget=0)
+        state = DecodeState(list(prompt), len(prompt), sampling, generator, budget=0, hidden=hidden)
         drafter.begin(state)
         drafter.commit([first], logits)
         state.tokens.append(first)
@@ -83,16 +90,27 @@ def decode(model: Transformer, prompt: list[int], drafter: Drafter, sampling: Sa
                 draft = _truncate(draft, state.budget)
             start = cache.length
             if draft is None or not len(draft):
-                logits = model(torch.tensor([[state.tokens[-1]]], device=model.device), cache=cache)[0]  # [1, V]
+                logits = model(torch.tensor([[state.tokens[-1]]], device=model.device), cache=cache,
+                               return_hidden=wants_hidden)
+                if wants_hidden:
+                    logits, state.hidden = logits[0][0], logits[1][0]  # [1, V], [1, D]
+                else:
+                    logits = logits[0]  # [1, V]
                 path, bonus = verifier.verify(logits, Draft(), sampling, generator)
                 kept, proposed = logits, 0
             else:
                 tokens, positions, mask = flatten(state.tokens[-1], draft, start, model.device)
-                logits = model(tokens[None], positions, cache, mask)[0]  # [1+n, V]
+                logits = model(tokens[None], positions, cache, mask, return_hidden=wants_hidden)
+                if wants_hidden:
+                    logits, hidden = logits[0][0], logits[1][0]  # [1+n, V], [1+n, D]
+                else:
+                    logits = logits[0]  # [1+n, V]
                 path, bonus = verifier.verify(logits, draft, sampling, generator)
                 keep = torch.tensor([0] + path, device=model.device)
                 cache.keep(start, keep)
                 kept, proposed = logits[keep], len(draft)
+                if wants_hidden:
+                    state.hidden = hidden[keep]
             stats.target_passes += 1
             emitted = (path_tokens(draft, path) if path else []) + [bonus]
             sources = [(draft.sources[i - 1] if draft.sources else drafter.name) for i in path] + ["target"]

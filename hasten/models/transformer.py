@@ -267,8 +267,9 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
                 mask: torch.Tensor | None = None, layers: tuple[int, ...] | None = None,
-                last_only: bool = False) -> torch.Tensor:
-        """tokens [B, T] → logits [B, T, V] (or [B, 1, V] with last_only).
+                last_only: bool = False, return_hidden: bool = False):
+        """tokens [B, T] → logits [B, T, V] (or [B, 1, V] with last_only); with return_hidden, (logits, the
+        final norm's output [B, T, D]) — the feature EAGLE-style drafters extrapolate.
 
         positions [T] or [B, T] (default: cache length + arange(T)); mask [T, L+T] bool, True = may attend,
         over the cached entries plus the new ones (default: causal). The new keys/values are appended to the
@@ -289,4 +290,5 @@ class Transformer(nn.Module):
             cache.advance(T)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.norm(x))
+        h = self.norm(x)
+        return (self.lm_head(h), h) if return_hidden else self.lm_head(h)

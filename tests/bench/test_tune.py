@@ -31,3 +31,14 @@ def test_tune_stops_at_its_budget(default_engine):
     profile = tune.tune(default_engine, qs, budget_s=0, max_new_tokens=4, space=("prompt-lookup:k=4",), progress=False)
     assert profile["ranking"] == [] and profile["skipped_for_budget"] == ["prompt-lookup:k=4"]
     assert profile["best"] == "baseline"
+
+
+def test_eagle_configurations_join_the_space_once_a_head_is_trained(tmp_path, monkeypatch):
+    from hasten.decoding.drafters import eagle
+    head = tmp_path / "head.pt"
+    monkeypatch.setattr(eagle, "head_path", lambda engine: head)
+    space, note = tune.search_space(object())
+    assert space == tune.SEARCH_SPACE and "hasten train-head" in note
+    head.write_bytes(b"")
+    space, note = tune.search_space(object())
+    assert note is None and set(tune.EAGLE_SPACE) <= set(space) and "prompt-lookup|eagle" in space

@@ -22,6 +22,9 @@ class DecodeState:
     generator: torch.Generator | None
     budget: int  # at most this many draft nodes are worth proposing (tokens left, context left)
     history: list[int] = field(default_factory=list)  # accepted draft tokens per step so far
+    # The target's final-norm features of the emitted tokens' positions [n, D] (the last row chose the root), kept
+    # only for drafters that declare `wants_hidden = True` (EAGLE-style feature drafting).
+    hidden: torch.Tensor | None = None
 
 
 class Drafter(Protocol):
@@ -41,6 +44,7 @@ class Drafter(Protocol):
     # "drafter" proposes nothing: sparsity/methods/base.py::SparseDecoding).
     # Optional: `observe(draft, tree_logits)` is called before commit with the logits of every scored node
     # [1+n, V] (root first), for drafters that learn from rejected nodes too (Jacobi iteration).
+    # Optional: `wants_hidden = True` asks the loop to fill state.hidden after every target pass.
     # Optional: `forget()` drops what was learned from earlier generations (Token Recycling's table, Jacobi's
     # pool); benchmarks call it at the start of each round so that no run drafts from its own prompt's last run.
 

@@ -14,6 +14,7 @@ class _Combined:
     def __init__(self, drafters):
         self.drafters = list(drafters)
         self.name = self.joiner.join(d.name for d in self.drafters)
+        self.wants_hidden = any(getattr(d, "wants_hidden", False) for d in self.drafters)
 
     def begin(self, state):
         for d in self.drafters:
