@@ -1,7 +1,9 @@
 """`hasten bench`: every method and peer on the same weights and prompts, interleaved, per MEASURING.md.
 
 For each round, for each prompt, the methods run in turn (A B C, A B C, …) so a slow minute of the machine
-hurts all of them alike. Each method is warmed up on one prompt first. Timing covers prefill to last token.
+hurts all of them alike, and the turn order rotates by one every round (B C A in the second) so that no method
+always runs right after the same neighbour: in one run, a configuration listed twice under two names differed
+by 1.2% at a fixed order. Each method is warmed up on one prompt first. Timing covers prefill to last token.
 """
 from __future__ import annotations
 
@@ -51,8 +53,9 @@ def run(engine, questions: list[Question], config: BenchConfig, progress: bool =
         # Every round starts from the same drafter state: drafters that learn across prompts (Token Recycling,
         # Jacobi) learn from the prompts before this one in the round, never from this prompt's previous round.
         forget_all(engine.drafter(m) for m in methods if m not in peers)
+        turn = methods[rnd % len(methods):] + methods[:rnd % len(methods)]
         for q in questions:
-            for method in methods:
+            for method in turn:
                 rec = once(method, prompts[q.question_id])
                 if rnd == 0:  # token texts for the HTML view of where tokens came from
                     rec["pieces"] = [engine.tokenizer.decode([t]) for t in rec["token_ids"]]

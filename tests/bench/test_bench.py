@@ -85,4 +85,6 @@ def test_rounds_start_from_the_same_drafter_state(default_engine):
     for r in records:
         passes.setdefault((r["method"], r["question_id"]), []).append(r["target_passes"])
     assert all(a == b for a, b in passes.values()), passes
+    first_turn = [r["method"] for r in records if r["question_id"] == questions[0].question_id]
+    assert first_turn[:3] == list(config.methods) and first_turn[3:] == list(config.methods[1:] + config.methods[:1])
     assert passes[("recycling:adaptive=0", questions[1].question_id)][0] < 24  # it did learn within the round
