@@ -1,11 +1,13 @@
 """`hasten tune`: find the fastest lossless method for this model on this machine, by wall clock on a sample.
 
-1. Screening: for each configuration in the search space (drafters × their parameters × compositions `a+b` and
-   fallbacks `a|b`), every sample prompt runs `baseline` then the configuration, back to back (so both see the
-   same state of the machine); a configuration counts only if every output is identical to baseline's.
+1. Screening: the configurations of the search space (drafters × their parameters × compositions `a+b` and
+   fallbacks `a|b`) go in groups of `group`; every sample prompt runs `baseline` then each configuration of the
+   group, back to back (so all see the same state of the machine, and one baseline run serves the group); a
+   configuration counts only if every output is identical to baseline's.
 2. Final: configurations that pay are often within a few percent of each other, about the size of one pass's
-   noise, so the best few are measured again, interleaved per prompt with baseline (A B C baseline, …), for
-   `final_rounds` more passes, and ranked on everything measured. Speedup = Σ baseline seconds / Σ seconds.
+   noise, so the best `finalists` are measured again, interleaved per prompt with baseline, for `final_rounds`
+   more passes (the turn order rotating every pass), and ranked on everything measured.
+   Speedup = Σ baseline seconds / Σ seconds.
 The ranking is saved as a profile that `--method auto` uses.
 """
 from __future__ import annotations
@@ -48,7 +50,7 @@ def search_space(engine) -> tuple[tuple[str, ...], str | None]:
 
 
 def tune(engine, questions, budget_s: float = 600.0, max_new_tokens: int = 64, space=None,
-         progress: bool = True, finalists: int = 4, final_rounds: int = 2) -> dict:
+         progress: bool = True, finalists: int = 6, final_rounds: int = 3, group: int = 4) -> dict:
     prompts = [engine.encode(q.prompt, chat=True) for q in questions]
     note = None
     if space is None:
@@ -78,21 +80,24 @@ def tune(engine, questions, budget_s: float = 600.0, max_new_tokens: int = 64, s
             results[c]["passes"] += 1
             results[c]["speedup"] = results[c]["base_s"] / results[c]["seconds"]
 
-    bar = tqdm(space, desc="tune", unit="config", disable=not progress, leave=False)
-    for config in bar:
+    bar = tqdm(total=len(space), desc="tune", unit="config", disable=not progress, leave=False)
+    for i in range(0, len(space), group):
+        batch = list(space[i:i + group])
         if out_of_time():
-            skipped.append(config)
+            skipped.extend(batch)
             continue
-        measure([config])
-        bar.set_postfix_str(f"{config} {results[config]['speedup']:.2f}x")
+        measure(batch)
+        bar.update(len(batch))
+        best = max(batch, key=lambda c: results[c]["speedup"])
+        bar.set_postfix_str(f"{best} {results[best]['speedup']:.2f}x")
     bar.close()
     ranked = sorted(results.values(), key=lambda r: (r["identical"], r["speedup"]), reverse=True)
     final = [r["method"] for r in ranked if r["identical"] and r["speedup"] > 1.0][:finalists]
     if len(final) > 1:
-        for _ in tqdm(range(final_rounds), desc="tune: finalists", unit="pass", disable=not progress, leave=False):
+        for n in tqdm(range(final_rounds), desc="tune: finalists", unit="pass", disable=not progress, leave=False):
             if out_of_time():
                 break
-            measure(final)
+            measure(final[n % len(final):] + final[:n % len(final)])
     ranking = sorted(results.values(), key=lambda r: (r["identical"], r["speedup"]), reverse=True)
     lossless = [r for r in ranking if r["identical"]]
     best = lossless[0]["method"] if lossless and lossless[0]["speedup"] > 1.0 else "baseline"
