@@ -122,3 +122,17 @@ def test_save_and_load_round_trip(tmp_path, monkeypatch):
     h, x = torch.randn(3, m.config.hidden_size), torch.tensor([1, 2, 3])
     with torch.no_grad():
         assert torch.equal(loaded(h, x), head(h, x)) and torch.equal(loaded.vocab_ids, head.vocab_ids)
+
+
+def test_an_unreadable_head_is_a_one_line_error(tmp_path, monkeypatch):
+    from hasten.decoding.drafters import eagle
+    m, _ = trained("bigram")
+    path = tmp_path / "head.pt"
+    path.write_bytes(b"not a torch file")
+    monkeypatch.setattr(eagle, "head_path", lambda engine: path)
+
+    class FakeEngine:
+        model, name, model_hash = m, "tiny", "tinyhash"
+
+    with pytest.raises(eagle.HeadNotTrainedError, match="train-head` again"):
+        load_head(FakeEngine)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import time
 from pathlib import Path
 
@@ -88,10 +89,10 @@ class EagleDrafter:
             return Draft()
         head = self.head
         tokens: list[int] = []
-        h, x, confidence = hidden[-1:], state.tokens[-1], 1.0
+        h, x, confidence = hidden[-1:].float(), state.tokens[-1], 1.0
         with torch.inference_mode():
             for _ in range(k):
-                h = head(h, torch.tensor([x]))  # [1, D]
+                h = head(h, torch.tensor([x], device=h.device))  # [1, D]
                 p, i = head.logits(h)[0].softmax(-1).max(-1)
                 confidence *= float(p)
                 if confidence < self.threshold:
@@ -116,13 +117,17 @@ def load_head(engine) -> FeatureHead:
     if not path.exists():
         raise HeadNotTrainedError(f"eagle needs a draft head trained for {engine.name}; run `hasten train-head` "
                                   "once (minutes on a CPU, cached)")
-    saved = torch.load(path, map_location="cpu", weights_only=True)
     model = engine.model
-    head = FeatureHead(model.config.hidden_size, saved["hidden"], saved["vocab_ids"], saved["lm_rows"],
-                       model.embed_tokens.weight.detach().float())
-    head.load_state_dict(saved["state"], strict=False)
+    try:
+        saved = torch.load(path, map_location=model.device, weights_only=True)
+        head = FeatureHead(model.config.hidden_size, saved["hidden"], saved["vocab_ids"], saved["lm_rows"],
+                           model.embed_tokens.weight.detach().float())
+        head.load_state_dict(saved["state"], strict=False)
+    except (OSError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as e:
+        raise HeadNotTrainedError(f"the eagle head {path} is unreadable ({type(e).__name__}); run `hasten "
+                                  "train-head` again") from None
     head.share_quantized_rows(model.lm_head)
-    return head.eval()
+    return head.to(model.device).eval()
 
 
 def eagle(engine, k: int = 4, threshold: float = 0.4) -> EagleDrafter:
