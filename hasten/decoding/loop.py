@@ -61,13 +61,13 @@ def decode(model: Transformer, prompt: list[int], drafter: Drafter, sampling: Sa
 
     with torch.inference_mode():
         wants_hidden = getattr(drafter, "wants_hidden", False)
-        hidden = None
-        logits = model(torch.tensor([prompt], device=model.device), cache=cache, last_only=True,
-                       return_hidden=wants_hidden)
-        if wants_hidden:
-            logits, hidden = logits[0][0], logits[1][0]  # [1, V], [1, D]
-        else:
-            logits = logits[0]  # [1, V]
+
+        def score(tokens, positions=None, mask=None, last_only=False):
+            """One target pass over [1, T] tokens → (logits [T, V], final-norm features [T, D] or None)."""
+            out = model(tokens, positions, cache, mask, last_only=last_only, return_hidden=wants_hidden)
+            return (out[0][0], out[1][0]) if wants_hidden else (out[0], None)
+
+        logits, hidden = score(torch.tensor([prompt], device=model.device), last_only=True)  # [1, V], [1, D]
         stats.target_passes += 1
         first = int(logits[-1].argmax()) if sampling.greedy else sample(probabilities(logits[-1], sampling), generator)
         state = DecodeState(list(prompt), len(prompt), sampling, generator, budget=0, hidden=hidden)
@@ -90,27 +90,17 @@ def decode(model: Transformer, prompt: list[int], drafter: Drafter, sampling: Sa
                 draft = _truncate(draft, state.budget)
             start = cache.length
             if draft is None or not len(draft):
-                logits = model(torch.tensor([[state.tokens[-1]]], device=model.device), cache=cache,
-                               return_hidden=wants_hidden)
-                if wants_hidden:
-                    logits, state.hidden = logits[0][0], logits[1][0]  # [1, V], [1, D]
-                else:
-                    logits = logits[0]  # [1, V]
+                logits, state.hidden = score(torch.tensor([[state.tokens[-1]]], device=model.device))  # [1, V]
                 path, bonus = verifier.verify(logits, Draft(), sampling, generator)
                 kept, proposed = logits, 0
             else:
                 tokens, positions, mask = flatten(state.tokens[-1], draft, start, model.device)
-                logits = model(tokens[None], positions, cache, mask, return_hidden=wants_hidden)
-                if wants_hidden:
-                    logits, hidden = logits[0][0], logits[1][0]  # [1+n, V], [1+n, D]
-                else:
-                    logits = logits[0]  # [1+n, V]
+                logits, hidden = score(tokens[None], positions, mask)  # [1+n, V], [1+n, D]
                 path, bonus = verifier.verify(logits, draft, sampling, generator)
                 keep = torch.tensor([0] + path, device=model.device)
                 cache.keep(start, keep)
                 kept, proposed = logits[keep], len(draft)
-                if wants_hidden:
-                    state.hidden = hidden[keep]
+                state.hidden = hidden[keep] if wants_hidden else None
             stats.target_passes += 1
             emitted = (path_tokens(draft, path) if path else []) + [bonus]
             sources = [(draft.sources[i - 1] if draft.sources else drafter.name) for i in path] + ["target"]
