@@ -267,7 +267,9 @@ def serve(model, method, host, port, queue_size, corpus, threads):
 @model_option
 @click.option("--questions", type=click.Path(dir_okay=False), default=None,
               help="a sample of your prompts, Spec-Bench JSONL [default: hasten's suite]")
-@click.option("--per-category", type=int, default=1, show_default=True, help="prompts per category of the sample")
+@click.option("--per-category", type=int, default=2, show_default=True,
+              help="prompts per category of the sample (the first of each screens every configuration; finalists "
+                   "run on all)")
 @click.option("--budget", type=click.IntRange(min=10), default=600, show_default=True, help="seconds for the search")
 @click.option("--max-new-tokens", "-n", type=click.IntRange(min=1), default=64, show_default=True)
 @threads_option

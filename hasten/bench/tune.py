@@ -1,12 +1,14 @@
 """`hasten tune`: find the fastest lossless method for this model on this machine, by wall clock on a sample.
 
 1. Screening: the configurations of the search space (drafters × their parameters × compositions `a+b` and
-   fallbacks `a|b`) go in groups of `group`; every sample prompt runs `baseline` then each configuration of the
-   group, back to back (so all see the same state of the machine, and one baseline run serves the group); a
-   configuration counts only if every output is identical to baseline's.
-2. Final: configurations that pay are often within a few percent of each other, about the size of one pass's
-   noise, so the best `finalists` are measured again, interleaved per prompt with baseline, for `final_rounds`
-   more passes (the turn order rotating every pass), and ranked on everything measured.
+   fallbacks `a|b`) go in groups of `group`; every screening prompt (one per category of the sample) runs
+   `baseline` then each configuration of the group, back to back (so all see the same state of the machine,
+   and one baseline run serves the group); a configuration counts only if every output is identical to
+   baseline's.
+2. Final: configurations that pay are often within a few percent of each other, and which one wins can turn on
+   which prompts were drawn, so the best `finalists` are measured again over the whole sample (every prompt
+   of every category), interleaved per prompt with baseline, for `final_rounds` more passes (the turn order
+   rotating every pass), and ranked on everything measured.
    Speedup = Σ baseline seconds / Σ seconds.
 The ranking is saved as a profile that `--method auto` uses.
 """
@@ -65,17 +67,24 @@ def tune(engine, questions, budget_s: float = 600.0, max_new_tokens: int = 64, s
     def out_of_time() -> bool:
         return time.perf_counter() - started > budget_s
 
-    def measure(configs: list[str]) -> None:
-        """One pass over the sample: per prompt, baseline then each configuration, from a fresh drafter state."""
+    first = {}  # category → its first prompt: the screening sample
+    for i, q in enumerate(questions):
+        first.setdefault(q.category, i)
+    screening = sorted(first.values())
+
+    def measure(configs: list[str], which: list[int]) -> None:
+        """One pass over prompts `which`: per prompt, baseline then each configuration, from a fresh drafter state."""
         forget_all(engine.drafter(c) for c in configs)
-        for p, ref in zip(prompts, expected):
+        for p, ref in ((prompts[i], expected[i]) for i in which):
             base = engine.generate(p, max_new_tokens=max_new_tokens)
             for c in configs:
                 cand = engine.generate(p, max_new_tokens=max_new_tokens, method=c)
-                r = results.setdefault(c, {"method": c, "base_s": 0.0, "seconds": 0.0, "identical": True, "passes": 0})
+                r = results.setdefault(c, {"method": c, "base_s": 0.0, "seconds": 0.0, "identical": True, "passes": 0,
+                                                  "runs": 0})
                 r["base_s"] += base.seconds
                 r["seconds"] += cand.seconds
                 r["identical"] &= cand.token_ids == ref
+                r["runs"] += 1
         for c in configs:
             results[c]["passes"] += 1
             results[c]["speedup"] = results[c]["base_s"] / results[c]["seconds"]
@@ -86,7 +95,7 @@ def tune(engine, questions, budget_s: float = 600.0, max_new_tokens: int = 64, s
         if out_of_time():
             skipped.extend(batch)
             continue
-        measure(batch)
+        measure(batch, screening)
         bar.update(len(batch))
         best = max(batch, key=lambda c: results[c]["speedup"])
         bar.set_postfix_str(f"{best} {results[best]['speedup']:.2f}x")
@@ -97,13 +106,14 @@ def tune(engine, questions, budget_s: float = 600.0, max_new_tokens: int = 64, s
         for n in tqdm(range(final_rounds), desc="tune: finalists", unit="pass", disable=not progress, leave=False):
             if out_of_time():
                 break
-            measure(final[n % len(final):] + final[:n % len(final)])
+            measure(final[n % len(final):] + final[:n % len(final)], list(range(len(prompts))))
     ranking = sorted(results.values(), key=lambda r: (r["identical"], r["speedup"]), reverse=True)
     lossless = [r for r in ranking if r["identical"]]
     best = lossless[0]["method"] if lossless and lossless[0]["speedup"] > 1.0 else "baseline"
     import torch
     return {"model": engine.name, "model_hash": engine.model_hash, "machine": methods.machine_key(),
             "cpu": cpu_model(), "threads": torch.get_num_threads(), "prompts": len(prompts),
+            "screening_prompts": len(screening),
             "max_new_tokens": max_new_tokens, "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "best": best, "finalists": final, "ranking": ranking, "skipped_for_budget": skipped, "note": note}
 

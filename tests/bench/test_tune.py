@@ -26,6 +26,18 @@ def test_tune_saves_a_lossless_profile_that_auto_uses(default_engine, tmp_path, 
     assert type(drafter) is type(expected)
 
 
+def test_tune_screens_on_one_prompt_per_category_and_runs_finalists_on_all(default_engine):
+    qs = [q for q in load_questions(per_category=2) if q.category == "summarization"]  # prompt lookup pays here
+    assert len(qs) == 2
+    space = ("prompt-lookup:k=4", "prompt-lookup:k=2")
+    profile = tune.tune(default_engine, qs, budget_s=10_000, max_new_tokens=24, space=space, progress=False,
+                        final_rounds=2)
+    assert profile["prompts"] == 2 and profile["screening_prompts"] == 1
+    assert sorted(profile["finalists"]) == sorted(space)
+    for r in profile["ranking"]:  # one screening run, then 2 final passes over both prompts
+        assert r["runs"] == 1 + 2 * 2
+
+
 def test_tune_stops_at_its_budget(default_engine):
     qs = load_questions(per_category=1)[1:2]
     profile = tune.tune(default_engine, qs, budget_s=0, max_new_tokens=4, space=("prompt-lookup:k=4",), progress=False)

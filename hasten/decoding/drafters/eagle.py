@@ -149,21 +149,51 @@ def _features(model, sequences: list[tuple[list[int], int]], progress) -> tuple[
     return tuple(torch.cat(a) for a in (H, X, Y, HN))
 
 
-def self_distilled_chats(engine, samples: int, max_new_tokens: int = 128, progress=None) -> list[tuple[list[int], int]]:
-    """Magpie-style: the target writes a user turn after its own chat template's user header (sampled), then
-    answers it greedily. → (prompt + answer ids, index where the answer starts)."""
-    tok = engine.tokenizer
+def self_distilled_chats(engine, samples: int, max_new_tokens: int = 128, progress=None, batch: int = 64,
+                         seed: int = 0) -> list[tuple[list[int], int]]:
+    """Magpie-style: the target writes user turns after its own chat template's user header (sampled), then
+    answers them greedily. → [(prompt + answer ids, index where the answer starts)].
+
+    Generation runs batched through transformers' `generate` on the target's own weights (shared, no copy): on
+    a 2-core CPU 64 rows at once cost ~0.2 s per row per 64 tokens against ~0.8 s one at a time, and more
+    self-written answers is what raises the head's agreement most (each doubling of the chats ~+5 points).
+    The head learns from the target's own teacher-forced choices over these texts (`_features`), so the
+    transformers arithmetic writing them needs not match hasten's bit for bit."""
+    from ...models.hf import to_transformers
+    from ...bench.peers import _shared_hf_model
+
+    tok, hf = engine.tokenizer, _shared_hf_model(engine, to_transformers)
     marker = "\x00"
     full = tok.apply_chat_template([{"role": "user", "content": marker}], add_generation_prompt=True, tokenize=False)
     header = tok(full[:full.index(marker)], add_special_tokens=False).input_ids
+    eos = sorted(engine.eos_ids)
+    bar = (progress or (lambda it: it))
+    torch.manual_seed(seed)
+
+    def generate(rows: list[list[int]], new: int, sample: bool) -> list[list[int]]:
+        width = max(map(len, rows))  # left padding: every row's last token is where generation starts
+        ids = torch.tensor([[eos[0]] * (width - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        with torch.inference_mode():
+            out = hf.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=sample, eos_token_id=eos,
+                              pad_token_id=eos[0], **({"temperature": 1.0, "top_k": 0, "top_p": 0.95} if sample else {}))
+        result = []
+        for row in out[:, width:].tolist():
+            ends = [i for i, t in enumerate(row) if t in engine.eos_ids]
+            result.append(row[:ends[0]] if ends else row)
+        return result
+
+    prompts = []
+    for start in bar(range(0, samples, batch)):  # the questions: all rows share the header, no padding
+        for ids in generate([header] * min(batch, samples - start), 64, sample=True):
+            question = tok.decode(ids).split("\n\n")[0].strip()
+            if len(question) >= 12:
+                prompts.append(engine.encode(question, chat=True))
+    prompts.sort(key=len)  # batches of similar lengths waste little on padding
     out = []
-    for i in (progress or iter)(range(samples)):
-        question = engine.generate(header, max_new_tokens=64, temperature=1.0, seed=i, stop=["\n\n"]).text.strip()
-        if len(question) < 12:
-            continue
-        prompt = engine.encode(question, chat=True)
-        answer = engine.generate(prompt, max_new_tokens=max_new_tokens, method="prompt-lookup").token_ids
-        out.append((prompt + answer, len(prompt) - 1))
+    for start in bar(range(0, len(prompts), batch)):
+        rows = prompts[start:start + batch]
+        out += [(p + a, len(p) - 1) for p, a in zip(rows, generate(rows, max_new_tokens, sample=False))]
     return out
 
 
