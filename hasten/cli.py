@@ -298,10 +298,11 @@ def tune(model, questions, per_category, budget, max_new_tokens, threads):
 @click.option("--corpus", type=click.Path(), default=None,
               help="text whose target predictions the head learns: a file or a folder of .txt/.md/.rst "
                    "[default: Debian's Python docs]")
-@click.option("--tokens", type=click.IntRange(min=256), default=150_000, show_default=True,
+@click.option("--tokens", type=click.IntRange(min=256), default=65_536, show_default=True,
               help="corpus tokens to learn from")
-@click.option("--chat-samples", type=click.IntRange(min=0), default=200, show_default=True,
-              help="self-distilled chat answers to learn from (the target writes a question, then answers it)")
+@click.option("--chat-samples", type=click.IntRange(min=0), default=2048, show_default=True,
+              help="self-distilled chat answers to learn from (the target writes a question, then answers it; "
+                   "kept in the cache for the next train-head)")
 @click.option("--hidden", type=click.IntRange(min=16), default=1024, show_default=True, help="the head's MLP width")
 @click.option("--vocab", type=click.IntRange(min=16), default=4096, show_default=True,
               help="how many of the most frequent output tokens the head can draft")

@@ -7,7 +7,8 @@ from scipy.stats import chisquare
 
 from hasten.decoding.drafters.base import NoDraft
 from hasten.decoding.drafters.compose import Fallback
-from hasten.decoding.drafters.eagle import EagleDrafter, fit, load_head, save_head, top1_agreement
+from hasten.decoding.drafters.eagle import (EagleDrafter, chat_features, fit, load_head, save_head, text_features,
+                                            top1_agreement)
 from hasten.decoding.drafters.prompt_lookup import PromptLookup
 from hasten.decoding.loop import DecodeStats, decode
 from hasten.decoding.sampling import SamplingConfig
@@ -56,21 +57,40 @@ def trained(which):
 
 def test_the_head_learns_the_targets_choices():
     m, head = trained("bigram")
-    agreement, positions = top1_agreement(head, m, own_outputs(m, count=6, seed=1))
+    agreement, positions = top1_agreement(head, text_features(m, own_outputs(m, count=6, seed=1)))
     assert positions > 100 and agreement > 0.9
 
 
 @pytest.mark.parametrize("which", ["bigram", "random"])
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(prompt=st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=20), n=st.integers(1, 40),
-       k=st.integers(1, 6), threshold=st.sampled_from([0.01, 0.4, 0.9]))
-def test_greedy_identity(which, prompt, n, k, threshold):
+       k=st.integers(1, 6), threshold=st.sampled_from([0.01, 0.4, 0.9]), width=st.integers(1, 3),
+       nodes=st.sampled_from([None, 2, 8]))
+def test_greedy_identity(which, prompt, n, k, threshold, width, nodes):
     m, head = trained(which)
     expected, _ = generate(m, prompt, NoDraft(), n)
-    got, stats = generate(m, prompt, EagleDrafter(head, k, threshold), n)
+    got, stats = generate(m, prompt, EagleDrafter(head, k, threshold, width, nodes), n)
     assert got == expected and stats.generated == len(got)
-    fallback, _ = generate(m, prompt, Fallback([PromptLookup(2, k), EagleDrafter(head, k, threshold)]), n)
+    fallback, _ = generate(m, prompt, Fallback([PromptLookup(2, k), EagleDrafter(head, k, threshold, width, nodes)]), n)
     assert fallback == expected
+
+
+def test_a_wider_draft_is_a_tree_of_the_most_confident_paths():
+    from hasten.decoding.tree import depths
+
+    class State:  # what propose reads
+        budget, tokens = 100, [3, 7, 1]
+        hidden = torch.randn(3, 16)
+
+    m, head = trained("random")
+    State.hidden = text_features(m, [([3, 7, 1, 9], 0)])[0][:1]
+    chain = EagleDrafter(head, 4, 0.01).propose(State)
+    assert chain.is_chain() and len(chain) == 4
+    tree = EagleDrafter(head, 4, 0.01, width=3, nodes=9).propose(State)
+    assert not tree.is_chain() and len(tree) == 9 and max(depths(tree)) <= 4
+    assert tree.tokens[:1] == chain.tokens[:1]  # the most confident first token leads both
+    assert all(p < i for i, p in enumerate(tree.parents))  # parents come before their children
+    assert len(EagleDrafter(head, 4, 0.999, width=3).propose(State)) == 0  # nothing is that sure
 
 
 def test_drafts_are_accepted_where_the_head_is_right():
@@ -94,7 +114,7 @@ def test_sampling_keeps_the_targets_distribution():
     trials = 3000
     counts = np.zeros(VOCAB * VOCAB)
     proposed = 0
-    drafter = EagleDrafter(head, 3, 0.01)
+    drafter = EagleDrafter(head, 3, 0.01, width=2, nodes=5)  # a tree: siblings are tried after a rejection
     for seed in range(trials):
         stats = DecodeStats()
         # 4 new tokens leave room for a draft after the first (the loop never drafts past max_new_tokens)
@@ -136,3 +156,24 @@ def test_an_unreadable_head_is_a_one_line_error(tmp_path, monkeypatch):
 
     with pytest.raises(eagle.HeadNotTrainedError, match="train-head` again"):
         load_head(FakeEngine)
+
+
+@pytest.mark.integration
+def test_self_distilled_chats_are_the_targets_own_greedy_answers(default_engine):
+    """Batched, left-padded generation gives each question the answer the engine gives it alone, and the features
+    recorded on the way are the target's teacher-forced ones, so they train the head like text features do."""
+    from hasten.decoding.drafters.eagle import self_distilled_chats
+    chats = self_distilled_chats(default_engine, 6, max_new_tokens=8, batch=3, seed=1)
+    assert len(chats) >= 3
+    assert len({start for _, start, _ in chats}) > 1  # questions of different lengths shared a batch
+    header_end = default_engine.encode("x", chat=True)[:-8]  # system turn and "<|im_start|>user"
+    for seq, start, hidden in chats:
+        prompt, answer = seq[:start + 1], seq[start + 1:]
+        assert prompt[:len(header_end)] == header_end and 1 < len(answer) <= 8
+        assert answer == default_engine.generate(prompt, max_new_tokens=8).token_ids
+        assert hidden.shape == (len(answer), default_engine.model.config.hidden_size)
+    recorded = chat_features(chats)
+    forced = text_features(default_engine.model, [(seq, start) for seq, start, _ in chats])
+    assert torch.equal(recorded[1], forced[1]) and torch.equal(recorded[2], forced[2])  # tokens, target choices
+    for a, b in (recorded[0], forced[0]), (recorded[3], forced[3]):  # features, up to bf16 storage
+        assert torch.allclose(a, b, rtol=2e-2, atol=2e-2 * b.abs().max())

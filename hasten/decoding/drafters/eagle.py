@@ -71,35 +71,54 @@ class FeatureHead(nn.Module):
 
 
 class EagleDrafter:
+    """Drafts depth by depth, as EAGLE-2 does: at each depth one batched head pass extends the `width` most
+    confident nodes (confidence = product of the head's probabilities down the path), and a node enters the
+    draft while its confidence stays ≥ `threshold`, up to `nodes` nodes and depth `k`. width=1 is a chain; wider
+    trees also offer the runners-up, which pays where the head is often right but not in first place, since the
+    head's pass costs the same for a few rows as for one."""
+
     name = "eagle"
     wants_hidden = True  # the decode loop leaves the target's final-norm features in state.hidden
 
-    def __init__(self, head: FeatureHead, k: int = 4, threshold: float = 0.4):
-        if k < 1 or not 0.0 < threshold < 1.0:
-            raise ValueError("eagle needs k ≥ 1 and 0 < threshold < 1")
-        self.head, self.k, self.threshold = head, k, threshold
+    def __init__(self, head: FeatureHead, k: int = 4, threshold: float = 0.4, width: int = 1, nodes: int | None = None):
+        if k < 1 or not 0.0 < threshold < 1.0 or width < 1 or (nodes is not None and nodes < 1):
+            raise ValueError("eagle needs k ≥ 1, 0 < threshold < 1, width ≥ 1 and nodes ≥ 1")
+        self.head, self.k, self.threshold, self.width = head, k, threshold, width
+        self.nodes = k if nodes is None else nodes
 
     def begin(self, state):
         pass
 
     def propose(self, state):
         hidden = getattr(state, "hidden", None)
-        k = min(self.k, state.budget)
-        if hidden is None or k <= 0:
+        depth_limit = min(self.k, state.budget)
+        if hidden is None or depth_limit <= 0:
             return Draft()
         head = self.head
         tokens: list[int] = []
-        h, x, confidence = hidden[-1:].float(), state.tokens[-1], 1.0
+        parents: list[int] = []
+        # the frontier: (draft node index, -1 = root; its confidence), with features and tokens as head inputs
+        frontier, confidence = [-1], torch.ones(1)
+        h, x = hidden[-1:].float(), torch.tensor([state.tokens[-1]], device=hidden.device)
         with torch.inference_mode():
-            for _ in range(k):
-                h = head(h, torch.tensor([x], device=h.device))  # [1, D]
-                p, i = head.logits(h)[0].softmax(-1).max(-1)
-                confidence *= float(p)
-                if confidence < self.threshold:
+            for _ in range(depth_limit):
+                h = head(h, x)  # [m, D] the features after each frontier node
+                p, i = head.logits(h).softmax(-1).topk(self.width, -1)  # [m, width]
+                score = (confidence[:, None] * p.cpu()).flatten()  # path confidences of the candidates
+                best = score.topk(min(self.width, len(score), self.nodes - len(tokens)))
+                keep = [(float(c), int(j)) for c, j in zip(*best) if c >= self.threshold]
+                if not keep:
                     break
-                x = int(head.vocab_ids[i])
-                tokens.append(x)
-        return Draft.chain(tokens, source=self.name)
+                rows = torch.tensor([j // self.width for _, j in keep])
+                for c, j in keep:
+                    parents.append(frontier[j // self.width])
+                    tokens.append(int(head.vocab_ids[i.flatten()[j]]))
+                frontier = list(range(len(tokens) - len(keep), len(tokens)))
+                confidence = torch.tensor([c for c, _ in keep])
+                h, x = h[rows.to(h.device)], head.vocab_ids[i.flatten()[torch.tensor([j for _, j in keep])]]
+                if len(tokens) >= self.nodes:
+                    break
+        return Draft(tokens, parents, None, [self.name] * len(tokens))
 
     def commit(self, accepted, target_logits):
         pass
@@ -130,11 +149,14 @@ def load_head(engine) -> FeatureHead:
     return head.to(model.device).eval()
 
 
-def eagle(engine, k: int = 4, threshold: float = 0.4) -> EagleDrafter:
-    return EagleDrafter(load_head(engine), k, threshold)
+def eagle(engine, k: int = 4, threshold: float = 0.4, width: int = 1, nodes: int | None = None) -> EagleDrafter:
+    return EagleDrafter(load_head(engine), k, threshold, width, nodes)
 
 
-def _features(model, sequences: list[tuple[list[int], int]], progress) -> tuple[torch.Tensor, ...]:
+Features = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # h_t, x_{t+1}, choice after it, h_{t+1}
+
+
+def text_features(model, sequences: list[tuple[list[int], int]], progress=iter) -> Features:
     """Teacher-forced target passes → (h_t [N, D], x_{t+1} [N], the target's choice after x_{t+1} [N],
     h_{t+1} [N, D]) for every position t from each sequence's start index on."""
     H, X, Y, HN = [], [], [], []
@@ -149,18 +171,36 @@ def _features(model, sequences: list[tuple[list[int], int]], progress) -> tuple[
     return tuple(torch.cat(a) for a in (H, X, Y, HN))
 
 
+class Chat(tuple):
+    """(token ids, start, hidden): a self-written question and the target's greedy answer, where ids[start] is
+    the question's last token, and hidden [len(ids) - 1 - start, D] the target's final-norm features at
+    positions start .. len(ids) - 2, recorded while it wrote the answer."""
+
+
+def chat_features(chats: list[Chat]) -> Features:
+    """The training pairs of `chats`, as `text_features` gives them for text; a greedy answer is the target's own
+    choice at every position, so the features recorded while writing it need no second pass."""
+    H, X, Y, HN = [], [], [], []
+    for ids, start, hidden in chats:
+        n = len(ids) - start - 2  # pairs at t = start .. len(ids) - 3
+        if n > 0:
+            hidden = hidden.float()
+            H.append(hidden[:n]), HN.append(hidden[1:n + 1])
+            X.append(torch.tensor(ids[start + 1:start + 1 + n])), Y.append(torch.tensor(ids[start + 2:start + 2 + n]))
+    return tuple(torch.cat(a) for a in (H, X, Y, HN))
+
+
 def self_distilled_chats(engine, samples: int, max_new_tokens: int = 128, progress=None, batch: int = 64,
-                         seed: int = 0) -> list[tuple[list[int], int]]:
+                         seed: int = 0) -> list[Chat]:
     """Magpie-style: the target writes user turns after its own chat template's user header (sampled), then
-    answers them greedily. → [(prompt + answer ids, index where the answer starts)].
+    answers them greedily, its final-norm features recorded as it goes (see `Chat`).
 
     Generation runs batched through transformers' `generate` on the target's own weights (shared, no copy): on
-    a 2-core CPU 64 rows at once cost ~0.2 s per row per 64 tokens against ~0.8 s one at a time, and more
-    self-written answers is what raises the head's agreement most (each doubling of the chats ~+5 points).
-    The head learns from the target's own teacher-forced choices over these texts (`_features`), so the
-    transformers arithmetic writing them needs not match hasten's bit for bit."""
-    from ...models.hf import to_transformers
+    a 2-core CPU 64 rows at once cost ~0.2 s per row per 64 tokens against ~0.8 s one at a time, and recording
+    the features on the way saves a teacher-forced pass per answer. More self-written answers is what raises the
+    head's agreement most (each doubling of the chats gave ~+3-5 points)."""
     from ...bench.peers import _shared_hf_model
+    from ...models.hf import to_transformers
 
     tok, hf = engine.tokenizer, _shared_hf_model(engine, to_transformers)
     marker = "\x00"
@@ -170,7 +210,7 @@ def self_distilled_chats(engine, samples: int, max_new_tokens: int = 128, progre
     bar = (progress or (lambda it: it))
     torch.manual_seed(seed)
 
-    def generate(rows: list[list[int]], new: int, sample: bool) -> list[list[int]]:
+    def generate(rows: list[list[int]], new: int, sample: bool, steps=None) -> list[list[int]]:
         width = max(map(len, rows))  # left padding: every row's last token is where generation starts
         ids = torch.tensor([[eos[0]] * (width - len(r)) + r for r in rows])
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
@@ -190,20 +230,30 @@ def self_distilled_chats(engine, samples: int, max_new_tokens: int = 128, progre
             if len(question) >= 12:
                 prompts.append(engine.encode(question, chat=True))
     prompts.sort(key=len)  # batches of similar lengths waste little on padding
+    steps: list[torch.Tensor] = []  # [B, D] per forward: the newest position's final-norm feature of every row
+    hook = hf.model.norm.register_forward_hook(lambda module, args, out: steps.append(out[:, -1].to(torch.bfloat16)))
     out = []
-    for start in bar(range(0, len(prompts), batch)):
-        rows = prompts[start:start + batch]
-        out += [(p + a, len(p) - 1) for p, a in zip(rows, generate(rows, max_new_tokens, sample=False))]
+    try:
+        for start in bar(range(0, len(prompts), batch)):
+            rows = prompts[start:start + batch]
+            steps.clear()
+            answers = generate(rows, max_new_tokens, sample=False)
+            hidden = torch.stack(steps, 1) if steps else None  # [B, forwards, D]
+            out += [Chat((p + a, len(p) - 1, hidden[b, :len(a)].clone())) for b, (p, a) in enumerate(zip(rows, answers))
+                    if len(a) > 1]
+    finally:
+        hook.remove()
     return out
 
 
 def fit(model, sequences: list[tuple[list[int], int]], hidden: int = 1024, vocab: int = 4096, epochs: int = 3,
-        progress=None, seed: int = 0) -> tuple[FeatureHead, dict]:
-    """Fit a head to the target's predictions over `sequences` ((token ids, first position to learn from)).
-    → (head, {"positions", "vocab_coverage"})."""
+        progress=None, seed: int = 0, chats: list[Chat] = ()) -> tuple[FeatureHead, dict]:
+    """Fit a head to the target's predictions over `sequences` ((token ids, first position to learn from)) and
+    `chats`. → (head, {"positions", "vocab_coverage"})."""
     from tqdm import tqdm
     torch.manual_seed(seed)
-    H, X, Y, HN = _features(model, sequences, progress or iter)
+    parts = ([text_features(model, sequences, progress or iter)] if sequences else []) + ([chat_features(chats)] if chats else [])
+    H, X, Y, HN = (torch.cat(t) for t in zip(*parts))
     V = model.config.vocab_size
     counts = torch.bincount(Y, minlength=V)
     vocab_ids = counts.argsort(descending=True)[:min(vocab, V)].sort().values  # [V'] the most frequent choices
@@ -236,15 +286,16 @@ def fit(model, sequences: list[tuple[list[int], int]], hidden: int = 1024, vocab
     return head.eval(), {"positions": len(Y), "vocab_coverage": round(coverage, 4)}
 
 
-def top1_agreement(head: FeatureHead, model, sequences) -> tuple[float, int]:
-    """How often the head's first drafted token is the target's choice, over `sequences`."""
-    H, X, Y, _ = _features(model, sequences, iter)
+def top1_agreement(head: FeatureHead, features: Features) -> tuple[float, int]:
+    """How often the head's first drafted token is the target's choice, over `features` (`text_features`,
+    `chat_features`). → (agreement, positions)."""
+    H, X, Y, _ = features
     with torch.no_grad():
         drafted = head.vocab_ids[head.logits(head(H, X)).argmax(-1)]
     return float((drafted == Y).float().mean()), len(Y)
 
 
-def train(engine, corpus_tokens: int = 150_000, chat_samples: int = 200, hidden: int = 1024, vocab: int = 4096,
+def train(engine, corpus_tokens: int = 65_536, chat_samples: int = 2048, hidden: int = 1024, vocab: int = 4096,
           epochs: int = 3, corpus=None, progress: bool = True) -> dict:
     """Train the head for `engine`'s model on corpus text and self-distilled chats; save it to the cache.
     → a summary (sizes, held-out top-1 agreement with the target, seconds)."""
@@ -258,19 +309,32 @@ def train(engine, corpus_tokens: int = 150_000, chat_samples: int = 200, hidden:
     started = time.perf_counter()
     text = corpora.load(corpus)
     sequences = [(c, 0) for c in text.token_chunks(engine.tokenizer, "calibration", corpus_tokens, 256)]
-    chats = self_distilled_chats(engine, chat_samples, progress=bar("train-head: self-distilled answers"))
+    chats = _cached_chats(engine, chat_samples, bar("train-head: self-distilled chats"))
     held = len(chats) // 10  # answers to questions the head never saw, for the agreement it reports
-    head, fitted = fit(engine.model, sequences + chats[held:], hidden, vocab, epochs,
-                       progress=bar("train-head: target features"))
+    head, fitted = fit(engine.model, sequences, hidden, vocab, epochs, progress=bar("train-head: corpus features"),
+                       chats=chats[held:])
     summary = {"model": engine.name, "train_positions": fitted["positions"], "corpus": text.name,
                "chat_answers": len(chats) - held, "hidden": hidden, "vocab": len(head.vocab_ids),
                "vocab_coverage": fitted["vocab_coverage"], "epochs": epochs}
     if held:
-        summary["heldout_top1"], summary["heldout_positions"] = top1_agreement(head, engine.model, chats[:held])
+        summary["heldout_top1"], summary["heldout_positions"] = top1_agreement(head, chat_features(chats[:held]))
         summary["heldout_top1"] = round(summary["heldout_top1"], 4)
     summary["seconds"] = round(time.perf_counter() - started, 1)
     save_head(head, head_path(engine), summary)
     return summary
+
+
+def _cached_chats(engine, samples: int, progress) -> list[Chat]:
+    """Self-written chats kept beside the head: a second `train-head` for the same model (another --hidden,
+    --epochs, --tokens) reuses them instead of spending most of its time writing them again."""
+    path = head_path(engine).with_name(f"{engine.model_hash}-chats-{samples}.pt")
+    try:
+        return [Chat(c) for c in torch.load(path, weights_only=True)]
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):
+        chats = self_distilled_chats(engine, samples, progress=progress)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save([tuple(c) for c in chats], path)
+        return chats
 
 
 def save_head(head: FeatureHead, path: Path, summary: dict) -> None:
