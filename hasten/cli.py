@@ -314,8 +314,9 @@ def train_head(model, corpus, tokens, chat_samples, hidden, vocab, epochs, threa
 
     EAGLE-style: a small MLP learns to predict the target's next final-layer feature from its current one and the
     next token, and so the token after next. It learns from the target's own predictions over corpus text and over
-    answers the target writes to questions it writes itself, so nothing is downloaded. Takes ~15 minutes for the
-    default model on a 2-core CPU; prints the held-out top-1 agreement with the target at the end.
+    answers the target writes to questions it writes itself, so nothing is downloaded. Takes ~30 minutes for the
+    default model on a 2-core CPU, most of it writing the chats (cached: a second run with other --hidden or
+    --epochs takes minutes); prints the held-out top-1 agreement with the target at the end.
     """
     from .decoding.drafters.eagle import head_path, train
     check_corpus(corpus)
