@@ -141,7 +141,7 @@ def _auto(engine):
     return build(best, engine)
 
 
-def _eagle(engine, k=4, threshold=0.4, width=1, nodes=None):
+def _eagle(engine, k=4, threshold=0.25, width=1, nodes=None):
     from .decoding.drafters.eagle import HeadNotTrainedError, eagle
     try:
         return eagle(engine, k, float(threshold), width, nodes)
@@ -188,7 +188,7 @@ def _load_builtin() -> None:
     register("layer-skip", lambda engine, skip=None, k=4: layer_skip(engine, skip, k),
              help="self-speculation with calibrated skipped layers (skip=10-19 to choose, k=4)")
     register("eagle", _eagle,
-             help="EAGLE-style head on the target's features (needs `hasten train-head` once; k=4 depth, threshold=0.4, "
+             help="EAGLE-style head on the target's features (needs `hasten train-head` once; k=4 depth, threshold=0.25, "
                   "width=1 nodes extended per depth (>1: an EAGLE-2 tree), nodes=k at most)")
     from .sparsity import registry as sparsity_methods
     sparsity_methods.register_all(register)

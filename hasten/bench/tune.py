@@ -37,8 +37,8 @@ SEARCH_SPACE = (
 )
 # Tried where this model has a trained draft head (`hasten train-head`); left out, with a note, where not.
 EAGLE_SPACE = (
-    "eagle", "eagle:threshold=0.25", "eagle:width=2,nodes=4,threshold=0.2",
-    "prompt-lookup|eagle", "prompt-lookup|eagle:threshold=0.25", "prompt-lookup|eagle:threshold=0.6",
+    "eagle", "eagle:threshold=0.4", "eagle:width=2,nodes=4,threshold=0.2",
+    "prompt-lookup|eagle", "prompt-lookup|eagle:threshold=0.4", "prompt-lookup|eagle:threshold=0.6",
     "prompt-lookup|eagle:width=2,nodes=4,threshold=0.2", "prompt-lookup|eagle:width=3,nodes=6,threshold=0.15",
     "prompt-lookup:n=2,k=5|eagle", "prompt-lookup+eagle",
 )

@@ -141,7 +141,10 @@ def test_save_and_load_round_trip(tmp_path, monkeypatch):
     loaded = load_head(FakeEngine)
     h, x = torch.randn(3, m.config.hidden_size), torch.tensor([1, 2, 3])
     with torch.no_grad():
+        drafting = loaded(h, x)  # Q8_0 layers, as drafting runs them
+        loaded._q8 = None
         assert torch.equal(loaded(h, x), head(h, x)) and torch.equal(loaded.vocab_ids, head.vocab_ids)
+        assert torch.allclose(drafting, head(h, x), atol=0.05 * float(head(h, x).abs().max()))
 
 
 def test_an_unreadable_head_is_a_one_line_error(tmp_path, monkeypatch):
