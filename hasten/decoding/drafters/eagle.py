@@ -10,13 +10,15 @@ What is kept here, and why (each measured on SmolLM2-135M on a 2-core CPU):
   weight read on every drafted token, and the target's step is only ~12 ms;
 - the LM head is cut to the most frequent output tokens (`vocab`, default 4096), as FR-Spec does: the full
   49k-row head would cost a fifth of a target step per drafted token;
-- a chain grows while the product of the head's confidences stays above `threshold`, so the draft is empty
-  (and the step costs nothing extra beyond one head pass) where the head is unsure;
+- a draft grows while the product of the head's confidences down its path stays above `threshold`, so it is
+  empty (and the step costs nothing extra beyond one head pass) where the head is unsure; `width > 1` makes it
+  an EAGLE-2 tree of the most confident paths;
+- while drafting, the head's layers run from Q8_0 blocks through hasten's block kernel (`quantize_for_drafting`);
 - the head is trained once per model (`hasten train-head`, cached like calibrations) on the target's own
   predictions — over corpus text and over answers the target writes to prompts it writes itself (Magpie-style
-  self-distillation), so no chat dataset needs downloading.
+  self-distillation, batched), so no chat dataset needs downloading.
 
-Under greedy decoding the verifier keeps exactly the target's tokens; under sampling the chain is deterministic
+Under greedy decoding the verifier keeps exactly the target's tokens; under sampling the draft is deterministic
 (q = None) and exact speculative sampling keeps the target's distribution.
 """
 from __future__ import annotations
