@@ -180,3 +180,27 @@ def test_self_distilled_chats_are_the_targets_own_greedy_answers(default_engine)
     assert torch.equal(recorded[1], forced[1]) and torch.equal(recorded[2], forced[2])  # tokens, target choices
     for a, b in (recorded[0], forced[0]), (recorded[3], forced[3]):  # features, up to bf16 storage
         assert torch.allclose(a, b, rtol=2e-2, atol=2e-2 * b.abs().max())
+
+
+def test_self_written_chats_are_cached_for_the_next_train_head(tmp_path, monkeypatch):
+    from hasten.decoding.drafters import eagle
+    monkeypatch.setattr(eagle, "head_path", lambda engine: tmp_path / "model.pt")
+    written = []
+
+    def write(engine, samples, progress=None):
+        written.append(samples)
+        return [eagle.Chat(([1, 2, 3, 4], 1, torch.randn(2, 8, dtype=torch.bfloat16)))]
+
+    monkeypatch.setattr(eagle, "self_distilled_chats", write)
+
+    class FakeEngine:
+        model_hash = "tinyhash"
+
+    first = eagle._cached_chats(FakeEngine, 5, None)
+    again = eagle._cached_chats(FakeEngine, 5, None)
+    assert written == [5] and (tmp_path / "tinyhash-chats-5.pt").exists()
+    assert again[0][:2] == first[0][:2] and torch.equal(again[0][2], first[0][2])
+    features = eagle.chat_features(again)
+    assert features[1].tolist() == [3] and features[2].tolist() == [4]  # x_{t+1}, the choice after it
+    eagle._cached_chats(FakeEngine, 7, None)  # another sample count writes its own chats
+    assert written == [5, 7]
