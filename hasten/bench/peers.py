@@ -33,10 +33,10 @@ class HFPeer:
         return super().__new__(cls)
 
     def __init__(self, engine, name: str):
-        from ..models.hf import to_transformers
+        from ..models.hf import shared_transformers
         self.name = name
         self.engine = engine
-        self.model = _shared_hf_model(engine, to_transformers)
+        self.model = shared_transformers(engine)
         self.precision = _DTYPES.get(self.model.dtype, str(self.model.dtype).removeprefix("torch."))
         self.passes = 0
         self.model.register_forward_pre_hook(self._count)
@@ -57,14 +57,6 @@ class HFPeer:
             seconds = time.perf_counter() - t0
         return {"token_ids": out[0, len(ids):].tolist(), "seconds": seconds, "target_passes": self.passes,
                 "precision": self.precision}
-
-
-def _shared_hf_model(engine, build):
-    model = getattr(engine, "_hf_peer_model", None)
-    if model is None:
-        model = engine._hf_peer_model = build(engine.model, engine.loaded.hf_config)
-        model.generation_config.temperature = model.generation_config.top_p = model.generation_config.top_k = None
-    return model
 
 
 # ---- llama.cpp ------------------------------------------------------------------------------------------

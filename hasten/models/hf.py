@@ -1,4 +1,5 @@
-"""The same weights as a transformers model: the `hf` benchmark peers and the parity tests use it."""
+"""The same weights as a transformers model: the `hf` benchmark peers, the eagle head's batched chat writing and
+the parity tests use it."""
 from __future__ import annotations
 
 import torch
@@ -30,3 +31,13 @@ def to_transformers(model: Transformer, hf_config):
     if missing:
         raise RuntimeError(f"transformers model has unloaded tensors: {missing[:3]}")
     return hf.eval().requires_grad_(False)
+
+
+def shared_transformers(engine):
+    """`engine`'s model as transformers' (built once per engine, sharing its weights), for greedy or sampled
+    `generate` with the generation config's own sampling defaults cleared."""
+    model = getattr(engine, "_hf_model", None)
+    if model is None:
+        model = engine._hf_model = to_transformers(engine.model, engine.loaded.hf_config)
+        model.generation_config.temperature = model.generation_config.top_p = model.generation_config.top_k = None
+    return model

@@ -225,10 +225,9 @@ def self_distilled_chats(engine, samples: int, max_new_tokens: int = 128, progre
     a 2-core CPU 64 rows at once cost ~0.2 s per row per 64 tokens against ~0.8 s one at a time, and recording
     the features on the way saves a teacher-forced pass per answer. More self-written answers is what raises the
     head's agreement most (each doubling of the chats gave ~+3-5 points)."""
-    from ...bench.peers import _shared_hf_model
-    from ...models.hf import to_transformers
+    from ...models.hf import shared_transformers
 
-    tok, hf = engine.tokenizer, _shared_hf_model(engine, to_transformers)
+    tok, hf = engine.tokenizer, shared_transformers(engine)
     marker = "\x00"
     full = tok.apply_chat_template([{"role": "user", "content": marker}], add_generation_prompt=True, tokenize=False)
     header = tok(full[:full.index(marker)], add_special_tokens=False).input_ids
@@ -236,7 +235,7 @@ def self_distilled_chats(engine, samples: int, max_new_tokens: int = 128, progre
     bar = (progress or (lambda it: it))
     torch.manual_seed(seed)
 
-    def generate(rows: list[list[int]], new: int, sample: bool, steps=None) -> list[list[int]]:
+    def generate(rows: list[list[int]], new: int, sample: bool) -> list[list[int]]:
         width = max(map(len, rows))  # left padding: every row's last token is where generation starts
         ids = torch.tensor([[eos[0]] * (width - len(r)) + r for r in rows])
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
