@@ -65,7 +65,9 @@ def test_unknown_method_parameter():
 
 
 @pytest.mark.parametrize("method,needle", [("prompt-lookup:n=0", "prompt-lookup needs n ≥ 1"),
-                                           ("recycling:k=abc", "recycling: a parameter has the wrong type (k=abc)")])
+                                           ("recycling:k=abc", "recycling: a parameter has the wrong type (k=abc)"),
+                                           ("eagle:width=0", "eagle needs k ≥ 1, 0 < threshold < 1, width ≥ 1"),
+                                           ("prompt-lookup|eagle:threshold=1.5", "0 < threshold < 1")])
 def test_bad_method_parameter_value(method, needle):
     assert_one_line_error(*run("generate", "hi", "--method", method), needle)
 

@@ -106,10 +106,14 @@ class EagleDrafter:
     wants_hidden = True  # the decode loop leaves the target's final-norm features in state.hidden
 
     def __init__(self, head: FeatureHead, k: int = 4, threshold: float = 0.25, width: int = 1, nodes: int | None = None):
-        if k < 1 or not 0.0 < threshold < 1.0 or width < 1 or (nodes is not None and nodes < 1):
-            raise ValueError("eagle needs k ≥ 1, 0 < threshold < 1, width ≥ 1 and nodes ≥ 1")
+        self.check(k, threshold, width, nodes)
         self.head, self.k, self.threshold, self.width = head, k, threshold, width
         self.nodes = k if nodes is None else nodes
+
+    @staticmethod
+    def check(k: int, threshold: float, width: int, nodes: int | None) -> None:
+        if k < 1 or not 0.0 < threshold < 1.0 or width < 1 or (nodes is not None and nodes < 1):
+            raise ValueError("eagle needs k ≥ 1, 0 < threshold < 1, width ≥ 1 and nodes ≥ 1")
 
     def begin(self, state):
         pass
@@ -176,6 +180,7 @@ def load_head(engine) -> FeatureHead:
 
 
 def eagle(engine, k: int = 4, threshold: float = 0.25, width: int = 1, nodes: int | None = None) -> EagleDrafter:
+    EagleDrafter.check(k, threshold, width, nodes)  # a bad parameter is reported before a missing head
     return EagleDrafter(load_head(engine), k, threshold, width, nodes)
 
 
