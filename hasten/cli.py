@@ -41,6 +41,30 @@ def user_errors(fn):
     return wrapper
 
 
+class _OneLineUsageError(click.ClickException):
+    """click's own validation (a bad option value, a missing argument) shown as hasten's one line."""
+
+    exit_code = 2
+
+    def show(self, file=None):
+        click.echo(f"hasten: error: {self.message}", err=True)
+
+
+class _Group(click.Group):
+    def resolve_command(self, ctx, args):
+        name, command, rest = super().resolve_command(ctx, args)
+        ctx.meta["hasten.command"] = name
+        return name, command, rest
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as e:  # raised while a command parses its arguments, before it runs
+            command = ctx.meta.get("hasten.command")
+            see = f"hasten {command} --help" if command else "hasten --help"
+            raise _OneLineUsageError(f"{e.format_message()} (see `{see}`)") from None
+
+
 def model_option(fn):
     return click.option("--model", "-m", default=None, metavar="PATH|HUB_ID",
                         help="GGUF file, Hugging Face checkpoint directory or hub id "
@@ -83,7 +107,7 @@ def set_threads(threads: int | None) -> int:
     return torch.get_num_threads()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="hasten")
 def main():
     """hasten: faster LLM generation on your own hardware, every speedup measured.

@@ -111,3 +111,22 @@ def test_bad_sparsity_input(args, needle):
 @pytest.mark.parametrize("command", [("generate", "hi", "--method", "teal:0.5"), ("bench", "--methods", "baseline,teal:0.5")])
 def test_a_missing_corpus_is_one_line(command):
     assert_one_line_error(*run(*command, "--corpus", "/nonexistent/corpus"), "no such file or folder")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("bench", "-n", "0"), "'--max-new-tokens' / '-n': 0 is not in the range x>=1"),
+    (("bench", "--rounds", "0"), "'--rounds': 0 is not in the range x>=1"),
+    (("generate", "hi", "--threads", "0"), "'--threads': 0 is not in the range x>=1"),
+    (("generate", "hi", "-n", "abc"), "'abc' is not a valid integer"),
+    (("tune", "--budget", "3"), "'--budget': 3 is not in the range x>=10"),
+    (("generate", "hi", "--no-such-option"), "No such option '--no-such-option'"),
+    (("report",), "Missing argument 'RESULT_JSON'"),
+    (("no-such-command",), "No such command 'no-such-command'"),
+])
+def test_click_validation_is_one_line(args, needle):
+    """Values click itself rejects read like hasten's own errors, naming the command's --help."""
+    result, lines = run(*args)
+    assert_one_line_error(result, lines, needle)
+    command = "" if args[0] == "no-such-command" else f" {args[0]}"
+    assert lines[0].endswith(f"(see `hasten{command} --help`)")
+    assert "Usage:" not in result.output
