@@ -1,160 +1,217 @@
 // hasten's CPU kernels (see kernels/cpu.py for why they exist and how they are built).
-// 1. Y[T, N] = X[T, K] @ W^T computed straight from GGUF Q4_1 / Q8_0 blocks.
-// 2. RMSNorm and rotary embedding for a few tokens: one call instead of ~10 small torch ops each, which cost
-//    3-15 us apiece on this machine and dominated a decode step.
+// 1. Y[T, N] = X[T, K] @ W^T computed straight from a GGUF tensor's bytes (the memory-mapped file), for every
+//    block format in formats/*.h: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K.
+// 2. RMSNorm, rotary embedding, and attention for a few tokens, and one whole decoder block in one call.
 //
-// Exactness: every weight is rebuilt as gguf-py's dequantize does it (Q4_1: d*q, rounded, then + m, rounded;
-// Q8_0: d*q), so the weights are bit-identical to the dense fp32 ones. Built with -ffp-contract=off so the
-// compiler never fuses that multiply-add; the accumulation uses FMA, which only changes summation rounding.
-// Determinism: each (token, row) result is accumulated by the same instruction sequence whatever T is, so a
-// token scored inside a draft tree gets bit-identical logits to the same token scored alone.
+// Exactness: every weight is rebuilt as gguf-py's dequantize does it (formats/common.h), so the weights are
+// bit-identical to the dense fp32 ones; the accumulation uses FMA, which only changes summation rounding.
+// Determinism (the one kernel contract, DESIGN.md): each (token, row) result is accumulated by the same
+// instruction sequence whatever T is and whatever tile the token shares — decode, draft trees, prefill chunks
+// and batches all see the same bits for the same token.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
 #include <vector>
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
+
+#include "formats/bf16.h"
+#include "formats/f16.h"
+#include "formats/f32.h"
+#include "formats/q4_0.h"
+#include "formats/q4_1.h"
+#include "formats/q4_k.h"
+#include "formats/q5_0.h"
+#include "formats/q5_1.h"
+#include "formats/q5_k.h"
+#include "formats/q6_k.h"
+#include "formats/q8_0.h"
 
 namespace {
+using namespace hasten;
 constexpr int64_t QK = 32;
 
-#ifdef __AVX512F__
-// R rows x TN tokens: 2*R*TN accumulators live in registers (R, TN compile-time constants). Several rows at once
-// give the core independent FMA chains to overlap (one row's two chains leave it waiting on FMA latency); each
-// (row, token) result still comes from the same instruction sequence, so interleaving changes no bit.
-template <int R, int TN, typename Dequant>
-inline void rows_tokens(const float* xb0, float* y, int64_t K, int64_t N, int64_t NB, int64_t i, Dequant& dequant) {
-  __m512 lo_acc[R][TN], hi_acc[R][TN];
+// The SIMD level of this build: 32 weights of a group as NV vectors of L lanes; acc = fma(w, x, acc) per
+// vector, then reduce(acc) sums the NV vectors and their lanes in a fixed order.
+#if defined(HASTEN_AVX512)
+constexpr const char* kIsa = "avx512";
+using V = __m512;
+constexpr int L = 16;
+inline V vzero() { return _mm512_setzero_ps(); }
+inline V vload(const float* p) { return _mm512_loadu_ps(p); }
+inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+inline float vreduce(const V* a) { return _mm512_reduce_add_ps(_mm512_add_ps(a[0], a[1])); }
+template <class F> inline void weights(const uint8_t* row, int64_t g, V* w) { F::dequant16x2(row, g, w[0], w[1]); }
+constexpr int kRowsSmall = 4, kRowsLarge = 2, kTokensLarge = 6;  // 8 / 24 accumulators of 32 registers
+#elif defined(HASTEN_AVX2)
+constexpr const char* kIsa = "avx2";
+using V = __m256;
+constexpr int L = 8;
+inline V vzero() { return _mm256_setzero_ps(); }
+inline V vload(const float* p) { return _mm256_loadu_ps(p); }
+inline V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+inline float vreduce(const V* a) {
+  const __m256 s = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+template <class F> inline void weights(const uint8_t* row, int64_t g, V* w) {
+  alignas(32) float buf[32];
+  F::dequant(row, g, buf);
+  for (int v = 0; v < 4; ++v) w[v] = _mm256_load_ps(buf + 8 * v);
+}
+constexpr int kRowsSmall = 1, kRowsLarge = 1, kTokensLarge = 2;  // 16 registers: 8 accumulators
+#else
+constexpr const char* kIsa = "portable";
+using V = float;
+constexpr int L = 1;
+inline V vzero() { return 0.f; }
+inline V vload(const float* p) { return *p; }
+inline V vfma(V a, V b, V c) { return a * b + c; }  // -ffp-contract=off: a multiply, then an add
+inline float vreduce(const V* a) {
+  float s = 0.f;
+  for (int j = 0; j < 32; ++j) s += a[j];
+  return s;
+}
+template <class F> inline void weights(const uint8_t* row, int64_t g, V* w) { F::dequant(row, g, w); }
+constexpr int kRowsSmall = 1, kRowsLarge = 1, kTokensLarge = 1;
+#endif
+constexpr int NV = 32 / L;
+
+// Rows [i, i + R) x tokens [t, t + TN): R * TN * NV accumulators in registers. Each (row, token) pair gets
+// fma(w, x) over its groups in order, then vreduce: the same sequence for every R and TN.
+template <class F, int R, int TN>
+inline void tile(const uint8_t* W, int64_t rb, const float* X, float* Y, int64_t K, int64_t N, int64_t i, int64_t t) {
+  V acc[R][TN][NV];
   for (int r = 0; r < R; ++r)
-    for (int k = 0; k < TN; ++k) lo_acc[r][k] = hi_acc[r][k] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < NB; ++b) {
-    const float* xb = xb0 + b * QK;
-    for (int r = 0; r < R; ++r) {
-      __m512 w_lo, w_hi;  // weights 0..15 and 16..31 of block b of row i + r
-      dequant(i + r, b, w_lo, w_hi);
-      for (int k = 0; k < TN; ++k) {
-        lo_acc[r][k] = _mm512_fmadd_ps(w_lo, _mm512_loadu_ps(xb + k * K), lo_acc[r][k]);
-        hi_acc[r][k] = _mm512_fmadd_ps(w_hi, _mm512_loadu_ps(xb + k * K + 16), hi_acc[r][k]);
+    for (int k = 0; k < TN; ++k)
+      for (int v = 0; v < NV; ++v) acc[r][k][v] = vzero();
+  const int64_t G = K / QK;
+  for (int64_t g = 0; g < G; ++g) {
+    V w[R][NV];
+    for (int r = 0; r < R; ++r) weights<F>(W + (i + r) * rb, g, w[r]);
+    for (int k = 0; k < TN; ++k) {
+      const float* xg = X + (t + k) * K + g * QK;
+      for (int v = 0; v < NV; ++v) {
+        const V xv = vload(xg + v * L);
+        for (int r = 0; r < R; ++r) acc[r][k][v] = vfma(w[r][v], xv, acc[r][k][v]);
       }
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int k = 0; k < TN; ++k) y[k * N + i + r] = _mm512_reduce_add_ps(_mm512_add_ps(lo_acc[r][k], hi_acc[r][k]));
+    for (int k = 0; k < TN; ++k) Y[(t + k) * N + i + r] = vreduce(acc[r][k]);
 }
 
-// All T tokens of rows [i, i + R): the same per-token instruction sequence in every specialisation, so results
-// do not depend on T. Rows x tokens per pass are chosen to keep at most 16 accumulators.
-template <int R, typename Dequant>
-inline void rows_all_tokens(const float* X, float* Y, int64_t T, int64_t K, int64_t N, int64_t NB, int64_t i, Dequant& dequant) {
-  constexpr int R4 = R < 2 ? R : 2;
-  int64_t t = 0;
-  for (; t + 8 <= T; t += 8)
-    for (int r = 0; r < R; ++r) rows_tokens<1, 8>(X + t * K, Y + t * N, K, N, NB, i + r, dequant);
-  for (; t + 4 <= T; t += 4)
-    for (int r = 0; r < R; r += R4) rows_tokens<R4, 4>(X + t * K, Y + t * N, K, N, NB, i + r, dequant);
-  for (; t + 2 <= T; t += 2) rows_tokens<R, 2>(X + t * K, Y + t * N, K, N, NB, i, dequant);
-  for (; t < T; ++t) rows_tokens<R, 1>(X + t * K, Y + t * N, K, N, NB, i, dequant);
+template <class F, int R, int TN>
+inline void tokens_rest(const uint8_t* W, int64_t rb, const float* X, float* Y, int64_t K, int64_t N, int64_t i, int64_t t, int64_t n) {
+  if constexpr (TN > 1) {
+    if (n == TN - 1) return tile<F, R, TN - 1>(W, rb, X, Y, K, N, i, t);
+    return tokens_rest<F, R, TN - 1>(W, rb, X, Y, K, N, i, t, n);
+  }
 }
 
-template <typename Dequant>
-void run_rows(const float* X, float* Y, int64_t T, int64_t K, int64_t N, int64_t NB, Dequant dequant) {
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    int64_t i = begin;
-    for (; i + 4 <= end; i += 4) rows_all_tokens<4>(X, Y, T, K, N, NB, i, dequant);
-    for (; i < end; ++i) rows_all_tokens<1>(X, Y, T, K, N, NB, i, dequant);
+// Rows [i, i + R), tokens [t0, t1): full tiles of TN tokens, then one tile of the rest.
+template <class F, int R, int TN>
+inline void rows(const uint8_t* W, int64_t rb, const float* X, float* Y, int64_t K, int64_t N, int64_t i, int64_t t0, int64_t t1) {
+  int64_t t = t0;
+  for (; t + TN <= t1; t += TN) tile<F, R, TN>(W, rb, X, Y, K, N, i, t);
+  if (t < t1) tokens_rest<F, R, TN>(W, rb, X, Y, K, N, i, t, t1 - t);
+}
+
+// Token chunks of 48 keep a chunk of X in L2 while every row of W streams past it (prefill).
+constexpr int64_t kTokenChunk = 48;
+
+template <class F>
+void matmul(const float* X, const uint8_t* W, int64_t rb, float* Y, int64_t T, int64_t K, int64_t N) {
+  for (int64_t t0 = 0; t0 < T; t0 += kTokenChunk) {
+    const int64_t t1 = std::min(T, t0 + kTokenChunk);
+    at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+      int64_t i = begin;
+      if (t1 - t0 <= 2) {  // decode: more rows at once, for independent FMA chains
+        for (; i + kRowsSmall <= end; i += kRowsSmall) rows<F, kRowsSmall, 2>(W, rb, X, Y, K, N, i, t0, t1);
+      } else {
+        for (; i + kRowsLarge <= end; i += kRowsLarge) rows<F, kRowsLarge, kTokensLarge>(W, rb, X, Y, K, N, i, t0, t1);
+      }
+      for (; i < end; ++i) rows<F, 1, kTokensLarge>(W, rb, X, Y, K, N, i, t0, t1);
+    });
+  }
+}
+
+enum Format : int64_t { kF32, kF16, kBF16, kQ4_0, kQ4_1, kQ5_0, kQ5_1, kQ8_0, kQ4_K, kQ5_K, kQ6_K };
+
+template <class Fn>
+auto dispatch(int64_t fmt, Fn&& fn) {
+  switch (fmt) {
+    case kF32: return fn(F32{});
+    case kF16: return fn(F16{});
+    case kBF16: return fn(BF16{});
+    case kQ4_0: return fn(Q4_0{});
+    case kQ4_1: return fn(Q4_1{});
+    case kQ5_0: return fn(Q5_0{});
+    case kQ5_1: return fn(Q5_1{});
+    case kQ8_0: return fn(Q8_0{});
+    case kQ4_K: return fn(Q4_K{});
+    case kQ5_K: return fn(Q5_K{});
+    case kQ6_K: return fn(Q6_K{});
+  }
+  TORCH_CHECK(false, "unknown block format id ", fmt);
+}
+
+template <class F>
+int64_t row_bytes(int64_t K) { return K / F::kBlockWeights * F::kBlockBytes; }
+
+void check_blocks(const torch::Tensor& w, int64_t K, int64_t fmt) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kUInt8 && w.is_cpu() && w.stride(1) == 1,
+              "weights must be a u8 CPU tensor [N, row bytes] with contiguous rows");
+  const int64_t rb = dispatch(fmt, [&](auto f) {
+    using F = decltype(f);
+    TORCH_CHECK(K % F::kBlockWeights == 0 && K % QK == 0, K, " inputs is not a whole number of blocks of ", F::kBlockWeights);
+    return row_bytes<F>(K);
   });
-}
-#endif
-
-// x [..., K] (any leading shape, read as T = numel / K rows) → y [..., N], allocated here.
-torch::Tensor check_and_alloc(const torch::Tensor& x, const torch::Tensor& d, int64_t block_bytes, const torch::Tensor& qs) {
-  TORCH_CHECK(x.dim() >= 1 && x.is_cpu() && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
-              "x must be a contiguous f32 CPU tensor [..., K]");
-  TORCH_CHECK(x.size(-1) == d.size(1) * QK, "x has ", x.size(-1), " features, weights ", d.size(1) * QK);
-  TORCH_CHECK(qs.size(0) == d.size(0) && qs.size(1) == d.size(1) && qs.size(2) == block_bytes, "bad block layout");
-  auto shape = x.sizes().vec();
-  shape.back() = d.size(0);
-  return torch::empty(shape, x.options());
+  TORCH_CHECK(w.size(1) == rb, "weights have ", w.size(1), " bytes per row, ", K, " inputs need ", rb);
 }
 }  // namespace
 
-// x [..., K] f32; d, m [N, K/32] f32; qs [N, K/32, 16] u8 (low nibble = weight j, high nibble = weight j+16)
-torch::Tensor q4_1_matmul(torch::Tensor x, torch::Tensor d, torch::Tensor m, torch::Tensor qs) {
-  auto y = check_and_alloc(x, d, 16, qs);
-  const int64_t K = x.size(-1), T = x.numel() / K, N = d.size(0), NB = d.size(1);
-  const float *D = d.data_ptr<float>(), *M = m.data_ptr<float>();
-  const uint8_t* Q = qs.data_ptr<uint8_t>();
-#ifdef __AVX512F__
-  // A block has only 16 distinct weights, d*j + m for j = 0..15: build them once (one register) and look each
-  // weight up with vpermps, which reads only the low 4 bits of each index, so the byte itself indexes the low
-  // nibble and byte >> 4 the high one. 6 vector ops per block instead of 11, same values bit for bit.
-  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  run_rows(x.data_ptr<float>(), y.data_ptr<float>(), T, K, N, NB, [&](int64_t i, int64_t b, __m512& lo, __m512& hi) {
-    const int64_t o = i * NB + b;
-    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(Q + o * 16)));
-    const __m512 table = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(D[o]), iota), _mm512_set1_ps(M[o]));
-    lo = _mm512_permutexvar_ps(q, table);
-    hi = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), table);
+// x [..., K] f32 (any leading shape, read as T = numel / K rows); w [N, row bytes] u8 in format `fmt` → y [..., N].
+torch::Tensor block_matmul(torch::Tensor x, torch::Tensor w, int64_t fmt) {
+  TORCH_CHECK(x.dim() >= 1 && x.is_cpu() && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
+              "x must be a contiguous f32 CPU tensor [..., K]");
+  const int64_t K = x.size(-1), T = x.numel() / std::max<int64_t>(K, 1), N = w.size(0);
+  check_blocks(w, K, fmt);
+  auto shape = x.sizes().vec();
+  shape.back() = N;
+  auto y = torch::empty(shape, x.options());
+  if (T == 0) return y;
+  dispatch(fmt, [&](auto f) {
+    matmul<decltype(f)>(x.data_ptr<float>(), w.data_ptr<uint8_t>(), w.stride(0), y.data_ptr<float>(), T, K, N);
+    return 0;
   });
-#else
-  const float* X = x.data_ptr<float>();
-  float* Y = y.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    float w[QK];
-    for (int64_t i = begin; i < end; ++i)
-      for (int64_t t = 0; t < T; ++t) {
-        float acc[QK] = {0};
-        for (int64_t b = 0; b < NB; ++b) {
-          const int64_t o = i * NB + b;
-          for (int j = 0; j < 16; ++j) {
-            const float dq_lo = D[o] * float(Q[o * 16 + j] & 15), dq_hi = D[o] * float(Q[o * 16 + j] >> 4);
-            w[j] = dq_lo + M[o];
-            w[j + 16] = dq_hi + M[o];
-          }
-          for (int j = 0; j < QK; ++j) acc[j] += w[j] * X[t * K + b * QK + j];
-        }
-        float s = 0;
-        for (int j = 0; j < QK; ++j) s += acc[j];
-        Y[t * N + i] = s;
-      }
-  });
-#endif
   return y;
 }
 
-// x [..., K] f32; d [N, K/32] f32; qs [N, K/32, 32] i8
-torch::Tensor q8_0_matmul(torch::Tensor x, torch::Tensor d, torch::Tensor qs) {
-  auto y = check_and_alloc(x, d, 32, qs);
-  const int64_t K = x.size(-1), T = x.numel() / K, N = d.size(0), NB = d.size(1);
-  const float* D = d.data_ptr<float>();
-  const int8_t* Q = qs.data_ptr<int8_t>();
-#ifdef __AVX512F__
-  run_rows(x.data_ptr<float>(), y.data_ptr<float>(), T, K, N, NB, [&](int64_t i, int64_t b, __m512& lo, __m512& hi) {
-    const int64_t o = i * NB + b;
-    const __m512 dv = _mm512_set1_ps(D[o]);
-    const int8_t* q = Q + o * 32;
-    lo = _mm512_mul_ps(dv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)))));
-    hi = _mm512_mul_ps(dv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16)))));
+// Rows `ids` of w, dequantized exactly: [n, K] f32 (embedding lookups; a dense copy of one layer on demand).
+torch::Tensor dequantize_rows(torch::Tensor w, torch::Tensor ids, int64_t K, int64_t fmt) {
+  check_blocks(w, K, fmt);
+  auto idx = ids.to(torch::kLong).contiguous();
+  const int64_t n = idx.numel(), N = w.size(0);
+  auto out = torch::empty({n, K}, torch::dtype(torch::kFloat32));
+  const int64_t* I = idx.data_ptr<int64_t>();
+  for (int64_t r = 0; r < n; ++r) TORCH_CHECK(I[r] >= 0 && I[r] < N, "row ", I[r], " out of range [0, ", N, ")");
+  const uint8_t* W = w.data_ptr<uint8_t>();
+  float* O = out.data_ptr<float>();
+  const int64_t rb = w.stride(0);
+  dispatch(fmt, [&](auto f) {
+    using F = decltype(f);
+    at::parallel_for(0, n, 64, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r)
+        for (int64_t g = 0; g < K / QK; ++g) F::dequant(W + I[r] * rb, g, O + r * K + g * QK);
+    });
+    return 0;
   });
-#else
-  const float* X = x.data_ptr<float>();
-  float* Y = y.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i)
-      for (int64_t t = 0; t < T; ++t) {
-        float acc[QK] = {0};
-        for (int64_t b = 0; b < NB; ++b)
-          for (int j = 0; j < QK; ++j) acc[j] += (D[i * NB + b] * float(Q[(i * NB + b) * 32 + j])) * X[t * K + b * QK + j];
-        float s = 0;
-        for (int j = 0; j < QK; ++j) s += acc[j];
-        Y[t * N + i] = s;
-      }
-  });
-#endif
-  return y;
+  return out;
 }
+
+std::string isa() { return kIsa; }
 
 // x [T, D] f32 → w * x / sqrt(mean(x^2) + eps), row by row (the same arithmetic for every T).
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
@@ -281,18 +338,19 @@ void register_sparse_kernels(pybind11::module& mod);
 
 namespace {
 // One linear layer of a decoder block, as its module's `fused_spec()` describes it (models/quantized.py,
-// sparsity/modules.py): w = packed dense blocks [d, m, qs] (Q4_1) or [d, qs] (Q8_0), optionally followed by the
-// transposed Q4_1 layout [q, d, m] of TEAL's sparse-input kernel; thr < 0: dense; else inputs with |x| <= thr
-// are dropped, by the sparse kernel up to max_t tokens and by the dense kernel on the masked input above.
-// Each branch is exactly what the module's forward runs.
-torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& w, double thr, int64_t max_t) {
-  const bool q4_1 = w.size() == 3 || w.size() == 6;
+// sparsity/modules.py): w = [blocks [N, row bytes] u8, bias [N] or empty, extra…] in block format `fmt`;
+// extra = the transposed Q4_1 layout [q, d, m] of TEAL's sparse-input kernel, or CATS' repacked Q4_1 rows
+// [d, m, qs]. thr < 0: dense; else inputs with |x| <= thr are dropped, by the sparse kernel up to max_t tokens
+// and by the dense kernel on the masked input above. Each branch is exactly what the module's forward runs.
+torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& w, int64_t fmt, double thr, int64_t max_t) {
   auto dense = [&](const torch::Tensor& in) {
-    return q4_1 ? q4_1_matmul(in, w[0], w[1], w[2]) : q8_0_matmul(in, w[0], w[1]);
+    auto y = block_matmul(in, w[0], fmt);
+    if (w[1].numel() > 0) y += w[1];
+    return y;
   };
   if (thr < 0) return dense(x);
   const int64_t K = x.size(-1), T = x.numel() / K;
-  if (w.size() == 6 && T <= max_t) return q4t_sparse_in(x.view({T, K}), thr, w[3], w[4], w[5], K, w[0].size(0));
+  if (w.size() == 5 && T <= max_t) return q4t_sparse_in(x.view({T, K}), thr, w[2], w[3], w[4], K, w[0].size(0));
   return dense(x * (x.abs() > thr));
 }
 }  // namespace
@@ -300,19 +358,19 @@ torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& w
 // One Llama decoder block (pre-norm attention, SiLU-gated MLP) for a few tokens over the KV cache, in one call.
 // A decode step used to make ~25 Python-level calls per block (~4 ms of a ~19 ms step on this 2-core machine);
 // this runs the very kernels and ATen ops the Python modules run, in the same order, so every bit is the same.
-// x [1, T, D]; lin, thr, max_t = q, k, v, o, gate, up, down (see `linear`); cos, sin [T, d];
+// x [1, T, D]; lin, fmt, thr, max_t = q, k, v, o, gate, up, down (see `linear`); cos, sin [T, d];
 // ck, cv = this layer's cache [1, Hkv, max_len, d], written at start..start+T; mask [T, start+T] or none.
 // gated_up_thr < 0: SwiGLU, silu(gate) * up; else CATS: up's rows only where |silu(gate)| > gated_up_thr.
 torch::Tensor decode_block(torch::Tensor x, torch::Tensor ln1, torch::Tensor ln2, double eps,
                            std::vector<std::vector<torch::Tensor>> lin, std::vector<double> thr,
-                           std::vector<int64_t> max_t, torch::Tensor cos, torch::Tensor sin, torch::Tensor ck,
+                           std::vector<int64_t> max_t, std::vector<int64_t> fmt, torch::Tensor cos, torch::Tensor sin, torch::Tensor ck,
                            torch::Tensor cv, int64_t start, c10::optional<torch::Tensor> mask, double scale,
                            int64_t H, int64_t Hkv, double gated_up_thr) {
   TORCH_CHECK(x.dim() == 3 && x.size(0) == 1 && x.is_contiguous() && lin.size() == 7 && thr.size() == 7 &&
-              max_t.size() == 7, "decode_block: bad arguments");
+              max_t.size() == 7 && fmt.size() == 7, "decode_block: bad arguments");
   TORCH_CHECK(start + x.size(1) <= ck.size(2), "decode_block: KV cache overflow");
   const int64_t T = x.size(1), D = x.size(2);
-  auto lin_ = [&](int i, const torch::Tensor& in) { return linear(in, lin[i], thr[i], max_t[i]); };
+  auto lin_ = [&](int i, const torch::Tensor& in) { return linear(in, lin[i], fmt[i], thr[i], max_t[i]); };
   const auto h = rms_norm(x.view({T, D}), ln1, eps);
   auto q = lin_(0, h), k = lin_(1, h), v = lin_(2, h);
   const int64_t d = q.size(1) / H;
@@ -327,14 +385,15 @@ torch::Tensor decode_block(torch::Tensor x, torch::Tensor ln1, torch::Tensor ln2
   const auto h2 = rms_norm(x.view({T, D}), ln2, eps);
   const auto gate = at::silu(lin_(4, h2));
   const auto gated = gated_up_thr < 0 ? gate * lin_(5, h2)
-                                      : q4_1_rows_gated(h2, gate, gated_up_thr, lin[5][0], lin[5][1], lin[5][2]);
+                                      : q4_1_rows_gated(h2, gate, gated_up_thr, lin[5][2], lin[5][3], lin[5][4]);
   return x + lin_(6, gated).view({1, T, D});
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("decode_block", &decode_block, "one decoder block for a few tokens over the KV cache");
-  mod.def("q4_1_matmul", &q4_1_matmul, "Y = X @ W^T from Q4_1 blocks");
-  mod.def("q8_0_matmul", &q8_0_matmul, "Y = X @ W^T from Q8_0 blocks");
+  mod.def("block_matmul", &block_matmul, "Y = X @ W^T from a GGUF tensor's bytes in a block format");
+  mod.def("dequantize_rows", &dequantize_rows, "rows of a GGUF tensor, dequantized exactly to f32");
+  mod.def("isa", &isa, "the instruction set this build targets: avx512, avx2 or portable");
   mod.def("rms_norm", &rms_norm, "RMSNorm over the last dim of [T, D]");
   mod.def("rope_", &rope_, "rotary embedding in place on [T, H, d]");
   mod.def("attend_small", &attend_small, "attention of a few tokens over the KV cache (causal or masked)");

@@ -1,69 +1,112 @@
-"""hasten's CPU kernels (a small C++ extension): Y = X @ W^T straight from GGUF Q4_1 / Q8_0 blocks, RMSNorm, RoPE.
+"""hasten's CPU kernels (a small C++ extension): Y = X @ W^T straight from a GGUF tensor's bytes in any of the
+block formats of `formats.py`, RMSNorm, RoPE, attention for a few tokens, and a whole decoder block in one call.
 
-Why: decoding reads every weight once per token, and this machine streams only ~16-18 GB/s. The dequantized
-fp32 weights of the default model are 540 MB (≤ 30 tokens/s); its Q4_1 blocks are 0.5625 bytes per weight.
-Each weight is rebuilt in registers exactly as gguf-py's `dequantize` does, so results equal a dense fp32
-matmul over the dequantized weights up to summation order, and that order does not depend on how many tokens
-are scored at once (see cpu.cpp).
+Why: decoding reads every weight once per token, and this machine streams only ~16-22 GB/s. The dequantized
+fp32 weights of the default model are 540 MB (≤ 30 tokens/s); its Q4_1 blocks are 0.5625 bytes per weight. Each
+weight is rebuilt in registers exactly as gguf-py's `dequantize` does (formats/common.h), so results equal a
+dense fp32 matmul over the dequantized weights up to summation order, and that order does not depend on how
+many tokens are scored at once (cpu.cpp): decode, draft trees, prefill chunks and batches agree bit for bit.
 
-Why C++ and not numba (measured 2026-11-22 on this 2-core Xeon, ffn_up 1536x576, one token): numba would not
+Three builds of the same source, one per instruction set: `avx512` (intrinsics, most servers), `avx2` (AVX2 +
+FMA + F16C: most laptops and desktops) and `portable` (plain C++, any CPU the compiler targets). `extension()`
+loads the best one this CPU runs; each is compiled once per machine, torch version and source hash, with
+torch's own extension builder (cached under hasten's cache dir), and shares torch's thread pool
+(at::parallel_for). Where no compiler works, `extension()` is None and the torch paths run (slower, same
+function up to summation order).
+
+Why C++ and not numba (measured 2026-11-22 on a 2-core Xeon, ffn_up 1536x576, one token): numba would not
 vectorise the nibble decode (≥ 1.4 ms per call in four loop shapes, vs torch fp32's ~0.15 ms), and its OpenMP
-pool fought torch's for the two cores. AVX-512 intrinsics compiled once with torch's own extension builder
-share torch's thread pool (at::parallel_for). The build is cached under hasten's cache dir (~1 min, once).
+pool fought torch's for the two cores.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import platform
+import sys
 from functools import lru_cache
 from pathlib import Path
 
-import numpy as np
 import torch
 
-QK = 32  # weights per block, both formats
+QK = 32  # weights per group: every kernel walks a row 32 weights at a time
+ISAS = ("avx512", "avx2", "portable")  # best first
+_HERE = Path(__file__).resolve().parent
+_SOURCES = [_HERE / "cpu.cpp", _HERE.parent / "sparsity" / "kernels" / "sparse_cpu.cpp"]
+_X86 = platform.machine() in ("x86_64", "AMD64")
 
 
-@lru_cache(maxsize=1)
-def extension():
-    """Compile (once per machine, cached) and import the C++ kernels; None where no compiler works (torch paths
-    are used then, slower but equal up to summation order)."""
-    # The sparsity kernels are built into the same module: decode_block runs TEAL's sparse linears too.
-    sparse = Path(__file__).resolve().parents[1] / "sparsity" / "kernels" / "sparse_cpu.cpp"
-    return build_extension("hasten_cpu", [Path(__file__).with_suffix(".cpp"), sparse], "CPU kernels")
+def cpu_flags() -> set[str]:
+    """The instruction-set flags the kernel builds care about ('avx512f', 'avx2', 'fma', 'f16c', …)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    cap = torch.backends.cpu.get_cpu_capability().lower()  # macOS, Windows: torch's own detection
+    return {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"} if "avx512" in cap else \
+        {"avx2", "fma", "f16c"} if "avx2" in cap else set()
 
 
-def build_extension(name: str, sources: list[Path], what: str):
-    """A C++ extension built once per machine and torch version with torch's own builder (cached under
-    hasten's cache dir), or None with a warning where it cannot be built (no compiler, no ninja)."""
-    import sys
+def supported_isas() -> list[str]:
+    """The builds this CPU can run, best first."""
+    flags = cpu_flags()
+    out = []
+    if _X86 and {"avx512f", "avx512bw", "avx512vl", "avx512dq", "f16c", "fma"} <= flags:
+        out.append("avx512")
+    if _X86 and {"avx2", "fma", "f16c"} <= flags:
+        out.append("avx2")
+    return out + ["portable"]
 
+
+def _flags(isa: str) -> list[str]:
+    if isa == "avx512":
+        # Tuned for this CPU where it has AVX-512; explicit flags elsewhere (a build that tests can compile).
+        return ["-march=native"] if "avx512f" in cpu_flags() else \
+            ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-mbmi2"]
+    if isa == "avx2":
+        return ["-mavx2", "-mfma", "-mf16c", "-mbmi2"]
+    return ["-mcpu=native"] if not _X86 else []  # x86-64 baseline: SSE2, no intrinsics used
+
+
+@lru_cache(maxsize=None)
+def extension(isa: str | None = None):
+    """The compiled kernels for `isa` (default: the best this CPU supports), built once per machine and cached;
+    None with a warning where no compiler works (torch paths run then)."""
+    isa = isa or supported_isas()[0]
+    if isa not in ISAS:
+        raise ValueError(f"unknown kernel build {isa!r}; one of {', '.join(ISAS)}")
+    return build_extension(f"hasten_cpu_{isa}", _SOURCES, f"CPU kernels ({isa})",
+                           extra_cflags=_flags(isa), include_dirs=[_HERE])
+
+
+def build_extension(name: str, sources: list[Path], what: str, extra_cflags: list[str] | None = None,
+                    include_dirs: list[Path] | None = None):
+    """A C++ extension built once per machine, torch version, flags and source contents with torch's own
+    builder (cached under hasten's cache dir), or None with a warning where it cannot be built."""
     try:
         from torch.utils.cpp_extension import load
 
         from ..models.loading import cache_dir
-        build = cache_dir() / "kernels" / f"torch-{torch.__version__}" / name
+        cflags = ["-O3", "-ffp-contract=off", "-fopenmp", *(extra_cflags or [])]
+        digest = hashlib.sha256(" ".join(cflags).encode())
+        for src in sorted({*sources, *(p for d in include_dirs or [] for p in Path(d).rglob("*.h"))}):
+            digest.update(src.read_bytes())
+        build = cache_dir() / "kernels" / f"torch-{torch.__version__}" / f"{name}-{digest.hexdigest()[:12]}"
         build.mkdir(parents=True, exist_ok=True)
         if not any(build.glob("*.so")):
             print(f"hasten: compiling {what} once (about a minute)…", file=sys.stderr)
-        native = "-march=native" if os.uname().machine in ("x86_64", "AMD64") else "-mcpu=native"
         return load(name=name, sources=[str(s) for s in sources], build_directory=str(build),
-                    extra_cflags=["-O3", native, "-ffp-contract=off", "-fopenmp"], verbose=False)
+                    extra_cflags=cflags, extra_include_paths=[str(d) for d in include_dirs or []], verbose=False)
     except Exception as e:  # no compiler, no ninja, unsupported platform
         import warnings
         warnings.warn(f"hasten: {what} unavailable ({type(e).__name__}: {str(e)[:200]}); using torch ops")
         return None
 
 
-def repack_q4_1(raw: np.ndarray):
-    """raw GGUF rows [N, nb*20] u8 → d [N, nb] f32, m [N, nb] f32, qs [N, nb, 16] u8 (values unchanged)."""
-    blocks = raw.reshape(raw.shape[0], -1, 20)
-    d = blocks[:, :, 0:2].copy().view(np.float16)[:, :, 0].astype(np.float32)
-    m = blocks[:, :, 2:4].copy().view(np.float16)[:, :, 0].astype(np.float32)
-    return d, m, np.ascontiguousarray(blocks[:, :, 4:20])
-
-
-def repack_q8_0(raw: np.ndarray):
-    """raw GGUF rows [N, nb*34] u8 → d [N, nb] f32, qs [N, nb, 32] i8."""
-    blocks = raw.reshape(raw.shape[0], -1, 34)
-    d = blocks[:, :, 0:2].copy().view(np.float16)[:, :, 0].astype(np.float32)
-    return d, np.ascontiguousarray(blocks[:, :, 2:34]).view(np.int8)
+def kernel_description() -> str:
+    """What `hasten models` prints: which build runs here and which this CPU could run."""
+    ext = extension()
+    best = supported_isas()
+    return f"{ext.isa() if ext is not None else 'none (torch ops)'} (this CPU supports: {', '.join(best)})"

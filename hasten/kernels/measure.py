@@ -17,12 +17,13 @@ import torch.nn.functional as F
 def main(sizes=(1, 2, 4, 8, 16), repeats: int = 7) -> None:
     import hasten
     from hasten.decoding.controller import measure_step_cost
-    from hasten.models.quantized import BlockQuantLinear
+    from hasten.models.quantized import QuantLinear
 
     engine = hasten.load()
-    linears = [m for m in engine.model.modules() if isinstance(m, BlockQuantLinear)]
-    weight_bytes = sum(m.weight.numel() * 4 for m in linears)
-    block_bytes = sum(sum(t.numel() * t.element_size() for t in m.packed) for m in linears)
+    linears = [m for m in engine.model.modules() if isinstance(m, QuantLinear)]
+    dense = [m.weight for m in linears]  # the torch reference needs dense copies: made here, for this measurement
+    weight_bytes = sum(w.numel() * 4 for w in dense)
+    block_bytes = sum(m.nbytes for m in linears)
     print(f"{engine.name}: {len(linears)} linear layers; fp32 {weight_bytes / 1e6:.0f} MB, blocks {block_bytes / 1e6:.0f} MB; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'tokens':>6} {'kernel ms':>10} {'torch ms':>9} {'speedup':>8} {'kernel GB/s':>12}")
@@ -36,8 +37,8 @@ def main(sizes=(1, 2, 4, 8, 16), repeats: int = 7) -> None:
                     m(x)
                 kern.append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
-                for m, x in zip(linears, xs):
-                    F.linear(x, m.weight)
+                for w, x in zip(dense, xs):
+                    F.linear(x, w)
                 dense.append(time.perf_counter() - t0)
             k, d = statistics.median(kern[1:]), statistics.median(dense[1:])
             print(f"{t:>6} {1e3 * k:>10.1f} {1e3 * d:>9.1f} {d / k:>7.2f}x {block_bytes / k / 1e9:>12.1f}")

@@ -8,11 +8,20 @@ from .transformer import Transformer
 
 
 def to_transformers(model: Transformer, hf_config):
-    """A transformers *ForCausalLM sharing `model`'s dense fp32 weights (no copy)."""
+    """A transformers *ForCausalLM sharing `model`'s dense fp32 weights (no copy) and holding a dense fp32 copy of
+    each block-quantized layer (dequantized exactly, made here on demand: the peer alone pays for it)."""
     from transformers import AutoModelForCausalLM
 
+    from .quantized import QuantEmbedding, QuantLinear
+
+    named = dict(model.state_dict())
+    for name, module in model.named_modules():
+        if isinstance(module, (QuantLinear, QuantEmbedding)):
+            named[f"{name}.weight"] = module.weight
+            if getattr(module, "bias", None) is not None:
+                named[f"{name}.bias"] = module.bias
     state = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in named.items():
         if name.endswith(".weight") or name.endswith(".bias"):
             key = name if name.startswith("lm_head.") else f"model.{name}"
             state[key] = tensor

@@ -19,11 +19,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .transformer import ModelConfig, Transformer, UnsupportedModelError
+from torch import nn
+
+from ..kernels.formats import UnsupportedFormatError, block_format
+from .quantized import QuantEmbedding, QuantLinear
+from .transformer import SUPPORTED_ARCHITECTURES, ModelConfig, Transformer, UnsupportedModelError
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_FORMAT_VERSION = 1  # bump when the cached layout changes
+_FORMAT_VERSION = 2  # bump when the cached layout changes
 
 
 class ModelLoadError(ValueError):
@@ -141,22 +145,29 @@ def _load_hf_dir(path: Path, name: str) -> LoadedModel:
                        f"safetensors {'/'.join(sorted(dtypes))} → fp32")
 
 
-def _build(config: ModelConfig, state: dict[str, torch.Tensor], packed: dict | None = None) -> Transformer:
+def _build(config: ModelConfig, state: dict[str, torch.Tensor], modules: dict[str, nn.Module] | None = None) -> Transformer:
+    """A Transformer from dense tensors by native name (`state`) and ready-made modules by name (`modules`: the
+    block-quantized layers of a GGUF file), which replace the dense ones."""
     with torch.device("meta"):
         model = Transformer(config)
-    if config.tie_word_embeddings or "lm_head.weight" not in state:
+    modules = dict(modules or {})
+    if "embed_tokens" in modules and "lm_head" not in modules and "lm_head.weight" not in state:
+        modules["lm_head"] = modules["embed_tokens"].as_linear()  # tied: the same bytes
+    if "lm_head" not in modules and (config.tie_word_embeddings or "lm_head.weight" not in state):
         state["lm_head.weight"] = state["embed_tokens.weight"]
-    from .quantized import BlockQuantLinear
-    for name, (qtype, blocks) in (packed or {}).items():
+    for name, module in modules.items():
         parent, _, attr = name.rpartition(".")
-        weight = state.pop(f"{name}.weight")
-        setattr(model.get_submodule(parent), attr, BlockQuantLinear(qtype, blocks, weight))
-    missing = [k for k, _ in model.named_parameters() if k not in state]
+        setattr(model.get_submodule(parent) if parent else model, attr, module)
+    missing = [k for k, _ in model.named_parameters() if k not in state and not _inside(k, modules)]
     if missing:
         raise ModelLoadError(f"checkpoint lacks {len(missing)} weights (e.g. {missing[0]}); is it complete?")
-    model.load_state_dict(state, strict=False, assign=True)
+    model.load_state_dict({k: v for k, v in state.items() if not _inside(k, modules)}, strict=False, assign=True)
     model.inv_freq = _inv_freq(config)
     return model.eval().requires_grad_(False)
+
+
+def _inside(param: str, modules: dict) -> bool:
+    return param.rpartition(".")[0] in modules
 
 
 def _inv_freq(config):
@@ -173,88 +184,112 @@ _GGUF_NAMES = {  # GGUF tensor name → native name (blk.N. → layers.N.)
     "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
-_BLOCK_KERNEL_TYPES = ("Q4_1", "Q8_0")  # GGUF block formats the CPU kernel computes from directly
 
 
 def _file_hash(path: Path) -> str:
+    """Identifies a model file without reading all of it (an 8B file is 5 GB): its size and its first, middle
+    and last 8 MiB, where the header (every tensor's name, type and offset) and samples of the data sit."""
     digest = hashlib.sha256()
+    size = path.stat().st_size
+    digest.update(str(size).encode())
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
+        for offset in sorted({0, max(0, size // 2 - (4 << 20)), max(0, size - (8 << 20))}):
+            f.seek(offset)
+            digest.update(f.read(8 << 20))
     return digest.hexdigest()[:16]
 
 
 def _load_gguf(path: Path, name: str) -> LoadedModel:
-    from safetensors.torch import load_file
+    """A GGUF file, memory-mapped: every linear and embedding computes from the file's own bytes (QuantLinear);
+    only norms and biases (1-D, a few KB each) are copied. The config and tokenizer are converted once and
+    cached; no weights are."""
+    from gguf import GGUFReader
     from transformers import AutoConfig, AutoTokenizer
 
     try:
         model_hash = _file_hash(path)
+        reader = GGUFReader(path, "c")  # copy-on-write pages: shared with the page cache, never written
     except OSError as e:
         raise ModelLoadError(f"cannot read {path} ({e.strerror}); check the path and its permissions") from None
+    except Exception as e:
+        raise ModelLoadError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); re-download it") from None
     target = cache_dir() / "models" / f"{model_hash}-v{_FORMAT_VERSION}"
     if not (target / "done").exists():
-        _convert_gguf(path, target)
-    meta = json.loads((target / "meta.json").read_text())
+        _convert_gguf_metadata(path, target)
     hf_config = AutoConfig.from_pretrained(target)
     config = ModelConfig.from_hf(hf_config)
-    state = load_file(target / "model.safetensors")
-    packed = {n: (qtype, state.pop(f"{n}.blocks")) for n, qtype in meta["packed"].items()}
-    model = _build(config, state, packed)
+    state, modules, qtypes = {}, {}, set()
+    pending_bias = {}
+    for t in reader.tensors:
+        native = _native_name(t.name)
+        qtype = t.tensor_type.name
+        if len(t.shape) == 2 and native.endswith(".weight"):
+            k, n = int(t.shape[0]), int(t.shape[1])
+            module = native.removesuffix(".weight")
+            try:
+                fmt = block_format(qtype)
+            except UnsupportedFormatError as e:
+                raise ModelLoadError(f"{path.name}: {module} is {e}") from None
+            rows = _llama_qk_row_order(config, native, n)
+            if rows is None:
+                blocks = torch.from_numpy(t.data.view(np.uint8).reshape(n, fmt.row_bytes(k)))
+            else:  # reordered once: read from the file, not through the map, so the original pages stay cold
+                raw = np.fromfile(path, dtype=np.uint8, count=n * fmt.row_bytes(k), offset=t.data_offset)
+                blocks = torch.from_numpy(np.ascontiguousarray(raw.reshape(n, -1)[rows]))
+            qtypes.add(qtype)
+            if module == "embed_tokens":
+                modules[module] = QuantEmbedding(qtype, blocks, k)
+            else:
+                modules[module] = (qtype, blocks, k)
+        else:  # norms, biases: small, dense fp32 copies
+            from gguf.quants import dequantize
+            value = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(
+                [int(d) for d in reversed(t.shape)])
+            rows = _llama_qk_row_order(config, native.replace(".bias", ".weight"), value.shape[0]) \
+                if native.endswith(".bias") else None
+            tensor = torch.tensor(value if rows is None else value[rows])
+            if native.endswith(".bias"):
+                pending_bias[native.removesuffix(".bias")] = tensor
+            else:
+                state[native] = tensor
+    for module, spec in list(modules.items()):
+        if isinstance(spec, tuple):
+            modules[module] = QuantLinear(*spec, bias=pending_bias.pop(module, None))
+    state.update({f"{m}.bias": b for m, b in pending_bias.items()})
+    model = _build(config, state, modules)
+    model.gguf_reader = reader  # keeps the map open as long as the model lives
     tokenizer = AutoTokenizer.from_pretrained(target)
-    return LoadedModel(model, tokenizer, hf_config, name, str(path), model_hash, meta["weight_format"])
+    fmt = "gguf " + "/".join(sorted(qtypes)) + " (memory-mapped; computed from the file's blocks)"
+    return LoadedModel(model, tokenizer, hf_config, name, str(path), model_hash, fmt)
 
 
-def _convert_gguf(path: Path, target: Path) -> None:
-    """Dequantize a GGUF file once into the cache (weights, config, tokenizer)."""
+def _native_name(gguf_name: str) -> str:
+    parts = gguf_name.split(".")
+    if parts[0] == "blk":
+        return f"layers.{parts[1]}.{_GGUF_NAMES.get(parts[2], parts[2])}.{parts[3]}"
+    return f"{_GGUF_NAMES.get(parts[0], parts[0])}.{parts[1]}"
+
+
+def _convert_gguf_metadata(path: Path, target: Path) -> None:
+    """The config and tokenizer of a GGUF file, written once into the cache as transformers files."""
     import sys
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
-    from safetensors.torch import save_file
     from transformers import AutoConfig, AutoTokenizer
 
-    print(f"hasten: converting {path.name} once (cached in {target})…", file=sys.stderr)
+    print(f"hasten: reading {path.name}'s config and tokenizer once (cached in {target})…", file=sys.stderr)
     try:
-        reader = GGUFReader(path)
         hf_config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     except ValueError as e:
         if "not supported" in str(e) or "architecture" in str(e):
-            raise UnsupportedModelError(f"{path.name}: {e}; hasten runs Llama, Mistral, Qwen2/2.5, Qwen3") from None
+            raise UnsupportedModelError(f"{path.name}: {e}; hasten runs {', '.join(SUPPORTED_ARCHITECTURES)}") from None
         raise ModelLoadError(f"{path} is not a readable GGUF file ({e}); re-download it") from None
     except Exception as e:
         raise ModelLoadError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); re-download it") from None
-    config = ModelConfig.from_hf(hf_config)
-    state, packed, qtypes = {}, {}, set()
-    for t in reader.tensors:
-        parts = t.name.split(".")
-        if parts[0] == "blk":
-            native = f"layers.{parts[1]}.{_GGUF_NAMES.get(parts[2], parts[2])}.{parts[3]}"
-        else:
-            native = f"{_GGUF_NAMES.get(parts[0], parts[0])}.{parts[1]}"
-        weight = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
-        weight = weight.reshape([int(d) for d in reversed(t.shape)]) if weight.ndim == 1 and len(t.shape) > 1 else weight
-        qtypes.add(t.tensor_type.name)
-        rows = _llama_qk_row_order(config, native, weight.shape[0])
-        if rows is not None:
-            weight = weight[rows]
-        state[native] = torch.tensor(weight)  # a copy: F32 tensors are read-only views of the file
-        linear = native.removesuffix(".weight")
-        if t.tensor_type.name in _BLOCK_KERNEL_TYPES and weight.ndim == 2 and native != "embed_tokens.weight":
-            blocks = np.asarray(t.data)
-            state[f"{linear}.blocks"] = torch.tensor(blocks if rows is None else blocks[rows])
-            packed[linear] = t.tensor_type.name
-    if config.tie_word_embeddings and "lm_head.weight" not in state:
-        emb = next(t for t in reader.tensors if t.name == "token_embd.weight")
-        if emb.tensor_type.name in _BLOCK_KERNEL_TYPES:  # the tied head reads the embedding's blocks
-            state["lm_head.blocks"] = torch.tensor(np.asarray(emb.data))
-            packed["lm_head"] = emb.tensor_type.name
+    ModelConfig.from_hf(hf_config)  # refuse unsupported architectures before writing anything
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     target.mkdir(parents=True, exist_ok=True)
-    save_file(state, target / "model.safetensors")
     hf_config.save_pretrained(target)
     tokenizer.save_pretrained(target)
-    fmt = "gguf " + "/".join(sorted(q for q in qtypes if q != "F32")) + " → fp32 (exact dequantized values)"
-    (target / "meta.json").write_text(json.dumps({"packed": packed, "weight_format": fmt, "source": str(path)}))
+    (target / "meta.json").write_text(json.dumps({"source": str(path)}))
     (target / "done").touch()
 
 

@@ -1,10 +1,11 @@
-"""BlockQuantLinear: a linear layer that keeps GGUF Q4_1 / Q8_0 blocks and computes from them.
+"""Layers that compute from a GGUF tensor's own bytes: `QuantLinear` and `QuantEmbedding`.
 
-The module holds the dequantized fp32 weight too (`weight`): prefill (many tokens) runs torch's matmul on it,
-and anything that wants the dense weight (transformers peers, sparsifiers) reads it. Decode and draft
-verification (up to MAX_KERNEL_ROWS tokens) run the block kernel, which reads ~7x fewer bytes; its per-token
-results do not depend on how many tokens are scored together (see kernels/cpu_kernels.cpp), so every
-lossless method sees exactly the logits plain decoding sees.
+The bytes are a view into the memory-mapped model file (or, for the few tensors the loader must reorder, a
+reordered copy that replaces the original): nothing holds a dequantized fp32 copy. Every call — decode, draft
+verification, prefill, batches — runs the block kernel of the tensor's format (kernels/cpu.cpp), whose per-token
+results do not depend on how many tokens are scored together, so every lossless method sees exactly the logits
+plain decoding sees. Whoever needs the dense weight (the transformers peer, a sparsifier's fp32 layout) reads
+`.weight`, which dequantizes this one layer on demand and keeps nothing.
 """
 from __future__ import annotations
 
@@ -14,45 +15,109 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import cpu as cpu_kernels
+from ..kernels.formats import BlockFormat, block_format
 
-# Scoring more tokens than this at once (prefill) goes to torch's matmul on the dense weight. Draft trees stay
-# below it, so verification always shares plain decoding's arithmetic.
-MAX_KERNEL_ROWS = 64
+_NO_BIAS = torch.empty(0)
 
 
-class BlockQuantLinear(nn.Module):
-    def __init__(self, qtype: str, blocks: torch.Tensor, weight: torch.Tensor):
+def _dequantize(blocks: torch.Tensor, fmt: BlockFormat, k: int, ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows `ids` (default: all) of a tensor in `fmt`, exactly as gguf-py dequantizes them: [n, k] fp32."""
+    ext = cpu_kernels.extension()
+    if ids is None:
+        ids = torch.arange(blocks.shape[0])
+    if ext is not None:
+        return ext.dequantize_rows(blocks, ids, k, fmt.id)
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+    rows = blocks[ids.reshape(-1)].numpy()
+    return torch.from_numpy(np.asarray(dequantize(rows, GGMLQuantizationType[fmt.name]), dtype=np.float32).reshape(-1, k))
+
+
+class QuantLinear(nn.Module):
+    """y = x W^T (+ b) with W a GGUF tensor [N, row bytes] u8 in block format `qtype` (any of kernels/formats.py)."""
+
+    def __init__(self, qtype: str, blocks: torch.Tensor, in_features: int, bias: torch.Tensor | None = None):
         super().__init__()
-        if qtype not in ("Q4_1", "Q8_0"):
-            raise ValueError(f"no kernel for {qtype}")
+        self.fmt = block_format(qtype)
         self.qtype = qtype
-        self.out_features, self.in_features = weight.shape
-        self.register_buffer("weight", weight)  # [N, K] fp32, dequantized
-        raw = blocks.numpy()
-        # The packed blocks are plain attributes, not buffers: a decode step reads them ~200 times and
-        # nn.Module attribute lookup costs microseconds each; they never leave the CPU.
-        if qtype == "Q4_1":
-            d, m, qs = cpu_kernels.repack_q4_1(raw)  # [N, K/32], [N, K/32], [N, K/32, 16]
-            packed = (torch.from_numpy(d), torch.from_numpy(m), torch.from_numpy(qs))
-        else:
-            d, qs = cpu_kernels.repack_q8_0(raw)  # [N, K/32], [N, K/32, 32]
-            packed = (torch.from_numpy(d), torch.from_numpy(qs))
-        self.packed = packed
-        ext = cpu_kernels.extension()
-        self._kernel = None if ext is None else (ext.q4_1_matmul if qtype == "Q4_1" else ext.q8_0_matmul)
-        self._max_kernel_numel = MAX_KERNEL_ROWS * self.in_features
+        if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] != self.fmt.row_bytes(in_features):
+            raise ValueError(f"{qtype} weights for {in_features} inputs must be u8 [N, {self.fmt.row_bytes(in_features)}]")
+        self.in_features, self.out_features = in_features, blocks.shape[0]
+        # A plain attribute, not a buffer: it never moves or changes dtype with the module, and a decode step
+        # reads it ~200 times (nn.Module attribute lookup costs microseconds each).
+        self.blocks = blocks
+        self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
+        self._ext = cpu_kernels.extension()
+        self._id = self.fmt.id
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # A decode step makes ~200 of these calls, so the kernel path is kept to a few attribute reads: the kernel
-        # takes any leading shape and checks device, dtype and layout itself.
-        kernel = self._kernel
-        if kernel is not None and x.numel() <= self._max_kernel_numel and x.dtype == torch.float32 and not x.is_cuda:
-            return kernel(x if x.is_contiguous() else x.contiguous(), *self.packed)
-        return F.linear(x, self.weight.to(x.dtype))
+        ext = self._ext
+        if ext is not None and x.dtype == torch.float32 and not x.is_cuda and not (x.requires_grad and torch.is_grad_enabled()):
+            y = ext.block_matmul(x if x.is_contiguous() else x.contiguous(), self.blocks, self._id)
+            return y if self.bias is None else y.add_(self.bias)
+        # No compiler, another dtype or device, or autograd: the same function from a dense copy made per call.
+        w = self.weight.to(device=x.device, dtype=x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense fp32 weight [N, K], dequantized now (exactly) and not kept."""
+        return _dequantize(self.blocks, self.fmt, self.in_features)
+
+    @property
+    def nbytes(self) -> int:
+        return self.blocks.numel()
+
+    @property
+    def packed(self):
+        """Q4_1 only: (d [N, K/32] f32, m [N, K/32] f32, qs [N, K/32, 16] u8), the layout of the sparsity kernels'
+        row-subset paths (CATS, Deja Vu, FFSplit); made on first use and kept (~1.2x the blocks)."""
+        if self.qtype != "Q4_1":
+            raise AttributeError(f"packed Q4_1 rows asked of a {self.qtype} layer")
+        packed = self.__dict__.get("_packed")
+        if packed is None:
+            b = self.blocks.numpy().reshape(self.out_features, -1, 20)
+            d = torch.from_numpy(b[:, :, 0:2].copy().view(np.float16)[:, :, 0].astype(np.float32))
+            m = torch.from_numpy(b[:, :, 2:4].copy().view(np.float16)[:, :, 0].astype(np.float32))
+            packed = self.__dict__["_packed"] = (d, m, torch.from_numpy(np.ascontiguousarray(b[:, :, 4:20])))
+        return packed
+
+    def rows(self, ids: torch.Tensor) -> "QuantLinear":
+        """A layer of the output rows `ids` only (a copy of their blocks): drafting heads over a vocabulary subset."""
+        return QuantLinear(self.qtype, self.blocks[ids].contiguous(), self.in_features)
 
     def fused_spec(self):
-        """How decode_block (kernels/cpu.cpp) runs this layer: (tensors, threshold, max tokens) — dense blocks."""
-        return (list(self.packed), -1.0, 0) if self._kernel is not None else None
+        """How decode_block (kernels/cpu.cpp) runs this layer: (tensors, threshold, max tokens, format id)."""
+        if self._ext is None:
+            return None
+        return [self.blocks, _NO_BIAS if self.bias is None else self.bias], -1.0, 0, self._id
 
     def extra_repr(self) -> str:
-        return f"{self.qtype}, in_features={self.in_features}, out_features={self.out_features}"
+        return f"{self.qtype}, in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class QuantEmbedding(nn.Module):
+    """Token embeddings looked up from a GGUF tensor's rows: only the rows asked for are dequantized."""
+
+    def __init__(self, qtype: str, blocks: torch.Tensor, embedding_dim: int):
+        super().__init__()
+        self.fmt = block_format(qtype)
+        self.qtype = qtype
+        self.blocks = blocks  # [V, row bytes] u8
+        self.num_embeddings, self.embedding_dim = blocks.shape[0], embedding_dim
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return _dequantize(self.blocks, self.fmt, self.embedding_dim, ids.reshape(-1).cpu()).view(
+            *ids.shape, self.embedding_dim).to(ids.device)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense fp32 table [V, D], dequantized now and not kept."""
+        return _dequantize(self.blocks, self.fmt, self.embedding_dim)
+
+    def as_linear(self) -> QuantLinear:
+        """The tied LM head: the same bytes read as a [V, D] linear layer."""
+        return QuantLinear(self.qtype, self.blocks, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.qtype}, {self.num_embeddings}, {self.embedding_dim}"

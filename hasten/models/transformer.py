@@ -1,4 +1,5 @@
-"""The native Llama-family decoder: Llama 2/3, Mistral, Qwen2/2.5, Qwen3 (q/k-norm), SmolLM2.
+"""The native Llama-family decoder: Llama 2/3, Mistral, Qwen2/2.5, Qwen3 (q/k-norm), SmolLM2; Gemma 3's blocks
+are in gemma3.py (the model here picks them by model type and applies its embedding scale and logit softcap).
 
 One file, read top to bottom: config → RoPE → attention → MLP → block → model. The model scores any set of
 new tokens (a chain or a flattened token tree) against a preallocated KV cache in one forward pass; the caller
@@ -7,6 +8,7 @@ Module names match transformers' so checkpoints load by name and sparsifiers can
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -18,7 +20,7 @@ from ..kernels import cpu as cpu_kernels
 from .attention import attend
 from .kv_cache import KVCache
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "gemma3_text")
 SMALL_ATTENTION = 64  # new tokens up to this many attend through the C++ kernel (decode, draft trees)
 
 
@@ -42,30 +44,30 @@ class ModelConfig:
     attention_bias: bool = False  # Qwen2: bias on q/k/v
     qk_norm: bool = False  # Qwen3: RMSNorm on each head's q and k
     rope_scaling: tuple | None = None  # ("llama3", factor, low_freq_factor, high_freq_factor, original_max) or ("linear", factor)
-    model_type: str = "llama"
+    model_type: str = "llama"  # "gemma3" for Gemma 3 (gemma3.py's blocks)
+    # Gemma 3 (defaults: the Llama family's behaviour)
+    layer_types: tuple[str, ...] | None = None  # per layer "sliding_attention" or "full_attention"
+    sliding_window: int | None = None  # a sliding layer's query at position p sees keys at positions > p - window
+    rope_local_theta: float | None = None  # the sliding layers' RoPE base (they never scale)
+    query_scale: float | None = None  # attention score scale; None: head_dim ** -0.5
+    embed_scale: float | None = None  # embeddings times this, rounded to the model's dtype (Gemma: sqrt(hidden))
+    final_logit_softcapping: float | None = None  # logits = cap * tanh(logits / cap)
 
     @classmethod
     def from_hf(cls, hf) -> "ModelConfig":
-        """From a transformers PretrainedConfig; refuses anything outside the Llama family."""
+        """From a transformers PretrainedConfig; refuses anything outside the Llama family and Gemma 3."""
         model_type = getattr(hf, "model_type", None)
         if model_type not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedModelError(
                 f"architecture {model_type!r} is not supported; hasten runs {', '.join(SUPPORTED_ARCHITECTURES)} "
-                "(Llama 2/3, Mistral, Qwen2/2.5, Qwen3, SmolLM2) — pick a model of one of these families")
+                "(Llama 2/3, Mistral, Qwen2/2.5, Qwen3, SmolLM2, Gemma 3) — pick a model of one of these families")
+        if model_type in ("gemma3", "gemma3_text"):
+            return cls._from_gemma3(getattr(hf, "text_config", None) or hf)
         scaling = getattr(hf, "rope_scaling", None) or getattr(hf, "rope_parameters", None) or None
         rope_theta = getattr(hf, "rope_theta", None)
         if isinstance(scaling, dict):
             rope_theta = rope_theta or scaling.get("rope_theta")
-            kind = scaling.get("rope_type", scaling.get("type", "default"))
-            if kind == "default":
-                scaling = None
-            elif kind == "llama3":
-                scaling = ("llama3", float(scaling["factor"]), float(scaling["low_freq_factor"]),
-                           float(scaling["high_freq_factor"]), int(scaling["original_max_position_embeddings"]))
-            elif kind == "linear":
-                scaling = ("linear", float(scaling["factor"]))
-            else:
-                raise UnsupportedModelError(f"RoPE scaling {kind!r} is not supported (default, linear, llama3 are)")
+        scaling = cls._rope_scaling(scaling)
         num_heads = hf.num_attention_heads
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // num_heads
         return cls(
@@ -77,6 +79,60 @@ class ModelConfig:
             tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
             attention_bias=bool(getattr(hf, "attention_bias", model_type == "qwen2")),
             qk_norm=model_type == "qwen3", rope_scaling=scaling, model_type=model_type)
+
+    @staticmethod
+    def _rope_scaling(scaling) -> tuple | None:
+        """transformers' rope_scaling / rope_parameters dict → our tuple (None for plain RoPE)."""
+        if not isinstance(scaling, dict):
+            return None
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        if kind == "default":
+            return None
+        if kind == "llama3":
+            return ("llama3", float(scaling["factor"]), float(scaling["low_freq_factor"]),
+                    float(scaling["high_freq_factor"]), int(scaling["original_max_position_embeddings"]))
+        if kind == "linear":
+            return ("linear", float(scaling["factor"]))
+        raise UnsupportedModelError(f"RoPE scaling {kind!r} is not supported (default, linear, llama3 are)")
+
+    @classmethod
+    def _from_gemma3(cls, hf) -> "ModelConfig":
+        """Gemma 3's text model (a multimodal config's text_config): transformers 5 keeps both RoPE bases in
+        rope_parameters[layer type]; older configs name them rope_theta and rope_local_base_freq."""
+        if getattr(hf, "attn_logit_softcapping", None) is not None or getattr(hf, "use_bidirectional_attention", False):
+            raise UnsupportedModelError("Gemma 3 with attention logit softcapping or bidirectional attention "
+                                        "is not supported")
+        act = getattr(hf, "hidden_activation", None) or getattr(hf, "hidden_act", "gelu_pytorch_tanh")
+        if act not in ("gelu_pytorch_tanh", "gelu_python_tanh"):
+            raise UnsupportedModelError(f"Gemma 3 with activation {act!r} is not supported (gelu_pytorch_tanh is)")
+        num_layers = hf.num_hidden_layers
+        layer_types = getattr(hf, "layer_types", None)
+        if layer_types is None:  # older configs: every sliding_window_pattern-th layer is global
+            pattern = getattr(hf, "sliding_window_pattern", None) or getattr(hf, "_sliding_window_pattern", 6)
+            layer_types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(num_layers)]
+        if len(layer_types) != num_layers or not set(layer_types) <= {"full_attention", "sliding_attention"}:
+            raise UnsupportedModelError(f"Gemma 3 layer types {layer_types!r} are not supported")
+        rope = getattr(hf, "rope_parameters", None) or {}
+        full, local = rope.get("full_attention") or {}, rope.get("sliding_attention") or {}
+        if cls._rope_scaling(local) is not None:
+            raise UnsupportedModelError("Gemma 3 with scaled RoPE on its sliding layers is not supported")
+        scaling = cls._rope_scaling(full or getattr(hf, "rope_scaling", None))
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        softcap = getattr(hf, "final_logit_softcapping", None)
+        return cls(
+            vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, intermediate_size=hf.intermediate_size,
+            num_layers=num_layers, num_heads=hf.num_attention_heads,
+            num_kv_heads=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads, head_dim=head_dim,
+            rope_theta=float(full.get("rope_theta") or getattr(hf, "rope_theta", None) or 1_000_000.0),
+            rms_norm_eps=float(hf.rms_norm_eps),
+            max_position_embeddings=int(getattr(hf, "max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
+            attention_bias=bool(getattr(hf, "attention_bias", False)), qk_norm=True, rope_scaling=scaling,
+            model_type="gemma3", layer_types=tuple(layer_types), sliding_window=int(hf.sliding_window),
+            rope_local_theta=float(local.get("rope_theta") or getattr(hf, "rope_local_base_freq", None) or 10_000.0),
+            query_scale=float(getattr(hf, "query_pre_attn_scalar", None) or head_dim) ** -0.5,
+            embed_scale=float(hf.hidden_size) ** 0.5,
+            final_logit_softcapping=float(softcap) if softcap else None)
 
 
 class RMSNorm(nn.Module):
@@ -203,14 +259,14 @@ class Block(nn.Module):
                 cache.check_room(x.shape[1])
                 ck, cv = cache.layers[layer]
                 attn = self.self_attn
-                return kernels.decode_block(x.contiguous(), *fused[:6], cos, sin, ck, cv, start, mask,
-                                            attn.head_dim ** -0.5, attn.num_heads, attn.num_kv_heads, fused[6])
+                return kernels.decode_block(x.contiguous(), *fused[:7], cos, sin, ck, cv, start, mask,
+                                            attn.head_dim ** -0.5, attn.num_heads, attn.num_kv_heads, fused[7])
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, cache, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def _fused(self):
         """decode_block's weight arguments when every part of this block can run in it (RMSNorms, no q/k norm,
-        linears that describe themselves with `fused_spec()`: block-quantized, or TEAL's sparse-input ones), else
+        linears that describe themselves with `fused_spec()`: QuantLinear, or TEAL's sparse-input ones), else
         None. Cached, and checked by identity on every call: sparse methods swap modules in clones that share
         this block's attributes."""
         attn, mlp = self._modules["self_attn"], self._modules["mlp"]
@@ -227,7 +283,7 @@ class Block(nn.Module):
         args = None
         if plain:
             args = (mods[0].weight, mods[1].weight, mods[0].eps, [s[0] for s in specs], [s[1] for s in specs],
-                    [s[2] for s in specs], float(gated_up))
+                    [s[2] for s in specs], [s[3] for s in specs], float(gated_up))
         self.__dict__["_fused_cache"] = (mods, args)
         return args
 
@@ -237,20 +293,35 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if config.model_type == "gemma3":
+            from .gemma3 import Gemma3Block, GemmaRMSNorm
+            self.layers = nn.ModuleList(Gemma3Block(config) for _ in range(config.num_layers))
+            self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        else:
+            self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
 
-    def _rope(self, positions: torch.Tensor):
-        """cos, sin [(B,) T, d] looked up in tables grown on demand (a decode step then costs two index ops)."""
+    def _rope(self, positions: torch.Tensor, local: bool = False):
+        """cos, sin [(B,) T, d] looked up in tables grown on demand (a decode step then costs two index ops);
+        `local`: the sliding-window layers' tables (Gemma 3 gives them a RoPE base of their own)."""
         needed = int(positions.max()) + 1
-        if getattr(self, "_cos", None) is None or self._cos.shape[0] < needed or self._cos.device != self.inv_freq.device \
-                or self._cos.dtype != self.dtype:
-            size = max(needed, 2 * getattr(self, "_cos", torch.empty(0)).shape[0], 4096)
-            angles = torch.arange(size, device=self.inv_freq.device).float()[:, None] * self.inv_freq  # [P, d/2]
+        name = "_local_cos" if local else "_cos"
+        table = getattr(self, name, None)
+        if table is None or table.shape[0] < needed or table.device != self.inv_freq.device or table.dtype != self.dtype:
+            size = max(needed, 2 * (0 if table is None else table.shape[0]), 4096)
+            inv_freq = self.inv_freq if not local else rope_inv_freq(dataclasses.replace(
+                self.config, rope_theta=self.config.rope_local_theta, rope_scaling=None)).to(self.inv_freq.device)
+            angles = torch.arange(size, device=self.inv_freq.device).float()[:, None] * inv_freq  # [P, d/2]
             emb = torch.cat((angles, angles), dim=-1)
-            self._cos, self._sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+            cos, sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+            if local:
+                self._local_cos, self._local_sin = cos, sin
+            else:
+                self._cos, self._sin = cos, sin
+        if local:
+            return self._local_cos[positions], self._local_sin[positions]
         return self._cos[positions], self._sin[positions]
 
     @property
@@ -284,11 +355,28 @@ class Transformer(nn.Module):
         if mask is None and T > 1 and start > 0:  # new tokens after cached ones: causal, bottom-right aligned
             mask = torch.ones(T, start + T, dtype=torch.bool, device=tokens.device).tril(start)  # [T, L+T]
         x = self.embed_tokens(tokens)  # [B, T, D]
-        for i in layers if layers is not None else range(len(self.layers)):
-            x = self.layers[i](x, cos, sin, i, cache, mask)
+        c = self.config
+        if c.embed_scale is not None:  # transformers multiplies by the scale rounded to the model's dtype
+            x = x * torch.tensor(c.embed_scale, dtype=torch.float32).to(x.dtype)
+        order = layers if layers is not None else range(len(self.layers))
+        if c.layer_types is None:
+            for i in order:
+                x = self.layers[i](x, cos, sin, i, cache, mask)
+        else:  # sliding-window layers: their own RoPE tables, and the mask cut to the window
+            from .gemma3 import window_mask
+            local_cos, local_sin = self._rope(positions, local=True) if c.rope_local_theta is not None else (cos, sin)
+            local_mask = window_mask(mask, positions, start, c.sliding_window)
+            for i in order:
+                if c.layer_types[i] == "sliding_attention":
+                    x = self.layers[i](x, local_cos, local_sin, i, cache, local_mask)
+                else:
+                    x = self.layers[i](x, cos, sin, i, cache, mask)
         if cache is not None:
             cache.advance(T)
         if last_only:
             x = x[:, -1:]
         h = self.norm(x)
-        return (self.lm_head(h), h) if return_hidden else self.lm_head(h)
+        logits = self.lm_head(h)  # [B, T, V]
+        if c.final_logit_softcapping is not None:
+            logits = torch.tanh(logits / c.final_logit_softcapping) * c.final_logit_softcapping
+        return (logits, h) if return_hidden else logits

@@ -18,9 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.quantized import MAX_KERNEL_ROWS, BlockQuantLinear
+from ..models.quantized import QuantLinear
 from .kernels import cpu as sparse_cpu
 
+# The sparse kernels serve decode and draft trees; more tokens (prefill) take the dense kernel on the masked input.
+MAX_KERNEL_ROWS = 64
 DENSE_BELOW = 0.15  # a layer sparser than this runs the dense kernel on its masked input
 # Several tokens at once read the union of their active inputs, which grows fast: measured on the default model
 # (python -m hasten.sparsity.measure, BENCHMARKS.md) the sparse kernel loses to the dense block kernel from 4
@@ -51,7 +53,7 @@ def transposed_layout(linear: nn.Module):
     Q4_1 blocks (exactly the same weight values), else the fp32 weight transposed."""
     layout = getattr(linear, "_sparse_layout", None)
     if layout is None:
-        if isinstance(linear, BlockQuantLinear) and linear.qtype == "Q4_1" and linear.out_features % 64 == 0:
+        if isinstance(linear, QuantLinear) and linear.qtype == "Q4_1" and linear.out_features % 64 == 0:
             layout = sparse_cpu.TransposedQ4.from_q4_1(*linear.packed)
         else:
             layout = sparse_cpu.TransposedF32.from_weight(linear.weight)
@@ -116,10 +118,11 @@ class SparseLinear(nn.Module):
         if dense is None or self.bias is not None:
             return None
         if self._kernel is None:  # below DENSE_BELOW: the dense kernel on the masked input
-            return dense[0], self.threshold, 0
-        if not isinstance(self.layout, sparse_cpu.TransposedQ4) or len(dense[0]) != 3:
+            return dense[0], self.threshold, 0, dense[3]
+        if not isinstance(self.layout, sparse_cpu.TransposedQ4):
             return None
-        return dense[0] + [self.layout.q, self.layout.d, self.layout.m], self.threshold, self._max_numel // self.in_features
+        return (dense[0] + [self.layout.q, self.layout.d, self.layout.m], self.threshold,
+                self._max_numel // self.in_features, dense[3])
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, threshold={self.threshold:.4g}, sparsity={self.sparsity:.2f}"
@@ -138,7 +141,7 @@ class GatedRowsLinear(nn.Module):
         ext = sparse_cpu.extension()
         if cpu_kernel_applies(x) and ext is not None and self.bias is None:
             x2, g2 = x.reshape(-1, x.shape[-1]).contiguous(), gate.reshape(-1, gate.shape[-1]).contiguous()
-            if isinstance(self.dense, BlockQuantLinear) and self.dense.qtype == "Q4_1":
+            if isinstance(self.dense, QuantLinear) and self.dense.qtype == "Q4_1":
                 y = ext.q4_1_rows_gated(x2, g2, self.threshold, *self.dense.packed)
             else:
                 y = ext.f32_rows_gated(x2, g2, self.threshold, self.dense.weight)
@@ -149,8 +152,9 @@ class GatedRowsLinear(nn.Module):
     def fused_spec(self):
         """For decode_block's gated MLP (GatedMLP.gated_up_threshold): the dense Q4_1 blocks its kernel reads."""
         d = self.dense
-        if self.bias is None and isinstance(d, BlockQuantLinear) and d.qtype == "Q4_1" and d._kernel is not None:
-            return list(d.packed), -1.0, 0
+        dense = d.fused_spec() if self.bias is None and isinstance(d, QuantLinear) and d.qtype == "Q4_1" else None
+        if dense is not None:
+            return dense[0] + list(d.packed), -1.0, 0, dense[3]
         return None
 
 

@@ -43,56 +43,63 @@ class HeadNotTrainedError(ValueError):
 class FeatureHead(nn.Module):
     """[h_t ; e(x_{t+1})] → ĥ_{t+1} (normalised like the target's final norm output); logits = ĥ · W_vocab."""
 
-    def __init__(self, dim: int, hidden: int, vocab_ids: torch.Tensor, lm_rows: torch.Tensor, embed: torch.Tensor):
+    def __init__(self, dim: int, hidden: int, vocab_ids: torch.Tensor, lm_rows: torch.Tensor, embed: nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(2 * dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
         self.norm = nn.RMSNorm(dim, eps=1e-5)
         self.register_buffer("vocab_ids", vocab_ids)  # [V'] target token ids the head can draft
         self.register_buffer("lm_rows", lm_rows)  # [V', D] the target's LM head rows for them (frozen)
-        self.embed = embed  # [V, D] the target's input embeddings (shared, frozen, not saved)
+        # The target's input embedding module (ids → [N, D]; shared, frozen): kept outside the module tree so it is
+        # neither saved with the head nor copied.
+        self.__dict__["embed"] = embed
 
     def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """h [N, D], x [N] token ids → predicted next feature [N, D]."""
-        z = torch.cat([h, self.embed[x]], -1)  # [N, 2D]
+        z = torch.cat([h, self.embed(x).float()], -1)  # [N, 2D]
         quantized = getattr(self, "_q8", None)
         if quantized is not None and not torch.is_grad_enabled():  # drafting: Q8_0 blocks, no module calls
             ext, fc1, fc2 = quantized
-            a = F.silu(torch.add(ext.q8_0_matmul(z, *fc1), self.fc1.bias))
+            a = F.silu(torch.add(fc1(z), self.fc1.bias))
             # hasten's RMSNorm kernel: torch's costs ~45 us on one row here, as much as a layer
-            return ext.rms_norm(h + ext.q8_0_matmul(a, *fc2) + self.fc2.bias, self.norm.weight, self.norm.eps)
+            return ext.rms_norm(h + fc2(a) + self.fc2.bias, self.norm.weight, self.norm.eps)
         return self.norm(h + self.fc2(F.silu(self.fc1(z))))
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        kernel = getattr(self, "_kernel", None)
-        if kernel is not None and not torch.is_grad_enabled():
-            return kernel(h.contiguous(), *self._packed)  # [N, V']
+        lm = getattr(self, "_lm", None)
+        if lm is not None and not torch.is_grad_enabled():
+            return lm(h.contiguous())  # [N, V']
         return h @ self.lm_rows.T  # [N, V']
 
     def quantize_for_drafting(self, lm_head) -> None:
-        """Draft with a quarter of the bytes: the target's own quantized LM-head rows (GGUF Q8_0/Q4_1 blocks, the
-        same values as lm_rows) and the head's two layers in Q8_0 blocks, through hasten's block kernels. A
-        drafted token's head pass fell from 0.55 ms to ~0.3 ms (fp32 layers were read from L3 each time: the
-        target's pass in between evicts them). The drafts change a little; what is accepted is still exactly
-        the target's, since the target verifies every draft."""
+        """Draft with a quarter of the bytes: the target's own quantized LM-head rows (its GGUF blocks, the same
+        values as lm_rows) and the head's two layers in Q8_0 blocks, through hasten's block kernels. A drafted
+        token's head pass fell from 0.55 ms to ~0.3 ms (fp32 layers were read from L3 each time: the target's
+        pass in between evicts them). The drafts change a little; what is accepted is still exactly the
+        target's, since the target verifies every draft."""
         from ...kernels import cpu as cpu_kernels
-        kernel, packed = getattr(lm_head, "_kernel", None), getattr(lm_head, "packed", None)
-        if kernel is not None and packed is not None:
-            self._packed = tuple(t[self.vocab_ids].contiguous() for t in packed)
-            self._kernel = kernel
+        from ...models.quantized import QuantLinear
+        if isinstance(lm_head, QuantLinear):
+            self._lm = lm_head.rows(self.vocab_ids)
         ext = cpu_kernels.extension()
         if ext is not None and all(fc.in_features % cpu_kernels.QK == 0 for fc in (self.fc1, self.fc2)):
-            self._q8 = (ext, q8_0_blocks(self.fc1.weight), q8_0_blocks(self.fc2.weight))
+            self._q8 = (ext, q8_0_linear(self.fc1.weight), q8_0_linear(self.fc2.weight))
 
 
-def q8_0_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N, K] fp32 → GGUF Q8_0 as the block kernel takes it: scales d [N, K/32] f32 (amax / 127 per block of 32)
-    and weights qs [N, K/32, 32] int8 = round(w / d)."""
-    w = weight.detach().float()
-    blocks = w.reshape(w.shape[0], -1, 32)
-    d = blocks.abs().amax(-1) / 127
-    qs = (blocks / d.clamp_min(torch.finfo(torch.float32).tiny)[..., None]).round().clamp(-127, 127)
-    return d.contiguous(), qs.to(torch.int8).contiguous()
+def _rows(linear: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` of a linear layer's dense weight (only those rows, for a block-quantized one)."""
+    rows = getattr(linear, "rows", None)
+    return (rows(ids).weight if rows is not None else linear.weight.detach()[ids]).float().clone()
+
+
+def q8_0_linear(weight: torch.Tensor):
+    """[N, K] fp32 → a QuantLinear of its GGUF Q8_0 quantization (gguf-py's, as llama.cpp's quantizer does it)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    from ...models.quantized import QuantLinear
+    blocks = quantize(weight.detach().float().contiguous().numpy(), GGMLQuantizationType.Q8_0)  # [N, K/32*34] u8
+    return QuantLinear("Q8_0", torch.from_numpy(blocks), weight.shape[1])
 
 
 class EagleDrafter:
@@ -170,7 +177,7 @@ def load_head(engine) -> FeatureHead:
     try:
         saved = torch.load(path, map_location=model.device, weights_only=True)
         head = FeatureHead(model.config.hidden_size, saved["hidden"], saved["vocab_ids"], saved["lm_rows"],
-                           model.embed_tokens.weight.detach().float())
+                           model.embed_tokens)
         head.load_state_dict(saved["state"], strict=False)
     except (OSError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as e:
         raise HeadNotTrainedError(f"the eagle head {path} is unreadable ({type(e).__name__}); run `hasten "
@@ -290,9 +297,9 @@ def fit(model, sequences: list[tuple[list[int], int]], hidden: int = 1024, vocab
     coverage = float(counts[vocab_ids].sum() / counts.sum())
     remap = torch.full((V,), -100, dtype=torch.long)  # -100: a choice outside the head's vocabulary (ignored)
     remap[vocab_ids] = torch.arange(len(vocab_ids))
-    lm_rows = model.lm_head.weight.detach().float()[vocab_ids].clone()  # [V', D]
+    lm_rows = _rows(model.lm_head, vocab_ids)  # [V', D]
     D = model.config.hidden_size
-    head = FeatureHead(D, hidden, vocab_ids, lm_rows, model.embed_tokens.weight.detach().float())
+    head = FeatureHead(D, hidden, vocab_ids, lm_rows, model.embed_tokens)
     opt = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=0.05)
     batch = 512
     total = epochs * math.ceil(len(Y) / batch)

@@ -21,7 +21,7 @@ from torch import nn
 from ..calibrate import SEQ_LEN, ActivationStats, forward_over
 from ..kernels import cpu as sparse_cpu
 from ..modules import SparseLinear, cpu_kernel_applies
-from ...models.quantized import BlockQuantLinear
+from ...models.quantized import QuantLinear
 from .base import check_sparsity
 
 TRAIN_TOKENS = 8192
@@ -77,8 +77,8 @@ class DejaVuBlock(nn.Module):
         return x + self._mlp(self.post_attention_layernorm(x), neurons)
 
     def _mlp(self, x, neurons):
-        if cpu_kernel_applies(x) and isinstance(self.up_proj, BlockQuantLinear) and self.up_proj.qtype == "Q4_1" \
-                and isinstance(self.gate_proj, BlockQuantLinear) and self.gate_proj.qtype == "Q4_1":
+        if cpu_kernel_applies(x) and isinstance(self.up_proj, QuantLinear) and self.up_proj.qtype == "Q4_1" \
+                and isinstance(self.gate_proj, QuantLinear) and self.gate_proj.qtype == "Q4_1":
             ext = sparse_cpu.extension()
             x2 = x.reshape(-1, x.shape[-1]).contiguous()
             rows = neurons.reshape(x2.shape[0], -1).any(0).nonzero().squeeze(1).to(torch.int32)  # union over tokens

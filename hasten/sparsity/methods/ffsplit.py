@@ -16,7 +16,7 @@ from torch import nn
 from ..calibrate import SEQ_LEN, ActivationStats, forward_over
 from ..modules import SparseLinear, cpu_kernel_applies
 from ..kernels import cpu as sparse_cpu
-from ...models.quantized import BlockQuantLinear
+from ...models.quantized import QuantLinear
 from .base import check_sparsity
 
 LIGHT_TOKENS = 2048  # tokens whose light-neuron gates set the light threshold
@@ -37,7 +37,7 @@ class SplitMLP(nn.Module):
         gate = F.silu(self.gate_proj(x))
         light_gate = gate.masked_fill(self.heavy_mask, 0.0)
         ext = sparse_cpu.extension()
-        if cpu_kernel_applies(x) and isinstance(self.up, BlockQuantLinear) and self.up.qtype == "Q4_1":
+        if cpu_kernel_applies(x) and isinstance(self.up, QuantLinear) and self.up.qtype == "Q4_1":
             x2 = x.reshape(-1, x.shape[-1]).contiguous()
             light = ext.q4_1_rows_gated(x2, light_gate.reshape(x2.shape[0], -1).contiguous(), self.threshold, *self.up.packed)
             heavy = ext.q4_1_rows(x2, self.heavy_rows, *self.up.packed)

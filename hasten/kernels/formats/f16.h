@@ -1,0 +1,19 @@
+// F16: IEEE half precision weights, converted exactly to fp32.
+#pragma once
+#include "common.h"
+namespace hasten {
+struct F16 {
+  static constexpr int kBlockWeights = 32, kBlockBytes = 64;
+  static inline void dequant(const uint8_t* row, int64_t g, float* w) {
+    const uint8_t* p = row + g * 64;
+    for (int j = 0; j < 32; ++j) w[j] = load_half(p + 2 * j);
+  }
+#ifdef HASTEN_AVX512
+  static inline void dequant16x2(const uint8_t* row, int64_t g, __m512& lo, __m512& hi) {
+    const uint8_t* p = row + g * 64;
+    lo = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    hi = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32)));
+  }
+#endif
+};
+}  // namespace hasten

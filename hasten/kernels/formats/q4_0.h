@@ -1,0 +1,27 @@
+// Q4_0: blocks of 32 weights, fp16 scale d then 16 bytes of 4-bit codes (low nibbles: weights 0-15, high: 16-31);
+// w = d * (q - 8).
+#pragma once
+#include "common.h"
+namespace hasten {
+struct Q4_0 {
+  static constexpr int kBlockWeights = 32, kBlockBytes = 18;
+  static inline void dequant(const uint8_t* row, int64_t g, float* w) {
+    const uint8_t* b = row + g * kBlockBytes;
+    const float d = load_half(b);
+    for (int j = 0; j < 16; ++j) {
+      w[j] = d * float(int(b[2 + j] & 15) - 8);
+      w[j + 16] = d * float(int(b[2 + j] >> 4) - 8);
+    }
+  }
+#ifdef HASTEN_AVX512
+  // A block has 16 distinct weights: build them once and look each up with vpermps (low 4 index bits only).
+  static inline void dequant16x2(const uint8_t* row, int64_t g, __m512& lo, __m512& hi) {
+    const uint8_t* b = row + g * kBlockBytes;
+    const __m512 table = _mm512_mul_ps(_mm512_set1_ps(load_half(b)), iota16(-8));
+    const __m512i q = bytes16(b + 2);
+    lo = _mm512_permutexvar_ps(q, table);
+    hi = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), table);
+  }
+#endif
+};
+}  // namespace hasten

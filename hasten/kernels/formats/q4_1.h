@@ -1,0 +1,25 @@
+// Q4_1: blocks of 32 weights, fp16 scale d and minimum m, then 16 bytes of 4-bit codes; w = d * q + m.
+#pragma once
+#include "common.h"
+namespace hasten {
+struct Q4_1 {
+  static constexpr int kBlockWeights = 32, kBlockBytes = 20;
+  static inline void dequant(const uint8_t* row, int64_t g, float* w) {
+    const uint8_t* b = row + g * kBlockBytes;
+    const float d = load_half(b), m = load_half(b + 2);
+    for (int j = 0; j < 16; ++j) {
+      w[j] = d * float(b[4 + j] & 15) + m;
+      w[j + 16] = d * float(b[4 + j] >> 4) + m;
+    }
+  }
+#ifdef HASTEN_AVX512
+  static inline void dequant16x2(const uint8_t* row, int64_t g, __m512& lo, __m512& hi) {
+    const uint8_t* b = row + g * kBlockBytes;
+    const __m512 table = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(load_half(b)), iota16(0)), _mm512_set1_ps(load_half(b + 2)));
+    const __m512i q = bytes16(b + 4);
+    lo = _mm512_permutexvar_ps(q, table);
+    hi = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), table);
+  }
+#endif
+};
+}  // namespace hasten

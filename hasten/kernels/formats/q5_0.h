@@ -1,0 +1,32 @@
+// Q5_0: blocks of 32 weights: fp16 d, 32 high bits qh (bit j for weight j), 16 bytes of low nibbles;
+// w = d * (q - 16) with q = nibble | high bit << 4.
+#pragma once
+#include "common.h"
+namespace hasten {
+struct Q5_0 {
+  static constexpr int kBlockWeights = 32, kBlockBytes = 22;
+  static inline void dequant(const uint8_t* row, int64_t g, float* w) {
+    const uint8_t* b = row + g * kBlockBytes;
+    const float d = load_half(b);
+    const uint32_t qh = load_u32(b + 2);
+    for (int j = 0; j < 16; ++j) {
+      w[j] = d * float(int((b[6 + j] & 15) | (((qh >> j) & 1) << 4)) - 16);
+      w[j + 16] = d * float(int((b[6 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16);
+    }
+  }
+#ifdef HASTEN_AVX512
+  // 32 distinct weights: two 16-entry tables and vpermt2ps (index bit 4 picks the table).
+  static inline void dequant16x2(const uint8_t* row, int64_t g, __m512& lo, __m512& hi) {
+    const uint8_t* b = row + g * kBlockBytes;
+    const __m512 d = _mm512_set1_ps(load_half(b));
+    const __m512 t0 = _mm512_mul_ps(d, iota16(-16)), t1 = _mm512_mul_ps(d, iota16(0));
+    const uint32_t qh = load_u32(b + 2);
+    const __m512i q = bytes16(b + 6), sixteen = _mm512_set1_epi32(16);
+    const __m512i ilo = _mm512_or_si512(_mm512_and_si512(q, _mm512_set1_epi32(15)), _mm512_maskz_mov_epi32(__mmask16(qh), sixteen));
+    const __m512i ihi = _mm512_or_si512(_mm512_srli_epi32(q, 4), _mm512_maskz_mov_epi32(__mmask16(qh >> 16), sixteen));
+    lo = _mm512_permutex2var_ps(t0, ilo, t1);
+    hi = _mm512_permutex2var_ps(t0, ihi, t1);
+  }
+#endif
+};
+}  // namespace hasten

@@ -1,0 +1,30 @@
+// Q5_1: blocks of 32 weights: fp16 d and m, 32 high bits qh, 16 bytes of low nibbles; w = d * q + m.
+#pragma once
+#include "common.h"
+namespace hasten {
+struct Q5_1 {
+  static constexpr int kBlockWeights = 32, kBlockBytes = 24;
+  static inline void dequant(const uint8_t* row, int64_t g, float* w) {
+    const uint8_t* b = row + g * kBlockBytes;
+    const float d = load_half(b), m = load_half(b + 2);
+    const uint32_t qh = load_u32(b + 4);
+    for (int j = 0; j < 16; ++j) {
+      w[j] = d * float((b[8 + j] & 15) | (((qh >> j) & 1) << 4)) + m;
+      w[j + 16] = d * float((b[8 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) + m;
+    }
+  }
+#ifdef HASTEN_AVX512
+  static inline void dequant16x2(const uint8_t* row, int64_t g, __m512& lo, __m512& hi) {
+    const uint8_t* b = row + g * kBlockBytes;
+    const __m512 d = _mm512_set1_ps(load_half(b)), m = _mm512_set1_ps(load_half(b + 2));
+    const __m512 t0 = _mm512_add_ps(_mm512_mul_ps(d, iota16(0)), m), t1 = _mm512_add_ps(_mm512_mul_ps(d, iota16(16)), m);
+    const uint32_t qh = load_u32(b + 4);
+    const __m512i q = bytes16(b + 8), sixteen = _mm512_set1_epi32(16);
+    const __m512i ilo = _mm512_or_si512(_mm512_and_si512(q, _mm512_set1_epi32(15)), _mm512_maskz_mov_epi32(__mmask16(qh), sixteen));
+    const __m512i ihi = _mm512_or_si512(_mm512_srli_epi32(q, 4), _mm512_maskz_mov_epi32(__mmask16(qh >> 16), sixteen));
+    lo = _mm512_permutex2var_ps(t0, ilo, t1);
+    hi = _mm512_permutex2var_ps(t0, ihi, t1);
+  }
+#endif
+};
+}  // namespace hasten

@@ -1,0 +1,37 @@
+// Q5_K: Q4_K's super-block plus 32 bytes of high bits (bit s of byte j: weight j of sub-block s);
+// w = (d * sc) * q - (dmin * m) with q = nibble | high bit << 4.
+#pragma once
+#include "q4_k.h"
+namespace hasten {
+struct Q5_K {
+  static constexpr int kBlockWeights = 256, kBlockBytes = 176;
+  static inline void dequant(const uint8_t* row, int64_t g, float* w) {
+    const uint8_t* b = row + (g >> 3) * kBlockBytes;
+    const int s = int(g & 7), shift = (s & 1) * 4;
+    float scale, min;
+    Q4_K::scale_min(b, s, scale, min);
+    const uint8_t *qh = b + 16, *q = b + 48 + (s >> 1) * 32;
+    for (int j = 0; j < 32; ++j) w[j] = scale * float(((q[j] >> shift) & 15) | (((qh[j] >> s) & 1) << 4)) - min;
+  }
+#ifdef HASTEN_AVX512
+  static inline void dequant16x2(const uint8_t* row, int64_t g, __m512& lo, __m512& hi) {
+    const uint8_t* b = row + (g >> 3) * kBlockBytes;
+    const int s = int(g & 7);
+    const unsigned shift = (s & 1) * 4;
+    float scale, min;
+    Q4_K::scale_min(b, s, scale, min);
+    const __m512 sv = _mm512_set1_ps(scale), mv = _mm512_set1_ps(min);
+    const __m512 t0 = _mm512_sub_ps(_mm512_mul_ps(sv, iota16(0)), mv), t1 = _mm512_sub_ps(_mm512_mul_ps(sv, iota16(16)), mv);
+    const uint8_t *qh = b + 16, *q = b + 48 + (s >> 1) * 32;
+    const __m512i fifteen = _mm512_set1_epi32(15), sixteen = _mm512_set1_epi32(16);
+    auto index = [&](const uint8_t* ql, const uint8_t* h) {
+      const __m512i nib = _mm512_and_si512(_mm512_srli_epi32(bytes16(ql), shift), fifteen);
+      const __m512i high = _mm512_and_si512(_mm512_slli_epi32(_mm512_srli_epi32(bytes16(h), unsigned(s)), 4), sixteen);
+      return _mm512_or_si512(nib, high);
+    };
+    lo = _mm512_permutex2var_ps(t0, index(q, qh), t1);
+    hi = _mm512_permutex2var_ps(t0, index(q + 16, qh + 16), t1);
+  }
+#endif
+};
+}  // namespace hasten
