@@ -66,9 +66,18 @@ class _Group(click.Group):
 
 
 def model_option(fn):
+    fn = click.option("--quantize", default=None, metavar="TYPE", expose_value=False,
+                      callback=lambda ctx, _, value: ctx.meta.__setitem__("hasten.quantize", value),
+                      help="a Hugging Face checkpoint's linear layers in this GGUF block format (q8_0, q4_0, q4_1, "
+                           "q5_0, q5_1, q4_k, bf16, …), quantized once on load and cached [default: its own dtype]")(fn)
     return click.option("--model", "-m", default=None, metavar="PATH|HUB_ID",
                         help="GGUF file, Hugging Face checkpoint directory or hub id "
                              "[default: the embedded SmolLM2-135M-Instruct]")(fn)
+
+
+def load_engine(model):
+    """The engine for --model (and --quantize) of the running command."""
+    return load(model, quantize=click.get_current_context().meta.get("hasten.quantize"))
 
 
 def threads_option(fn):
@@ -143,12 +152,12 @@ def generate(prompt, model, method, chat, max_new_tokens, temperature, top_k, to
             raise UsageError("no prompt given; pass PROMPT as an argument or pipe it on stdin")
         prompt = sys.stdin.read()
     from . import methods
-    from .engine import load, validate_options
+    from .engine import validate_options
     methods.parse(method)  # fail on a typo before spending seconds on loading
     validate_options(max_new_tokens, temperature, top_k, top_p)
     set_threads(threads)
     check_corpus(corpus)  # a bad path fails before seconds of loading
-    engine = load(model)
+    engine = load_engine(model)
     use_corpus(engine, corpus)
     run = engine.run(prompt, max_new_tokens=max_new_tokens, method=method, temperature=temperature, top_k=top_k,
                      top_p=top_p, seed=seed, stop=list(stop), chat=chat)
@@ -212,11 +221,11 @@ def bench(model, methods, reference, questions, per_category, rounds, max_new_to
     if reference not in names:
         raise UsageError(f"--reference {reference!r} is not among --methods ({', '.join(names)}); add it")
     qs = load_questions(questions, per_category)
-    from .engine import load, validate_options
+    from .engine import validate_options
     validate_options(max_new_tokens, temperature, 0, 1.0)
     n_threads = set_threads(threads)
     check_corpus(corpus)  # a bad path fails before seconds of loading
-    engine = load(model)
+    engine = load_engine(model)
     use_corpus(engine, corpus)
     config = runner.BenchConfig(tuple(names), reference, rounds, max_new_tokens, temperature)
     records = runner.run(engine, qs, config)
@@ -274,12 +283,11 @@ def serve(model, method, host, port, queue_size, corpus, threads):
     import uvicorn
 
     from . import methods as registry
-    from .engine import load
     from .serve.app import create_app
     registry.parse(method)
     set_threads(threads)
     check_corpus(corpus)  # a bad path fails before seconds of loading
-    engine = load(model)
+    engine = load_engine(model)
     use_corpus(engine, corpus)
     engine.drafter(method)  # build (and calibrate) the default method before taking requests
     click.echo(f"hasten: serving {engine.name} with {method} on http://{host}:{port}", err=True)
@@ -302,10 +310,9 @@ def tune(model, questions, per_category, budget, max_new_tokens, threads):
     """Search methods × parameters by wall clock on a sample; save the fastest lossless one for --method auto."""
     from .bench import tune as tuner
     from .bench.suite import load_questions
-    from .engine import load
     qs = load_questions(questions, per_category)
     set_threads(threads)
-    engine = load(model)
+    engine = load_engine(model)
     profile = tuner.tune(engine, qs, budget, max_new_tokens)
     for r in profile["ranking"]:
         status = "identical" if r["identical"] else "DIFFERS (excluded)"
@@ -345,8 +352,7 @@ def train_head(model, corpus, tokens, chat_samples, hidden, vocab, epochs, threa
     from .decoding.drafters.eagle import head_path, train
     check_corpus(corpus)
     set_threads(threads)
-    from .engine import load
-    engine = load(model)
+    engine = load_engine(model)
     summary = train(engine, tokens, chat_samples, hidden, vocab, epochs, corpus=corpus)
     for key, value in summary.items():
         click.echo(f"  {key:20s} {value}")
@@ -379,7 +385,6 @@ def calibrate(model, methods, corpus, tokens, heldout_tokens, refresh, json_path
     from dataclasses import asdict
 
     from . import methods as registry
-    from .engine import load
     from .sparsity.calibrate import SEQ_LEN, activation_stats, measured_sparsity
     from .sparsity.corpus import load as load_corpus
     from .sparsity.quality import method_quality
@@ -392,7 +397,7 @@ def calibrate(model, methods, corpus, tokens, heldout_tokens, refresh, json_path
         check_sparsity(spec.params.get("sparsity", 0.5))  # before minutes of calibration, not after
     source = load_corpus(corpus)
     set_threads(threads)
-    engine = load(model)
+    engine = load_engine(model)
     engine.sparsity_calibration = (corpus, tokens)
     stats = activation_stats(engine, corpus, tokens, refresh=refresh)
     click.echo(f"calibration: {stats.tokens} tokens of {stats.corpus}; quality on {heldout_tokens} held-out tokens")
@@ -417,20 +422,24 @@ def calibrate(model, methods, corpus, tokens, heldout_tokens, refresh, json_path
 @main.command()
 @user_errors
 def models():
-    """List the default model, cached conversions and available methods."""
+    """List the default model, the kernels this CPU runs, cached model metadata and available methods."""
     from . import methods
+    from .kernels.cpu import kernel_description
+    from .kernels.formats import FORMATS
     from .models.loading import DEFAULT_MODEL, cache_dir, default_gguf_path
     try:
         click.echo(f"default model: {DEFAULT_MODEL} ({default_gguf_path()})")
     except ModelLoadError as e:
         click.echo(f"default model: not installed — {e}")
+    click.echo(f"kernels: {kernel_description()}; block formats: {', '.join(FORMATS)}")
     root = cache_dir() / "models"
     cached = sorted(p for p in root.glob("*") if (p / "done").exists()) if root.exists() else []
-    click.echo(f"cached conversions in {root}:" if cached else f"no cached conversions in {root}")
+    click.echo(f"cached model metadata in {root} (config and tokenizer; weights stay in their files):" if cached
+               else f"no cached model metadata in {root}")
     for p in cached:
         meta = json.loads((p / "meta.json").read_text())
         size = sum(f.stat().st_size for f in p.iterdir()) / 1e6
-        click.echo(f"  {p.name}  {meta['weight_format']}  {size:.0f} MB  from {meta['source']}")
+        click.echo(f"  {p.name}  {size:.1f} MB  from {meta['source']}")
     heads = sorted((cache_dir() / "eagle").glob("*.json"))
     for path in heads:  # trained draft heads (`hasten train-head`), by model hash
         summary = json.loads(path.read_text())
@@ -439,6 +448,27 @@ def models():
     click.echo("methods:")
     for name, text in methods.available().items():
         click.echo(f"  {name:22s} {text}")
+
+
+@main.command("make-model")
+@click.argument("out", type=click.Path(dir_okay=False, writable=True))
+@click.option("--shape", type=click.Choice(["llama3-1b", "llama3-3b", "llama3-8b"]), default="llama3-1b",
+              show_default=True, help="Llama 3.2 1B / 3B or Llama 3.1 8B dimensions")
+@click.option("--type", "qtype", default="Q4_K_M", show_default=True,
+              help="Q4_K_M, Q5_K_M (llama.cpp's mixes) or one block format: F32 F16 BF16 Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q4_K Q5_K Q6_K")
+@click.option("--seed", type=int, default=0, show_default=True)
+@user_errors
+def make_model(out, shape, qtype, seed):
+    """Write a random-weight GGUF of a real model shape to OUT, to measure speed and memory at that size.
+
+    Speed and memory depend on shapes, not weights; acceptance rates and quality need real weights. The file
+    loads in hasten and in llama.cpp alike (the default model's tokenizer, padded to the shape's vocabulary).
+    """
+    from .models.synthetic import TYPES, write_random_gguf
+    if qtype not in TYPES:
+        raise UsageError(f"--type {qtype} is not one of {', '.join(TYPES)}")
+    path = write_random_gguf(out, shape, qtype, seed=seed)
+    click.echo(f"wrote {path} ({path.stat().st_size / 1e9:.2f} GB, random {shape} in {qtype})", err=True)
 
 
 if __name__ == "__main__":

@@ -21,10 +21,19 @@ class GenerationError(ValueError):
 
 
 @dataclass
+class TokenLogprob:
+    """A token's log-probability under the target's own (unwarped) logits, and the k most likely tokens there."""
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]  # [(token id, logprob)], most likely first
+
+
+@dataclass
 class Chunk:
     text: str  # text delta (may be empty while a multi-byte character or a possible stop string is held back)
     tokens: list[int]  # token ids emitted by this step
     sources: list[str]  # per token: the drafter that proposed it, or "target" (the bonus token)
+    logprobs: list[TokenLogprob] | None = None  # per token, when run(logprobs=k) asked for them
 
 
 @dataclass
@@ -39,6 +48,7 @@ class GenerationResult:
     draft_seconds: float
     accepted_per_step: list[int] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
 
     @property
     def tokens(self) -> int:
@@ -116,9 +126,14 @@ class Engine:
     # ---- generation --------------------------------------------------------------------------------------
     def run(self, prompt: str | Messages | list[int], max_new_tokens: int = 256, method: str = "baseline",
             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-            stop: Sequence[str] | None = None, chat: bool | None = None) -> Generation:
-        """Validate everything up front (errors raise here, before any token), then decode lazily."""
+            stop: Sequence[str] | None = None, chat: bool | None = None, logprobs: int | None = None) -> Generation:
+        """Validate everything up front (errors raise here, before any token), then decode lazily.
+
+        logprobs=k attaches to every token its log-probability and the k most likely tokens, from the logits the
+        target scored it with (raw, before temperature/top-k/top-p), so they do not depend on the method."""
         validate_options(max_new_tokens, temperature, top_k, top_p)
+        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int) or logprobs < 0):
+            raise GenerationError(f"logprobs must be an integer ≥ 0 or None (got {logprobs!r})")
         ids = list(prompt) if _is_token_list(prompt) else self.encode(prompt, chat)
         if not ids:
             raise GenerationError("the prompt is empty; pass some text")
@@ -129,12 +144,14 @@ class Engine:
         drafter = self.drafter(method)
         sampling = SamplingConfig(float(temperature), int(top_k), float(top_p), seed)
         stops = [s for s in (stop or []) if s]
-        return Generation(self._chunks(ids, drafter, method, sampling, max_new_tokens, stops))
+        return Generation(self._chunks(ids, drafter, method, sampling, max_new_tokens, stops, logprobs))
 
-    def _chunks(self, ids, drafter, method, sampling, max_new_tokens, stops) -> Iterator[Chunk]:
+    def _chunks(self, ids, drafter, method, sampling, max_new_tokens, stops, top_k=None) -> Iterator[Chunk]:
         stats = DecodeStats()
         detok = Detokenizer(self.tokenizer)
         out_ids, sources, text, sent = [], [], "", 0
+        all_lp = [] if top_k is not None else None
+        last = None  # the step whose text held a stop string: its tokens go with the final chunk
         hold = max((len(s) for s in stops), default=1) - 1  # a stop string may still be completing
         needed = len(ids) + max_new_tokens + 64
         if self._cache is None or self._cache.max_len < needed:
@@ -147,18 +164,22 @@ class Engine:
             for step in steps:
                 out_ids += step.tokens
                 sources += step.sources
+                lp = token_logprobs(step.logits, step.tokens, top_k) if top_k is not None else None
+                if lp is not None:
+                    all_lp += lp
                 text += detok.push(step.tokens)
                 cut = _find_stop(text, stops, sent)
                 if cut is not None:
                     text, stopped = text[:cut], True
                     stats.finish_reason = "stop"
+                    last = Chunk("", step.tokens, step.sources, lp)
                     break
                 safe = len(text) - hold
                 if safe > sent:
-                    yield Chunk(text[sent:safe], step.tokens, step.sources)
+                    yield Chunk(text[sent:safe], step.tokens, step.sources, lp)
                     sent = safe
                 else:
-                    yield Chunk("", step.tokens, step.sources)
+                    yield Chunk("", step.tokens, step.sources, lp)
         finally:
             steps.close()
         seconds = time.perf_counter() - t0
@@ -167,10 +188,12 @@ class Engine:
             cut = _find_stop(text, stops, sent)
             if cut is not None:
                 text, stats.finish_reason = text[:cut], "stop"
-        if len(text) > sent:
-            yield Chunk(text[sent:], [], [])
+        if last is not None or len(text) > sent:
+            last = last or Chunk("", [], [], [] if top_k is not None else None)
+            last.text = text[sent:]
+            yield last
         return GenerationResult(text, out_ids, len(ids), stats.finish_reason, method, seconds, stats.target_passes,
-                                stats.draft_seconds, stats.accepted_per_step, sources)
+                                stats.draft_seconds, stats.accepted_per_step, sources, all_lp)
 
     def generate(self, prompt, max_new_tokens: int = 256, method: str = "baseline", **kw) -> GenerationResult:
         gen = self.run(prompt, max_new_tokens, method, **kw)
@@ -183,6 +206,12 @@ class Engine:
             if chunk.text:
                 yield chunk.text
 
+    def prompt_logprobs(self, ids: list[int], top_k: int = 0) -> list[TokenLogprob | None]:
+        """Each prompt token's logprob given the tokens before it (None for the first), from one target pass."""
+        with torch.inference_mode():
+            logits = self.model(torch.tensor([ids], device=self.model.device))[0]  # [T, V]
+        return [None] + token_logprobs(logits[:-1], ids[1:], top_k)
+
     def logits(self, input_ids: torch.Tensor | list) -> torch.Tensor:
         """The model's logits [batch, seq, vocab] for token ids [batch, seq] (or [seq])."""
         ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.model.device)
@@ -190,6 +219,19 @@ class Engine:
             ids = ids[None]
         with torch.inference_mode():
             return self.model(ids)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], top_k: int) -> list[TokenLogprob]:
+    """logits [n, V] row i → token i's log-softmax value and the top_k entries of that row."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # [n, V]
+    rows = torch.arange(len(tokens), device=logp.device)
+    chosen = logp[rows, torch.tensor(tokens, device=logp.device)].tolist()
+    if top_k:
+        values, indices = logp.topk(min(top_k, logp.shape[-1]), dim=-1)  # [n, k]
+        tops = [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
+    else:
+        tops = [[] for _ in tokens]
+    return [TokenLogprob(t, c, top) for t, c, top in zip(tokens, chosen, tops)]
 
 
 def validate_options(max_new_tokens, temperature, top_k, top_p) -> None:
@@ -203,9 +245,10 @@ def validate_options(max_new_tokens, temperature, top_k, top_p) -> None:
         raise GenerationError(f"top_k must be ≥ 0 (got {top_k}); 0 turns it off")
 
 
-def load(model: str | None = None, dtype=None, device=None) -> Engine:
-    """Load a model (default: the embedded SmolLM2-135M-Instruct) and return an Engine."""
-    return Engine(load_model(model, dtype=dtype, device=device))
+def load(model: str | None = None, dtype=None, device=None, quantize: str | None = None) -> Engine:
+    """Load a model (default: the embedded SmolLM2-135M-Instruct) and return an Engine; `quantize` turns a Hugging
+    Face checkpoint's linear layers into a GGUF block format (cached)."""
+    return Engine(load_model(model, dtype=dtype, device=device, quantize=quantize))
 
 
 def _eos_ids(loaded: LoadedModel) -> set[int]:

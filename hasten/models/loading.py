@@ -62,9 +62,14 @@ def default_gguf_path() -> Path:
 
 
 def load(model: str | os.PathLike | None = None, dtype: torch.dtype | str | None = None,
-         device: str | torch.device | None = None) -> LoadedModel:
+         device: str | torch.device | None = None, quantize: str | None = None) -> LoadedModel:
+    """`quantize` (a GGUF type name, any case): a Hugging Face checkpoint's linear layers and embeddings in that
+    block format, quantized once and cached; GGUF files keep their own types."""
     device = torch.device(device or "cpu")
     dtype = _parse_dtype(dtype)
+    if quantize is not None and (model is None or str(model).endswith(".gguf")):
+        raise ModelLoadError("--quantize applies to Hugging Face checkpoint directories; a GGUF file keeps its own "
+                             "types (requantize it with llama-quantize)")
     if model is None or str(model) in (DEFAULT_MODEL, f"HuggingFaceTB/{DEFAULT_MODEL}"):
         loaded = _load_gguf(default_gguf_path(), name=DEFAULT_MODEL)
     else:
@@ -72,12 +77,12 @@ def load(model: str | os.PathLike | None = None, dtype: torch.dtype | str | None
         if path.is_file() and path.suffix == ".gguf":
             loaded = _load_gguf(path, name=path.stem)
         elif path.is_dir():
-            loaded = _load_hf_dir(path, name=path.name)
+            loaded = _load_hf_dir(path, name=path.name, quantize=quantize)
         elif path.exists():
             raise ModelLoadError(f"{path} is neither a .gguf file nor a checkpoint directory; "
                                  "pass a GGUF file, a directory with config.json + *.safetensors, or a hub id")
         elif str(model).count("/") == 1 and not str(model).startswith((".", "/", "~")):
-            loaded = _load_hf_dir(_download(str(model)), name=str(model))
+            loaded = _load_hf_dir(_download(str(model)), name=str(model), quantize=quantize)
         else:
             raise ModelLoadError(f"model path {str(model)!r} does not exist; pass an existing GGUF file or "
                                  "checkpoint directory, a hub id (owner/name), or nothing for the default model")
@@ -110,39 +115,79 @@ def _download(repo_id: str) -> Path:
 
 # ---- Hugging Face checkpoint directories ----------------------------------------------------------------
 
-def _load_hf_dir(path: Path, name: str) -> LoadedModel:
+_DTYPE_FORMATS = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def _load_hf_dir(path: Path, name: str, quantize: str | None = None) -> LoadedModel:
+    """A checkpoint directory saved by transformers. Linear layers and the embedding compute from their own dtype
+    (BF16, F16, F32 through the block kernels: no fp32 copy of a bf16 checkpoint) or, with `quantize`, from GGUF
+    blocks made once and cached under `models/<hash>-<type>/`; norms and biases become fp32."""
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
     from transformers import AutoConfig, AutoTokenizer
 
+    from ..kernels.quantize import QUANTIZE_TYPES, quantize as quantize_blocks
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} has no config.json; pass a Hugging Face checkpoint directory or a GGUF file")
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{path} has no *.safetensors weights; convert the checkpoint to safetensors first")
+    qtype = quantize.upper() if quantize else None
+    if qtype is not None and qtype not in QUANTIZE_TYPES:
+        raise ModelLoadError(f"--quantize {quantize} is not available; use one of "
+                             f"{', '.join(t.lower() for t in QUANTIZE_TYPES)}")
     try:
         hf_config = AutoConfig.from_pretrained(path)
     except Exception as e:
         raise ModelLoadError(f"{path}/config.json could not be read ({e}); fix or replace the file") from None
     config = ModelConfig.from_hf(hf_config)
-    state, dtypes = {}, set()
     digest = hashlib.sha256()
     for f in files:
         digest.update(f.name.encode() + str(f.stat().st_size).encode() + str(f.stat().st_mtime_ns).encode())
+    model_hash = digest.hexdigest()[:16]
+    cached = cache_dir() / "models" / f"{model_hash}-{qtype}" / "blocks.safetensors" if qtype else None
+    blocks = load_file(cached) if cached is not None and cached.exists() else {}
+    state, modules, dtypes, made = {}, {}, set(), {}
+    for f in files:
         try:
             with safe_open(f, framework="pt") as sf:
                 for key in sf.keys():
+                    native = key.removeprefix("model.")
+                    if native in blocks:  # quantized on an earlier load
+                        modules[native.removesuffix(".weight")] = (qtype, blocks[native], sf.get_slice(key).get_shape()[1])
+                        continue
                     t = sf.get_tensor(key)
                     dtypes.add(str(t.dtype).removeprefix("torch."))
-                    state[key.removeprefix("model.")] = t.float() if t.is_floating_point() else t
+                    k = t.shape[-1] if t.dim() == 2 else 0
+                    if t.dim() == 2 and native.endswith(".weight") and t.dtype in _DTYPE_FORMATS and k % 32 == 0 \
+                            and (qtype is None or k % block_format(qtype).block_weights == 0):
+                        if qtype is not None:
+                            raw = torch.from_numpy(quantize_blocks(t.float().numpy(), qtype))
+                            made[native] = raw
+                            modules[native.removesuffix(".weight")] = (qtype, raw, k)
+                        else:
+                            raw = t.contiguous().view(torch.uint8).reshape(t.shape[0], -1)
+                            modules[native.removesuffix(".weight")] = (_DTYPE_FORMATS[t.dtype], raw, k)
+                    else:
+                        state[native] = t.float() if t.is_floating_point() else t
+        except ModelLoadError:
+            raise
         except Exception as e:
             raise ModelLoadError(f"{f} is not a readable safetensors file ({e}); re-download it") from None
-    model = _build(config, state)
+    if made:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        save_file(made, cached)
+    for module, (fmt, raw, k) in list(modules.items()):
+        modules[module] = QuantEmbedding(fmt, raw, k) if module == "embed_tokens" else \
+            QuantLinear(fmt, raw, k, bias=state.pop(f"{module}.bias", None))
+    model = _build(config, state, modules)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as e:
         raise ModelLoadError(f"{path} has no usable tokenizer ({e}); copy the model's tokenizer files beside it") from None
-    return LoadedModel(model, tokenizer, hf_config, name, str(path), digest.hexdigest()[:16],
-                       f"safetensors {'/'.join(sorted(dtypes))} → fp32")
+    kinds = sorted({m.qtype for m in modules.values()})
+    return LoadedModel(model, tokenizer, hf_config, name, str(path), model_hash + (f"-{qtype}" if qtype else ""),
+                       f"safetensors {'/'.join(sorted(dtypes))}; layers computed from {'/'.join(kinds) or 'fp32'}")
 
 
 def _build(config: ModelConfig, state: dict[str, torch.Tensor], modules: dict[str, nn.Module] | None = None) -> Transformer:
