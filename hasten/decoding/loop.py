@@ -25,6 +25,7 @@ class Step:
     tokens: list[int]  # emitted this step: accepted draft tokens, then the bonus token
     sources: list[str]  # per token: the drafter that proposed it, or "target" for the bonus token
     proposed: int  # draft nodes scored this step
+    logits: torch.Tensor | None = None  # [len(tokens), V]: the target's logits each token was chosen from
 
 
 @dataclass
@@ -76,7 +77,7 @@ def decode(model: Transformer, prompt: list[int], drafter: Drafter, sampling: Sa
         state.tokens.append(first)
         stats.generated += 1
         stats.accepted_per_step.append(0)
-        yield Step([first], ["target"], 0)
+        yield Step([first], ["target"], 0, logits[-1:])
         if first in eos_ids:
             stats.finish_reason = "stop"
             return
@@ -118,9 +119,9 @@ def decode(model: Transformer, prompt: list[int], drafter: Drafter, sampling: Sa
             if stop_at is not None:
                 stats.generated -= len(emitted) - stop_at - 1
                 stats.finish_reason = "stop"
-                yield Step(emitted[:stop_at + 1], sources[:stop_at + 1], proposed)
+                yield Step(emitted[:stop_at + 1], sources[:stop_at + 1], proposed, kept[:stop_at + 1])
                 return
-            yield Step(emitted, sources, proposed)
+            yield Step(emitted, sources, proposed, kept)
 
 
 def _truncate(draft: Draft, budget: int) -> Draft:

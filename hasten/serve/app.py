@@ -1,70 +1,31 @@
 """An OpenAI-compatible HTTP API over one Engine (FastAPI + uvicorn).
 
-One worker thread runs requests in arrival order from a bounded queue (a full queue answers 503 with
-Retry-After); the event loop only moves chunks, so it stays responsive while the model computes. Every request
-owns its chunk queue, so no request can receive another's tokens; a client that disconnects cancels its
-generation at the next step and frees the worker at once.
+One worker thread (worker.py) runs requests in arrival order from a bounded queue (a full queue answers 503 with
+Retry-After); the event loop only parses, tokenizes and moves chunks, so it stays responsive while the model
+computes. A client that disconnects, streaming or not, is noticed by a watcher on its connection and its
+generation stops before the next step. Errors are one-line OpenAI-style JSON: 4xx for the request's own fault,
+5xx (or an error event inside a stream that has begun) when generation fails; the server goes on serving.
+/metrics gives the counters in Prometheus text format.
 """
 from __future__ import annotations
 
 import asyncio
 import json
-import queue
-import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 
-from ..engine import Chunk, GenerationError
+from .. import methods as registry
+from ..engine import Chunk, GenerationError, TokenLogprob
 from ..methods import UnknownMethodError
-from ..models.kv_cache import ContextOverflowError
-
-MAX_TOKENS_LIMIT = 8192
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class _Common(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # clients send fields we don't use (user, logprobs: null, …)
-    model: str | None = None
-    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    n: Literal[1] = 1
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    method: str | None = None  # hasten: decoding method for this request (default: the server's --method)
-
-
-class Message(BaseModel):
-    role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str
-
-
-class ChatRequest(_Common):
-    messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
-
-
-class CompletionRequest(_Common):
-    prompt: str | list[str]
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict | None = None):
-        self.status, self.message, self.type, self.param, self.code, self.headers = status, message, type_, param, code, headers
+from .metrics import Metrics
+from .protocol import (APIError, ChatRequest, CompletionRequest, _Common, chat_messages,  # noqa: F401
+                       completion_prompt)
+from .worker import END, STARTED, Job, PromptLogprobs, Worker
 
 
 def error_response(e: APIError) -> JSONResponse:
@@ -72,64 +33,11 @@ def error_response(e: APIError) -> JSONResponse:
     return JSONResponse(body, status_code=e.status, headers=e.headers)
 
 
-@dataclass
-class Job:
-    kwargs: dict
-    loop: asyncio.AbstractEventLoop
-    out: asyncio.Queue
-    cancelled: threading.Event = field(default_factory=threading.Event)
-
-
-_END = object()
-
-
-class Worker:
-    """The one thread that runs the engine; jobs wait in a bounded queue."""
-
-    def __init__(self, engine, queue_size: int):
-        self.engine = engine
-        self.jobs: queue.Queue[Job | None] = queue.Queue()
-        self.slots = threading.BoundedSemaphore(queue_size)  # requests running or waiting
-        self.thread = threading.Thread(target=self._run, name="hasten-worker", daemon=True)
-        self.thread.start()
-
-    def submit(self, job: Job) -> None:
-        if not self.slots.acquire(blocking=False):
-            raise APIError(503, "the server is busy: its request queue is full; retry shortly", "server_busy",
-                           code="queue_full", headers={"Retry-After": "1"})
-        self.jobs.put(job)
-
-    def _run(self):
-        while (job := self.jobs.get()) is not None:
-            try:
-                if not job.cancelled.is_set():
-                    self._generate(job)
-            finally:
-                self.slots.release()
-
-    def _generate(self, job: Job) -> None:
-        put = lambda item: job.loop.call_soon_threadsafe(job.out.put_nowait, item)  # noqa: E731
-        try:
-            gen = self.engine.run(**job.kwargs)
-            for chunk in gen:
-                if job.cancelled.is_set():  # the client left: stop now, free the engine for the next request
-                    gen.close()
-                    break
-                put(chunk)
-            else:
-                put(gen.result)
-        except Exception as e:  # surfaced to the request as an error, never as a lost request
-            put(e)
-        put(_END)
-
-    def stop(self):
-        self.jobs.put(None)
-
-
 def create_app(engine, method: str = "baseline", queue_size: int = 16) -> FastAPI:
     app = FastAPI(title="hasten", version="0.1.0")
-    worker = Worker(engine, queue_size)
-    app.state.worker = worker
+    metrics = Metrics()
+    worker = Worker(engine, queue_size, metrics)
+    app.state.worker, app.state.metrics = worker, metrics
     page = (Path(__file__).parent / "chat.html").read_text()
 
     @app.exception_handler(APIError)
@@ -155,7 +63,11 @@ def create_app(engine, method: str = "baseline", queue_size: int = 16) -> FastAP
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": engine.name, "waiting": worker.jobs.qsize()}
+        return {"status": "ok", "model": engine.name, "waiting": metrics.waiting, "running": metrics.running}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")
     async def models():
@@ -163,65 +75,96 @@ def create_app(engine, method: str = "baseline", queue_size: int = 16) -> FastAP
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
-        messages = [m.model_dump() for m in req.messages]
-        return await _serve(req, request, messages, chat=True, limit=req.max_completion_tokens or req.max_tokens)
+        messages = chat_messages(req)
+        if not getattr(engine.tokenizer, "chat_template", None):
+            raise APIError(400, f"{engine.name} is a base model with no chat template, so it cannot take messages; "
+                           "send a plain prompt to /v1/completions instead", param="messages", code="no_chat_template")
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        return await _serve(req, request, messages, chat=True, limit=req.max_completion_tokens or req.max_tokens,
+                            logprobs=top)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
-        if isinstance(req.prompt, list):
-            if len(req.prompt) != 1:
-                raise APIError(400, "prompt: hasten serves one prompt per request (n = 1)", param="prompt")
-            req.prompt = req.prompt[0]
-        return await _serve(req, request, req.prompt, chat=False, limit=req.max_tokens or 16)
+        prompt = completion_prompt(req, engine.model.config.vocab_size)
+        return await _serve(req, request, prompt, chat=False, limit=req.max_tokens or 16, logprobs=req.logprobs,
+                            echo=req.echo)
 
-    async def _serve(req: _Common, request: Request, prompt: Any, chat: bool, limit: int | None):
+    async def _serve(req: _Common, request: Request, prompt, chat: bool, limit: int | None, logprobs: int | None,
+                     echo: bool = False):
         if req.model not in (None, "", engine.name, "default"):
             raise APIError(404, f"model {req.model!r} does not exist; this server serves {engine.name!r} (GET /v1/models)",
                            param="model", code="model_not_found")
         name = req.method or method
         context = engine.model.config.max_position_embeddings
-        try:  # validate now (unknown method, prompt too long, …) so errors are 4xx before anything streams
-            engine.drafter(name)
-            ids = _encode(prompt, chat)
-            if len(ids) >= context:
-                raise ContextOverflowError(f"the prompt has {len(ids)} tokens but the model's context is {context}; "
-                                           "shorten the prompt")
+        try:  # cheap checks here, so errors are 4xx before anything is queued; the method is built by the worker
+            registry.parse(name)
+            ids = prompt if isinstance(prompt, list) and prompt and isinstance(prompt[0], int) else \
+                engine.encode(prompt, chat=chat)
         except UnknownMethodError as e:
             raise APIError(400, str(e), param="method", code="unknown_method") from None
-        except (GenerationError, ContextOverflowError, ValueError) as e:
-            raise APIError(400, str(e), code="context_length_exceeded" if "context" in str(e) else "invalid_value") from None
+        except (GenerationError, ValueError) as e:
+            raise APIError(400, str(e), code="invalid_value") from None
+        except Exception as e:  # the chat template refused the messages (jinja raises its own errors)
+            raise APIError(400, f"messages: the model's chat template cannot format them ({_first_line(e)})",
+                           param="messages", code="invalid_value") from None
+        if len(ids) >= context:
+            raise APIError(400, f"the prompt has {len(ids)} tokens but the model's context is {context}; "
+                           "shorten the prompt", param="messages" if chat else "prompt", code="context_length_exceeded")
         stop = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
-        kwargs = dict(prompt=ids, max_new_tokens=limit or context - len(ids), method=name, temperature=req.temperature,
-                      top_p=req.top_p, seed=req.seed, stop=stop)
-        job = Job(kwargs, asyncio.get_running_loop(), asyncio.Queue())
+        kwargs = dict(prompt=list(ids), max_new_tokens=limit or context - len(ids), method=name,
+                      temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, seed=req.seed, stop=stop,
+                      logprobs=logprobs)
+        job = Job(kwargs, asyncio.get_running_loop(), prompt_logprobs=logprobs if echo and logprobs is not None else None)
         worker.submit(job)
+        watcher = asyncio.ensure_future(_watch_disconnect(request, job))
+        try:
+            first = await job.out.get()  # STARTED, or why the request cannot run (4xx/5xx before any byte is sent)
+        except BaseException:
+            job.cancelled.set()
+            watcher.cancel()
+            raise
+        if first is not STARTED:
+            watcher.cancel()
+            if isinstance(first, APIError):
+                raise first
+            return JSONResponse({"error": {"message": "the client closed the request", "type": "cancelled",
+                                           "param": None, "code": "client_closed"}}, status_code=499)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
+        view = _View(engine, chat, logprobs, echo, ids)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_sse(job, request, rid, created, chat, include_usage, len(ids)),
+            return StreamingResponse(_sse(job, watcher, view, rid, created, include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        text, result = "", None
         try:
-            while (item := await job.out.get()) is not _END:
-                if isinstance(item, Exception):
-                    raise APIError(500, f"generation failed ({type(item).__name__})", "server_error")
+            result, chunks, prompt_lp = None, [], None
+            while (item := await job.out.get()) is not END:
+                if isinstance(item, APIError):
+                    raise item
                 if isinstance(item, Chunk):
-                    text += item.text
+                    chunks.append(item)
+                elif isinstance(item, PromptLogprobs):
+                    prompt_lp = item.items
                 else:
                     result = item
-        except asyncio.CancelledError:
-            job.cancelled.set()
-            raise
-        choice = {"index": 0, "finish_reason": result.finish_reason, "logprobs": None}
+        finally:
+            job.cancelled.set()  # a no-op once the worker is done; stops it if this handler is cancelled
+            watcher.cancel()
+        if result is None:  # cancelled: the client is gone, this answer is never read
+            return JSONResponse({"error": {"message": "the client closed the request", "type": "cancelled",
+                                           "param": None, "code": "client_closed"}}, status_code=499)
+        lps = [lp for c in chunks for lp in (c.logprobs or [])]
+        choice = {"index": 0, "finish_reason": result.finish_reason,
+                  "logprobs": view.logprobs(lps, prompt_lp, text_start=0)}
         if chat:
             choice["message"] = {"role": "assistant", "content": result.text}
         else:
-            choice["text"] = result.text
+            choice["text"] = view.prompt_text() + result.text if echo else result.text
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
-                "model": engine.name, "choices": [choice], "usage": _usage(result), "hasten": _stats(result)}
+                "model": engine.name, "choices": [choice], "usage": _usage(result), "hasten": _stats(result, job)}
 
-    async def _sse(job: Job, request: Request, rid, created, chat, include_usage, prompt_tokens):
+    async def _sse(job: Job, watcher, view: "_View", rid, created, include_usage):
+        chat = view.chat
         obj = "chat.completion.chunk" if chat else "text_completion"
 
         def event(choice: dict, **extra) -> str:
@@ -230,34 +173,43 @@ def create_app(engine, method: str = "baseline", queue_size: int = 16) -> FastAP
 
         try:
             if chat:
-                yield event({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
-            result = None
-            while (item := await job.out.get()) is not _END:
-                if isinstance(item, Exception):
-                    err = {"error": {"message": f"generation failed ({type(item).__name__})", "type": "server_error"}}
+                yield event({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                             "finish_reason": None})
+            result, offset = None, 0
+            while (item := await job.out.get()) is not END:
+                if isinstance(item, APIError):  # mid-generation: the stream has begun, so an error event
+                    err = {"error": {"message": item.message, "type": item.type, "param": None, "code": item.code}}
                     yield f"data: {json.dumps(err)}\n\n"
                     break
+                if isinstance(item, PromptLogprobs) or (view.echo and offset == 0 and isinstance(item, Chunk)):
+                    # completions with echo: the prompt comes first, with its own logprobs when asked for
+                    text = view.prompt_text()
+                    lp = view.logprobs([], item.items if isinstance(item, PromptLogprobs) else None, 0)
+                    offset = max(len(text), 1)
+                    yield event({"index": 0, "text": text, "finish_reason": None, "logprobs": lp})
+                    if isinstance(item, PromptLogprobs):
+                        continue
                 if isinstance(item, Chunk):
                     if item.text or item.tokens:
-                        choice = ({"index": 0, "delta": {"content": item.text}, "finish_reason": None} if chat
-                                  else {"index": 0, "text": item.text, "finish_reason": None, "logprobs": None})
+                        lp = view.logprobs(item.logprobs or [], None, offset)
+                        offset += len(item.text)
+                        choice = ({"index": 0, "delta": {"content": item.text}, "logprobs": lp, "finish_reason": None}
+                                  if chat else {"index": 0, "text": item.text, "finish_reason": None, "logprobs": lp})
                         yield event(choice, hasten={"sources": item.sources, "tokens": len(item.tokens)})
                 else:
                     result = item
             if result is not None:
-                last = ({"index": 0, "delta": {}, "finish_reason": result.finish_reason} if chat
+                last = ({"index": 0, "delta": {}, "logprobs": None, "finish_reason": result.finish_reason} if chat
                         else {"index": 0, "text": "", "finish_reason": result.finish_reason, "logprobs": None})
-                yield event(last, hasten=_stats(result))
+                yield event(last, hasten=_stats(result, job))
                 if include_usage:
                     body = {"id": rid, "object": obj, "created": created, "model": engine.name, "choices": [],
                             "usage": _usage(result)}
                     yield f"data: {json.dumps(body)}\n\n"
             yield "data: [DONE]\n\n"
-        finally:  # the client went away or the stream ended: stop the generation at its next step
+        finally:  # the client went away or the stream ended: stop the generation before its next step
             job.cancelled.set()
-
-    def _encode(prompt, chat):
-        return engine.encode(prompt, chat=chat)
+            watcher.cancel()
 
     @app.on_event("shutdown")
     async def _stop():
@@ -266,12 +218,71 @@ def create_app(engine, method: str = "baseline", queue_size: int = 16) -> FastAP
     return app
 
 
+async def _watch_disconnect(request: Request, job: Job) -> None:
+    """Cancel the job when the client disconnects (uvicorn also reports a completed response as a disconnect,
+    by then the worker is done with the job and the flag is ignored)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.cancelled.set()
+
+
+class _View:
+    """Turns token logprobs into the OpenAI shapes: chat's `content` list, completions' parallel lists."""
+
+    def __init__(self, engine, chat: bool, top: int | None, echo: bool, prompt_ids: list[int]):
+        self.engine, self.chat, self.top, self.echo, self.prompt_ids = engine, chat, top, echo, prompt_ids
+
+    def prompt_text(self) -> str:
+        return self.engine.tokenizer.decode(self.prompt_ids, skip_special_tokens=False,
+                                            clean_up_tokenization_spaces=False)
+
+    def token(self, token_id: int) -> str:
+        return self.engine.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def logprobs(self, lps: list[TokenLogprob], prompt_lps: list | None, text_start: int):
+        if self.top is None:
+            return None
+        if self.chat:
+            def entry(tid, lp):
+                s = self.token(tid)
+                return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+            return {"content": [{**entry(t.token, t.logprob), "top_logprobs": [entry(i, v) for i, v in t.top]}
+                                for t in lps], "refusal": None}
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        offset = text_start
+        items = ([(tid, lp) for tid, lp in zip(self.prompt_ids, prompt_lps)] if prompt_lps is not None else []) + \
+            [(t.token, t) for t in lps]
+        for tid, lp in items:
+            s = self.token(tid)
+            out["tokens"].append(s)
+            out["text_offset"].append(offset)
+            offset += len(s)
+            if lp is None:  # the first prompt token has nothing before it
+                out["token_logprobs"].append(None)
+                out["top_logprobs"].append(None)
+                continue
+            out["token_logprobs"].append(lp.logprob)
+            top = {self.token(i): v for i, v in lp.top}
+            top.setdefault(s, lp.logprob)  # OpenAI: the chosen token is always listed
+            out["top_logprobs"].append(top)
+        return out
+
+
+def _first_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:200] if lines else type(e).__name__
+
+
 def _usage(result) -> dict:
     return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.tokens,
             "total_tokens": result.prompt_tokens + result.tokens}
 
 
-def _stats(result) -> dict:
+def _stats(result, job: Job | None = None) -> dict:
     s = result.stats()
-    return {"method": s["method"], "mean_accepted": s["mean_accepted"], "tokens_per_s": s["tokens_per_s"],
-            "target_passes": s["target_passes"], "draft_share": s["draft_share"]}
+    out = {"method": s["method"], "mean_accepted": s["mean_accepted"], "tokens_per_s": s["tokens_per_s"],
+           "target_passes": s["target_passes"], "draft_share": s["draft_share"]}
+    if job is not None:
+        out["queue_s"] = round(job.queue_seconds or 0.0, 4)
+        out["time_to_first_token_s"] = round(job.ttft_seconds or 0.0, 4)
+    return out
