@@ -1,0 +1,148 @@
+"""Gemma 3's decoder blocks, beside transformer.py's Llama-family ones (the Transformer there picks these for
+model type "gemma3", scales the embeddings by sqrt(hidden) and softcaps the logits when the config says so).
+
+What differs from Llama, in the order a block runs:
+- RMSNorm is x / rms(x) * (1 + w) with fp32 statistics; checkpoints store w (zero-centred).
+- four norms per block: the attention and the MLP outputs are normed (post_attention_layernorm,
+  post_feedforward_layernorm) before they join the residual; pre_feedforward_layernorm feeds the MLP.
+- q and k are RMS-normed per head before RoPE; scores are scaled by query_pre_attn_scalar ** -0.5.
+- the MLP is GeGLU: gelu_tanh(gate) * up.
+- "sliding_attention" layers (5 of every 6) see only the last `sliding_window` positions and use their own RoPE
+  base; "full_attention" layers see everything. The KV cache stays full: a sliding layer's window is a mask
+  (window_mask) cut on top of the caller's mask, by position, so decode, prefill and draft trees all get it.
+Module names match transformers' (Gemma3DecoderLayer, Gemma3Attention, Gemma3MLP) so state dicts load by name.
+The linears are whatever the loader put there (nn.Linear or a block-quantized module): only forward(x) is used.
+These blocks do not run the fused C++ decode_block (`_fused()` is None); attention and norms use the small
+kernels when they apply.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .kv_cache import KVCache
+from .transformer import SMALL_ATTENTION, ModelConfig, _cpu_kernels, apply_rope
+
+
+def window_mask(mask: torch.Tensor | None, positions: torch.Tensor, start: int, window: int) -> torch.Tensor | None:
+    """A sliding layer's mask: `mask` (the caller's [T, L+T] over the L cached entries and the T new tokens, True =
+    may attend; None = causal) with every key at position ≤ p - window cut for the query at position p.
+
+    Keys are at their positions: cache slot j holds position j (the cache holds exactly the accepted prefix), new
+    token i is at positions[..., i]. Returns `mask` itself when no key is that far back (short contexts keep the
+    causal fast paths), else [T, L+T] for positions [T], or [B, 1, T, L+T] for positions [B, T].
+    """
+    T = positions.shape[-1]
+    nearest_start = 0 if start > 0 else int(positions.min())
+    if int(positions.max()) - nearest_start < window:
+        return mask
+    cached = torch.arange(start, device=positions.device).expand(*positions.shape[:-1], start)
+    keys = torch.cat([cached, positions], dim=-1)  # [(B,) L+T] key positions
+    keep = keys[..., None, :] > positions[..., :, None] - window  # [(B,) T, L+T]
+    if mask is None:  # causal, bottom-right aligned (the new tokens are a chain after the cache)
+        mask = torch.ones(T, start + T, dtype=torch.bool, device=positions.device).tril(start)
+    keep = keep & mask
+    return keep if positions.dim() == 1 else keep[:, None]
+
+
+class GemmaRMSNorm(nn.Module):
+    """x / sqrt(mean(x²) + eps) * (1 + weight), statistics in fp32, cast back to x's dtype at the end (as
+    transformers' Gemma3RMSNorm). The effective scale 1 + weight is computed once per weight tensor."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def _scale(self) -> torch.Tensor:
+        w = self.weight
+        cached = self.__dict__.get("_scale_cache")
+        version = w._version if not w.is_inference() else 0
+        if cached is None or cached[0] is not w or cached[1] != version:
+            cached = (w, version, 1.0 + w.detach().float())  # [D] fp32
+            self.__dict__["_scale_cache"] = cached
+        return cached[2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self._scale()
+        kernels = _cpu_kernels(x)
+        if kernels is not None:  # one call; the same arithmetic (scale * (x * r)) as below
+            return kernels.rms_norm(x.reshape(-1, x.shape[-1]).contiguous(), scale, self.eps).view(x.shape)
+        y = x.float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * scale).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}"
+
+
+class Gemma3Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.scale = config.query_scale if config.query_scale is not None else config.head_dim ** -0.5
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, config.num_heads * config.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=bias)
+        self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=bias)
+        self.q_norm = GemmaRMSNorm(config.head_dim, config.rms_norm_eps)
+        self.k_norm = GemmaRMSNorm(config.head_dim, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, layer: int, cache: KVCache | None, mask: torch.Tensor | None):
+        B, T, _ = x.shape  # [B, T, D]
+        q = self.q_norm(self.q_proj(x).view(B, T, self.num_heads, self.head_dim))
+        k = self.k_norm(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim))
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        kernels = _cpu_kernels(x)
+        if kernels is not None and cache is not None and B == 1 and T <= SMALL_ATTENTION and (mask is None or mask.dim() == 2):
+            # Decode / draft verification: one C++ call over the cache (per token independent of T, see cpu.cpp).
+            start = cache.length
+            cache.append(layer, k.transpose(1, 2), v.transpose(1, 2))
+            ck, cv = cache.layers[layer]
+            out = kernels.attend_small(q[0], ck[0], cv[0], start + T, mask, self.scale)  # [T, H*d]
+            return self.o_proj(out.view(B, T, self.num_heads * self.head_dim))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, d]
+        if cache is not None:
+            k, v = cache.append(layer, k, v)  # [B, Hkv, L+T, d]
+        causal = mask is None and T > 1
+        assert not causal or k.shape[2] == T, "new tokens after cached ones need an explicit (bottom-right causal) mask"
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
+                                             enable_gqa=True)  # [B, H, T, d]
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+
+class Gemma3MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class Gemma3Block(nn.Module):
+    """Called as Block is: (x, cos, sin, layer, cache, mask); the model hands a sliding layer its own RoPE
+    tables and the window-cut mask."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d, eps = config.hidden_size, config.rms_norm_eps
+        self.input_layernorm = GemmaRMSNorm(d, eps)
+        self.self_attn = Gemma3Attention(config)
+        self.post_attention_layernorm = GemmaRMSNorm(d, eps)
+        self.pre_feedforward_layernorm = GemmaRMSNorm(d, eps)
+        self.mlp = Gemma3MLP(config)
+        self.post_feedforward_layernorm = GemmaRMSNorm(d, eps)
+
+    def forward(self, x, cos, sin, layer, cache, mask):
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, layer, cache, mask))
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+    def _fused(self):
+        """No fused decode_block for Gemma blocks (four norms, GeGLU, q/k-norm)."""
+        return None
