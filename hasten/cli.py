@@ -77,6 +77,7 @@ def model_option(fn):
 
 def load_engine(model):
     """The engine for --model (and --quantize) of the running command."""
+    from .engine import load
     return load(model, quantize=click.get_current_context().meta.get("hasten.quantize"))
 
 
@@ -448,6 +449,36 @@ def models():
     click.echo("methods:")
     for name, text in methods.available().items():
         click.echo(f"  {name:22s} {text}")
+
+
+@main.command()
+@model_option
+@click.option("--prefill", "-p", type=click.IntRange(min=1), default=512, show_default=True, help="prompt tokens")
+@click.option("--decode", "-n", type=click.IntRange(min=1), default=128, show_default=True, help="generated tokens")
+@click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--llama-bench", "llama_bench_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="llama.cpp's llama-bench binary: measured on the same file in the same rounds")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), default=None)
+@threads_option
+@user_errors
+def speed(model, prefill, decode, rounds, llama_bench_path, json_path, threads):
+    """Prefill and decode tokens/s, step cost and peak RSS of a model file here, beside llama-bench's."""
+    from pathlib import Path
+
+    from .bench import speed as speed_bench
+    from .bench.context import collect
+    threads = set_threads(threads)
+    engine = load_engine(model)
+    if llama_bench_path and not engine.loaded.source.endswith(".gguf"):
+        raise UsageError("--llama-bench needs a GGUF model file (--model FILE.gguf)")
+    result = speed_bench.run(engine, engine.loaded.source, threads, prefill, decode, rounds, llama_bench_path,
+                             progress=lambda line: click.echo(line, err=True))
+    result["context"] = collect(engine, threads, "speed", 0, decode, rounds)
+    size = Path(engine.loaded.source).stat().st_size / 2**20 if Path(engine.loaded.source).is_file() else None
+    click.echo(f"{engine.name} ({engine.loaded.weight_format}), {threads} threads, {result['context']['cpu']}")
+    click.echo(speed_bench.format_table(result, size))
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=1))
 
 
 @main.command("make-model")

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from ..kernels.formats import UnsupportedFormatError, block_format
+from .gemma3 import GGUF_NAMES as GEMMA3_GGUF_NAMES
+from .gemma3 import gguf_dense as gemma3_dense
 from .quantized import QuantEmbedding, QuantLinear
 from .transformer import SUPPORTED_ARCHITECTURES, ModelConfig, Transformer, UnsupportedModelError
 
@@ -265,8 +267,10 @@ def _load_gguf(path: Path, name: str) -> LoadedModel:
     config = ModelConfig.from_hf(hf_config)
     state, modules, qtypes = {}, {}, set()
     pending_bias = {}
+    gemma3 = config.model_type == "gemma3"  # its own names for the block norms, norms stored as 1 + w
+    names = {**_GGUF_NAMES, **GEMMA3_GGUF_NAMES} if gemma3 else _GGUF_NAMES
     for t in reader.tensors:
-        native = _native_name(t.name)
+        native = _native_name(t.name, names)
         qtype = t.tensor_type.name
         if len(t.shape) == 2 and native.endswith(".weight"):
             k, n = int(t.shape[0]), int(t.shape[1])
@@ -293,6 +297,8 @@ def _load_gguf(path: Path, name: str) -> LoadedModel:
             rows = _llama_qk_row_order(config, native.replace(".bias", ".weight"), value.shape[0]) \
                 if native.endswith(".bias") else None
             tensor = torch.tensor(value if rows is None else value[rows])
+            if gemma3:
+                tensor = gemma3_dense(native, tensor)
             if native.endswith(".bias"):
                 pending_bias[native.removesuffix(".bias")] = tensor
             else:
@@ -302,17 +308,19 @@ def _load_gguf(path: Path, name: str) -> LoadedModel:
             modules[module] = QuantLinear(*spec, bias=pending_bias.pop(module, None))
     state.update({f"{m}.bias": b for m, b in pending_bias.items()})
     model = _build(config, state, modules)
-    model.gguf_reader = reader  # keeps the map open as long as the model lives
+    model.gguf_map = reader.data  # the file stays mapped as long as the model lives (the tensors are views of it)
+    del reader  # its parsed metadata (tens of thousands of small arrays for a tokenizer) is not needed again
+    _return_freed_memory()
     tokenizer = AutoTokenizer.from_pretrained(target)
     fmt = "gguf " + "/".join(sorted(qtypes)) + " (memory-mapped; computed from the file's blocks)"
     return LoadedModel(model, tokenizer, hf_config, name, str(path), model_hash, fmt)
 
 
-def _native_name(gguf_name: str) -> str:
+def _native_name(gguf_name: str, names: dict[str, str] = _GGUF_NAMES) -> str:
     parts = gguf_name.split(".")
     if parts[0] == "blk":
-        return f"layers.{parts[1]}.{_GGUF_NAMES.get(parts[2], parts[2])}.{parts[3]}"
-    return f"{_GGUF_NAMES.get(parts[0], parts[0])}.{parts[1]}"
+        return f"layers.{parts[1]}.{names.get(parts[2], parts[2])}.{parts[3]}"
+    return f"{names.get(parts[0], parts[0])}.{parts[1]}"
 
 
 def _convert_gguf_metadata(path: Path, target: Path) -> None:

@@ -3,7 +3,8 @@ measure decode, prefill and RSS at 1B–8B sizes with nothing to download (`hast
 
 Tensors are streamed to disk one at a time (an 8B Q4_K_M file is ~4.9 GB; memory stays at one tensor). Block
 formats get random codes with finite, model-sized scales (kernels/formats.py::random_blocks), norms are ones.
-`Q4_K_M` and `Q5_K_M` follow llama.cpp's mixes (src/llama-quant.cpp): Q6_K for the output layer and for attn_v
+`Q4_K_M` and `Q5_K_M` follow llama.cpp's mixes (src/llama-quant.cpp): Q6_K for the output layer (the token
+embedding when they are tied) and for attn_v
 and ffn_down in the layers that "use more bits" (the first and last eighth and every third in between), the
 base K type elsewhere. The tokenizer is the embedded default model's, padded with reserved tokens to the
 shape's vocabulary, so llama.cpp and hasten both load the file as it is.
@@ -44,11 +45,11 @@ def _more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
-def tensor_type(name: str, layer: int | None, n_layers: int, qtype: str) -> str:
+def tensor_type(name: str, layer: int | None, n_layers: int, qtype: str, tied: bool = False) -> str:
     """The type a tensor gets in a file of type `qtype` (a format name, or a K-quant mix)."""
     if qtype not in MIXES:
         return qtype
-    if name == "output.weight":
+    if name == "output.weight" or (tied and name == "token_embd.weight"):  # the output layer, tied or not
         return "Q6_K"
     if name.endswith(("attn_v.weight", "ffn_down.weight")) and _more_bits(layer, n_layers):
         return "Q6_K"
@@ -99,7 +100,7 @@ def write_random_gguf(path: str | Path, shape_name: str, qtype: str, seed: int =
 
     types = {}
     for name, layer, dims in tensors:
-        t = "F32" if len(dims) == 1 else tensor_type(name, layer, s.layers, qtype)
+        t = "F32" if len(dims) == 1 else tensor_type(name, layer, s.layers, qtype, s.tied)
         if len(dims) == 2 and dims[1] % block_format(t).block_weights:
             t = "Q8_0" if t != "F32" else t  # rows not a whole number of K-blocks (llama.cpp falls back too)
         types[name] = t

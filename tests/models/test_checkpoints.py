@@ -90,7 +90,7 @@ def test_a_gguf_file_is_memory_mapped_with_no_weight_copied(tmp_path):
     finally:
         del synthetic.SHAPES["tiny"]
     loaded = loading.load(path)
-    mapped = np.asarray(loaded.model.gguf_reader.data)
+    mapped = np.asarray(loaded.model.gguf_map)
     base, end = mapped.ctypes.data, mapped.ctypes.data + mapped.nbytes
     kinds = set()
     for name, m in loaded.model.named_modules():
