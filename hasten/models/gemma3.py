@@ -14,6 +14,11 @@ Module names match transformers' (Gemma3DecoderLayer, Gemma3Attention, Gemma3MLP
 The linears are whatever the loader put there (nn.Linear or a block-quantized module): only forward(x) is used.
 These blocks do not run the fused C++ decode_block (`_fused()` is None); attention and norms use the small
 kernels when they apply.
+
+GGUF files (llama.cpp's "gemma3" architecture) name four block tensors differently from the Llama family
+(GGUF_NAMES; note ffn_norm is the *pre*-feedforward norm here) and store every norm weight as 1 + w (llama.cpp's
+RMSNorm multiplies by the weight); gguf_dense takes the 1 back off, as transformers' GGUF loader does. Gemma's
+q/k rows are not permuted for llama.cpp's RoPE, so nothing is reordered.
 """
 from __future__ import annotations
 
@@ -23,6 +28,17 @@ from torch import nn
 
 from .kv_cache import KVCache
 from .transformer import SMALL_ATTENTION, ModelConfig, _cpu_kernels, apply_rope
+
+
+GGUF_NAMES = {  # llama.cpp's gemma3 block tensors whose native names differ from the Llama family's
+    "attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
+}
+
+
+def gguf_dense(native: str, value):
+    """A dense (norm or bias) tensor read from a gemma3 GGUF, as the native modules want it: norms as w, not 1 + w."""
+    return value - 1 if native.endswith("norm.weight") else value
 
 
 def window_mask(mask: torch.Tensor | None, positions: torch.Tensor, start: int, window: int) -> torch.Tensor | None:
