@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "formats/bf16.h"
@@ -40,7 +41,17 @@ inline V vzero() { return _mm512_setzero_ps(); }
 inline V vload(const float* p) { return _mm512_loadu_ps(p); }
 inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
 inline float vreduce(const V* a) { return _mm512_reduce_add_ps(_mm512_add_ps(a[0], a[1])); }
-template <class F> inline void weights(const uint8_t* row, int64_t g, V* w) { F::dequant16x2(row, g, w[0], w[1]); }
+struct NoScales {};
+template <class F> using Scales = std::conditional_t<F::kBlockWeights == 256, KScales, NoScales>;
+// The K-quants decode a super-block's scales once, at its first group, for all 8 of its groups.
+template <class F> inline void weights(const uint8_t* row, int64_t g, V* w, Scales<F>& c) {
+  if constexpr (F::kBlockWeights == 256) {
+    if ((g & 7) == 0) F::prepare(row, g, c);
+    F::dequant16x2(row, g, c, w[0], w[1]);
+  } else {
+    F::dequant16x2(row, g, w[0], w[1]);
+  }
+}
 constexpr int kRowsSmall = 4, kRowsLarge = 2, kTokensLarge = 6;  // 8 / 24 accumulators of 32 registers
 #elif defined(HASTEN_AVX2)
 constexpr const char* kIsa = "avx2";
@@ -55,7 +66,8 @@ inline float vreduce(const V* a) {
   h = _mm_add_ps(h, _mm_movehl_ps(h, h));
   return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
 }
-template <class F> inline void weights(const uint8_t* row, int64_t g, V* w) {
+template <class F> using Scales = int;
+template <class F> inline void weights(const uint8_t* row, int64_t g, V* w, Scales<F>&) {
   alignas(32) float buf[32];
   F::dequant(row, g, buf);
   for (int v = 0; v < 4; ++v) w[v] = _mm256_load_ps(buf + 8 * v);
@@ -73,7 +85,8 @@ inline float vreduce(const V* a) {
   for (int j = 0; j < 32; ++j) s += a[j];
   return s;
 }
-template <class F> inline void weights(const uint8_t* row, int64_t g, V* w) { F::dequant(row, g, w); }
+template <class F> using Scales = int;
+template <class F> inline void weights(const uint8_t* row, int64_t g, V* w, Scales<F>&) { F::dequant(row, g, w); }
 constexpr int kRowsSmall = 1, kRowsLarge = 1, kTokensLarge = 1;
 #endif
 constexpr int NV = 32 / L;
@@ -87,9 +100,10 @@ inline void tile(const uint8_t* W, int64_t rb, const float* X, float* Y, int64_t
     for (int k = 0; k < TN; ++k)
       for (int v = 0; v < NV; ++v) acc[r][k][v] = vzero();
   const int64_t G = K / QK;
+  Scales<F> scales[R];
   for (int64_t g = 0; g < G; ++g) {
     V w[R][NV];
-    for (int r = 0; r < R; ++r) weights<F>(W + (i + r) * rb, g, w[r]);
+    for (int r = 0; r < R; ++r) weights<F>(W + (i + r) * rb, g, w[r], scales[r]);
     for (int k = 0; k < TN; ++k) {
       const float* xg = X + (t + k) * K + g * QK;
       for (int v = 0; v < NV; ++v) {

@@ -316,6 +316,17 @@ def _load_gguf(path: Path, name: str) -> LoadedModel:
     return LoadedModel(model, tokenizer, hf_config, name, str(path), model_hash, fmt)
 
 
+def _return_freed_memory() -> None:
+    """Hand the heap freed by the GGUF reader's metadata back to the OS (~30–150 MB of peak RSS, glibc only)."""
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _native_name(gguf_name: str, names: dict[str, str] = _GGUF_NAMES) -> str:
     parts = gguf_name.split(".")
     if parts[0] == "blk":

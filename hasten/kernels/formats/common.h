@@ -2,7 +2,9 @@
 // unaligned little-endian loads. A format header defines one struct with
 //   kBlockWeights, kBlockBytes                 the GGUF block (32 or 256 weights)
 //   dequant(row, g, w[32])                     weights 32g .. 32g+31 of a row, exactly as gguf-py's dequantize
-//   dequant16x2(row, g, lo, hi)  (AVX-512)     the same 32 values in two registers, bit for bit
+//   dequant16x2(row, g, lo, hi)  (AVX-512)     the same 32 values in two registers, bit for bit; the K-quants
+//                                              (256-weight super-blocks) take the scales that
+//                                              prepare(row, g, KScales&) decoded once per super-block
 // Exactness: each weight is built by the same fp32 operations as gguf-py (a multiply, then an add or subtract,
 // never fused: the extension is built with -ffp-contract=off), so a one-hot input reads the dequantized weight.
 #pragma once

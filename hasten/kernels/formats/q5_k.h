@@ -5,6 +5,10 @@
 namespace hasten {
 struct Q5_K {
   static constexpr int kBlockWeights = 256, kBlockBytes = 176;
+  static inline void prepare(const uint8_t* row, int64_t g, KScales& c) {
+    const uint8_t* b = row + (g >> 3) * kBlockBytes;
+    for (int s = 0; s < 8; ++s) Q4_K::scale_min(b, s, c.scale[s], c.min[s]);
+  }
   static inline void dequant(const uint8_t* row, int64_t g, float* w) {
     const uint8_t* b = row + (g >> 3) * kBlockBytes;
     const int s = int(g & 7), shift = (s & 1) * 4;
@@ -14,13 +18,11 @@ struct Q5_K {
     for (int j = 0; j < 32; ++j) w[j] = scale * float(((q[j] >> shift) & 15) | (((qh[j] >> s) & 1) << 4)) - min;
   }
 #ifdef HASTEN_AVX512
-  static inline void dequant16x2(const uint8_t* row, int64_t g, __m512& lo, __m512& hi) {
+  static inline void dequant16x2(const uint8_t* row, int64_t g, const KScales& c, __m512& lo, __m512& hi) {
     const uint8_t* b = row + (g >> 3) * kBlockBytes;
     const int s = int(g & 7);
     const unsigned shift = (s & 1) * 4;
-    float scale, min;
-    Q4_K::scale_min(b, s, scale, min);
-    const __m512 sv = _mm512_set1_ps(scale), mv = _mm512_set1_ps(min);
+    const __m512 sv = _mm512_set1_ps(c.scale[s]), mv = _mm512_set1_ps(c.min[s]);
     const __m512 t0 = _mm512_sub_ps(_mm512_mul_ps(sv, iota16(0)), mv), t1 = _mm512_sub_ps(_mm512_mul_ps(sv, iota16(16)), mv);
     const uint8_t *qh = b + 16, *q = b + 48 + (s >> 1) * 32;
     const __m512i fifteen = _mm512_set1_epi32(15), sixteen = _mm512_set1_epi32(16);

@@ -2,10 +2,15 @@
 // 16 weights), fp16 d; w = (d * scale) * (q - 32). Weights 32s..32s+31 of a super-block (s = 4h + 2i + p) take
 // nibble i of bytes ql[64h + 32p + j] and bits 2(s & 3) of qh[32h + j].
 #pragma once
-#include "common.h"
+#include "q4_k.h"
 namespace hasten {
 struct Q6_K {
   static constexpr int kBlockWeights = 256, kBlockBytes = 210;
+  static inline void prepare(const uint8_t* row, int64_t g, KScales& c) {  // d * scale for each 16 weights
+    const uint8_t* b = row + (g >> 3) * kBlockBytes;
+    const float d = load_half(b + 208);
+    for (int u = 0; u < 16; ++u) c.scale[u] = d * float(int8_t(b[192 + u]));
+  }
   static inline void dequant(const uint8_t* row, int64_t g, float* w) {
     const uint8_t* b = row + (g >> 3) * kBlockBytes;
     const int s = int(g & 7), h = s >> 2, shift = ((s >> 1) & 1) * 4, hshift = (s & 3) * 2;
@@ -20,20 +25,19 @@ struct Q6_K {
 #ifdef HASTEN_AVX512
   // All 32 codes in one 256-bit register of bytes (16-bit shifts, then byte masks drop the bits that crossed
   // from the neighbouring byte): half the vector operations of widening first.
-  static inline void dequant16x2(const uint8_t* row, int64_t g, __m512& lo, __m512& hi) {
+  static inline void dequant16x2(const uint8_t* row, int64_t g, const KScales& c, __m512& lo, __m512& hi) {
     const uint8_t* b = row + (g >> 3) * kBlockBytes;
     const int s = int(g & 7), h = s >> 2;
     const int shift = ((s >> 1) & 1) * 4, hshift = (s & 3) * 2;
     const uint8_t *ql = b + h * 64 + (s & 1) * 32, *qh = b + 128 + h * 32;
-    const float d = load_half(b + 208);
     const __m256i l = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql));
     const __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh));
     const __m256i nib = _mm256_and_si256(_mm256_srli_epi16(l, shift), _mm256_set1_epi8(15));
     const __m256i high = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, hshift), _mm256_set1_epi8(3)), 4);
     const __m256i q = _mm256_sub_epi8(_mm256_or_si256(nib, high), _mm256_set1_epi8(32));  // int8 -32..31
-    lo = _mm512_mul_ps(_mm512_set1_ps(d * float(int8_t(b[192 + 2 * s]))),
+    lo = _mm512_mul_ps(_mm512_set1_ps(c.scale[2 * s]),
                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q))));
-    hi = _mm512_mul_ps(_mm512_set1_ps(d * float(int8_t(b[193 + 2 * s]))),
+    hi = _mm512_mul_ps(_mm512_set1_ps(c.scale[2 * s + 1]),
                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1))));
   }
 #endif
