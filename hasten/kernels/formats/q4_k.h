@@ -11,9 +11,28 @@ struct KScales {
 
 struct Q4_K {
   static constexpr int kBlockWeights = 256, kBlockBytes = 144;
-  static inline void prepare(const uint8_t* row, int64_t g, KScales& c) {
-    const uint8_t* b = row + (g >> 3) * kBlockBytes;
-    for (int s = 0; s < 8; ++s) scale_min(b, s, c.scale[s], c.min[s]);
+  static inline void prepare(const uint8_t* row, int64_t g, KScales& c) { prepare_k(row + (g >> 3) * kBlockBytes, c); }
+  // All 8 scales and mins of the super-block at b at once: the 6-bit fields unpacked with 32-bit masks (four at
+  // a time), then d * sc and dmin * m, 8 lanes each: the values k_scale_min gives, one vector op each.
+  static inline void prepare_k(const uint8_t* b, KScales& c) {
+    uint32_t u[3];
+    std::memcpy(u, b + 4, 12);
+    const uint32_t six = 0x3f3f3f3f, four = 0x0f0f0f0f, two = 0x03030303;
+    const uint32_t sc[2] = {u[0] & six, (u[2] & four) | (((u[0] >> 6) & two) << 4)};
+    const uint32_t mn[2] = {u[1] & six, ((u[2] >> 4) & four) | (((u[1] >> 6) & two) << 4)};
+#ifdef HASTEN_AVX512
+    auto widen = [](const uint32_t* p) {
+      return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+    };
+    _mm256_storeu_ps(c.scale, _mm256_mul_ps(_mm256_set1_ps(load_half(b)), widen(sc)));
+    _mm256_storeu_ps(c.min, _mm256_mul_ps(_mm256_set1_ps(load_half(b + 2)), widen(mn)));
+#else
+    const float d = load_half(b), dmin = load_half(b + 2);
+    for (int j = 0; j < 8; ++j) {
+      c.scale[j] = d * float((sc[j >> 2] >> (8 * (j & 3))) & 0xff);
+      c.min[j] = dmin * float((mn[j >> 2] >> (8 * (j & 3))) & 0xff);
+    }
+#endif
   }
   static inline void scale_min(const uint8_t* b, int s, float& scale, float& min) {
     uint8_t sc, m;
@@ -33,11 +52,15 @@ struct Q4_K {
   static inline void dequant16x2(const uint8_t* row, int64_t g, const KScales& c, __m512& lo, __m512& hi) {
     const uint8_t* b = row + (g >> 3) * kBlockBytes;
     const int s = int(g & 7);
-    const unsigned shift = (s & 1) * 4;
     const __m512 table = _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(c.scale[s]), iota16(0)), _mm512_set1_ps(c.min[s]));
     const uint8_t* q = b + 16 + (s >> 1) * 32;
-    lo = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes16(q), shift), table);
-    hi = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes16(q + 16), shift), table);
+    __m512i ql = bytes16(q), qh = bytes16(q + 16);
+    if (s & 1) {  // high nibbles; low ones need no shift: vpermps reads only the index's low 4 bits.
+      ql = _mm512_srli_epi32(ql, 4);  // immediate shifts: a shift by a register count costs an extra uop
+      qh = _mm512_srli_epi32(qh, 4);
+    }
+    lo = _mm512_permutexvar_ps(ql, table);
+    hi = _mm512_permutexvar_ps(qh, table);
   }
 #endif
 };

@@ -5,10 +5,7 @@
 namespace hasten {
 struct Q5_K {
   static constexpr int kBlockWeights = 256, kBlockBytes = 176;
-  static inline void prepare(const uint8_t* row, int64_t g, KScales& c) {
-    const uint8_t* b = row + (g >> 3) * kBlockBytes;
-    for (int s = 0; s < 8; ++s) Q4_K::scale_min(b, s, c.scale[s], c.min[s]);
-  }
+  static inline void prepare(const uint8_t* row, int64_t g, KScales& c) { Q4_K::prepare_k(row + (g >> 3) * kBlockBytes, c); }
   static inline void dequant(const uint8_t* row, int64_t g, float* w) {
     const uint8_t* b = row + (g >> 3) * kBlockBytes;
     const int s = int(g & 7), shift = (s & 1) * 4;
@@ -21,15 +18,15 @@ struct Q5_K {
   static inline void dequant16x2(const uint8_t* row, int64_t g, const KScales& c, __m512& lo, __m512& hi) {
     const uint8_t* b = row + (g >> 3) * kBlockBytes;
     const int s = int(g & 7);
-    const unsigned shift = (s & 1) * 4;
     const __m512 sv = _mm512_set1_ps(c.scale[s]), mv = _mm512_set1_ps(c.min[s]);
     const __m512 t0 = _mm512_sub_ps(_mm512_mul_ps(sv, iota16(0)), mv), t1 = _mm512_sub_ps(_mm512_mul_ps(sv, iota16(16)), mv);
     const uint8_t *qh = b + 16, *q = b + 48 + (s >> 1) * 32;
-    const __m512i fifteen = _mm512_set1_epi32(15), sixteen = _mm512_set1_epi32(16);
+    const __m512i fifteen = _mm512_set1_epi32(15), sixteen = _mm512_set1_epi32(16), bit = _mm512_set1_epi32(1 << s);
     auto index = [&](const uint8_t* ql, const uint8_t* h) {
-      const __m512i nib = _mm512_and_si512(_mm512_srli_epi32(bytes16(ql), shift), fifteen);
-      const __m512i high = _mm512_and_si512(_mm512_slli_epi32(_mm512_srli_epi32(bytes16(h), unsigned(s)), 4), sixteen);
-      return _mm512_or_si512(nib, high);
+      __m512i v = bytes16(ql);
+      if (s & 1) v = _mm512_srli_epi32(v, 4);  // immediate shifts only (a register count costs an extra uop)
+      const __mmask16 high = _mm512_test_epi32_mask(bytes16(h), bit);
+      return _mm512_mask_or_epi32(_mm512_and_si512(v, fifteen), high, _mm512_and_si512(v, fifteen), sixteen);
     };
     lo = _mm512_permutex2var_ps(t0, index(q, qh), t1);
     hi = _mm512_permutex2var_ps(t0, index(q + 16, qh + 16), t1);

@@ -8,8 +8,13 @@ struct Q6_K {
   static constexpr int kBlockWeights = 256, kBlockBytes = 210;
   static inline void prepare(const uint8_t* row, int64_t g, KScales& c) {  // d * scale for each 16 weights
     const uint8_t* b = row + (g >> 3) * kBlockBytes;
+#ifdef HASTEN_AVX512
+    const __m128i sc = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 192));
+    _mm512_storeu_ps(c.scale, _mm512_mul_ps(_mm512_set1_ps(load_half(b + 208)), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc))));
+#else
     const float d = load_half(b + 208);
     for (int u = 0; u < 16; ++u) c.scale[u] = d * float(int8_t(b[192 + u]));
+#endif
   }
   static inline void dequant(const uint8_t* row, int64_t g, float* w) {
     const uint8_t* b = row + (g >> 3) * kBlockBytes;
@@ -28,12 +33,18 @@ struct Q6_K {
   static inline void dequant16x2(const uint8_t* row, int64_t g, const KScales& c, __m512& lo, __m512& hi) {
     const uint8_t* b = row + (g >> 3) * kBlockBytes;
     const int s = int(g & 7), h = s >> 2;
-    const int shift = ((s >> 1) & 1) * 4, hshift = (s & 3) * 2;
     const uint8_t *ql = b + h * 64 + (s & 1) * 32, *qh = b + 128 + h * 32;
-    const __m256i l = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql));
-    const __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh));
-    const __m256i nib = _mm256_and_si256(_mm256_srli_epi16(l, shift), _mm256_set1_epi8(15));
-    const __m256i high = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, hshift), _mm256_set1_epi8(3)), 4);
+    __m256i l = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql));
+    __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh));
+    if ((s >> 1) & 1) l = _mm256_srli_epi16(l, 4);  // immediate shifts only (a register count costs an extra uop)
+    switch (s & 3) {  // bring bits 2(s & 3) .. 2(s & 3) + 1 of each byte to bits 4..5
+      case 0: hb = _mm256_slli_epi16(hb, 4); break;
+      case 1: hb = _mm256_slli_epi16(hb, 2); break;
+      case 2: break;
+      default: hb = _mm256_srli_epi16(hb, 2);
+    }
+    const __m256i nib = _mm256_and_si256(l, _mm256_set1_epi8(15));
+    const __m256i high = _mm256_and_si256(hb, _mm256_set1_epi8(0x30));
     const __m256i q = _mm256_sub_epi8(_mm256_or_si256(nib, high), _mm256_set1_epi8(32));  // int8 -32..31
     lo = _mm512_mul_ps(_mm512_set1_ps(c.scale[2 * s]),
                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q))));
