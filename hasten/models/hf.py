@@ -32,6 +32,8 @@ def to_transformers(model: Transformer, hf_config):
         hf.tie_weights()
     # Non-persistent buffers (the rotary inv_freq) were made on meta: rebuild those modules on the real device.
     for name, module in list(hf.named_modules()):
+        if hasattr(module, "scalar_embed_scale") and module.embed_scale.is_meta:  # Gemma's scaled embedding
+            module.embed_scale = torch.tensor(module.scalar_embed_scale, device=model.device)
         if any(b.is_meta for b in module.buffers(recurse=False)):
             parent, _, attr = name.rpartition(".")
             with torch.device(model.device):
