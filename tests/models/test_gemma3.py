@@ -126,6 +126,16 @@ def test_bf16_embedding_scale_is_rounded_as_transformers_does():
         assert (ours(ids).float() - hf(ids).logits.float()).abs().max() < 0.1  # whole model, bf16 noise
 
 
+def test_transformers_peer_of_a_gemma3_model():
+    """to_transformers (the hf benchmark peers) rebuilds Gemma's scaled embedding too, and gives its logits."""
+    from hasten.models.hf import to_transformers
+    hf, ours = tiny_gemma3(8)
+    peer = to_transformers(ours, hf.config)
+    ids = torch.randint(0, 97, (1, 3 * WINDOW), generator=torch.Generator().manual_seed(9))
+    with torch.inference_mode():
+        assert (peer(ids).logits - hf(ids).logits).abs().max() < 1e-5
+
+
 def test_config_mapping():
     from transformers import Gemma3Config
     text = tiny_gemma3_config()
@@ -136,3 +146,4 @@ def test_config_mapping():
     assert ModelConfig.from_hf(Gemma3Config(text_config=text.to_dict())) == c  # the multimodal config's text model
     with pytest.raises(UnsupportedModelError, match="softcapping"):
         ModelConfig.from_hf(tiny_gemma3_config(attn_logit_softcapping=50.0))
+
