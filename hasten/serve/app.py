@@ -2,9 +2,10 @@
 
 One worker thread (worker.py) runs requests in arrival order from a bounded queue (a full queue answers 503 with
 Retry-After); the event loop only parses, tokenizes and moves chunks, so it stays responsive while the model
-computes. A client that disconnects, streaming or not, is noticed by a watcher on its connection and its
-generation stops before the next step. Errors are one-line OpenAI-style JSON: 4xx for the request's own fault,
-5xx (or an error event inside a stream that has begun) when generation fails; the server goes on serving.
+computes. A client that disconnects, streaming or not, has its generation stopped before the next step: a
+watcher on the connection notices while the request waits or runs unstreamed, Starlette's own while it streams.
+Errors are one-line OpenAI-style JSON: 4xx for the request's own fault, 5xx (or an error event inside a stream
+that has begun) when generation fails; the server goes on serving.
 /metrics gives the counters in Prometheus text format.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.background import BackgroundTask
 
 from .. import methods as registry
 from ..engine import Chunk, GenerationError, TokenLogprob
@@ -132,10 +134,11 @@ def create_app(engine, method: str = "baseline", queue_size: int = 16) -> FastAP
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         view = _View(engine, chat, logprobs, echo, ids)
-        if req.stream:
+        if req.stream:  # from here Starlette watches the connection: it ends the stream when the client leaves
+            watcher.cancel()
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_sse(job, watcher, view, rid, created, include_usage),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(_sse(job, view, rid, created, include_usage), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"}, background=BackgroundTask(job.cancelled.set))
         try:
             result, chunks, prompt_lp = None, [], None
             while (item := await job.out.get()) is not END:
@@ -163,7 +166,7 @@ def create_app(engine, method: str = "baseline", queue_size: int = 16) -> FastAP
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
                 "model": engine.name, "choices": [choice], "usage": _usage(result), "hasten": _stats(result, job)}
 
-    async def _sse(job: Job, watcher, view: "_View", rid, created, include_usage):
+    async def _sse(job: Job, view: "_View", rid, created, include_usage):
         chat = view.chat
         obj = "chat.completion.chunk" if chat else "text_completion"
 
@@ -209,7 +212,6 @@ def create_app(engine, method: str = "baseline", queue_size: int = 16) -> FastAP
             yield "data: [DONE]\n\n"
         finally:  # the client went away or the stream ended: stop the generation before its next step
             job.cancelled.set()
-            watcher.cancel()
 
     @app.on_event("shutdown")
     async def _stop():

@@ -367,7 +367,7 @@ def test_a_new_method_is_built_off_the_event_loop_and_not_beside_a_generation(ur
             newcomer = threading.Thread(target=lambda: results.update(
                 r=chat(url, "Say hi.", max_tokens=3, method="probe-slow-build")))
             newcomer.start()
-            wait_for(lambda: metrics(url)["hasten_requests_waiting"] == 1, "the newcomer is queued")
+            wait_for(lambda: "active" in seen or metrics(url)["hasten_requests_waiting"] == 1, "the newcomer arrived")
             events = [line for line in lines if line.startswith("data: ")]  # the running stream is not blocked
         assert events[-1] == "data: [DONE]" and json.loads(events[-2][6:])["choices"][0]["finish_reason"]
         wait_for(lambda: "health" in seen, "the method is being built")
