@@ -138,7 +138,7 @@ def _copy_tokenizer(w, source: Path, vocab: int) -> None:
         if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
             pad = vocab - len(value)
             value = list(value) + ([f"<|reserved_{i}|>" for i in range(pad)] if key.endswith("tokens") else
-                                   [0.0] * pad if key.endswith("scores") else [4] * pad)  # 4: user-defined
+                                   [0.0] * pad if key.endswith("scores") else [1] * pad)  # 1: normal (user-defined ones cost transformers ~300 MB as added tokens)
             if key.endswith("token_type"):
                 w.add_key_value(key, value, GGUFValueType.ARRAY, sub_type=GGUFValueType.INT32)
                 continue
