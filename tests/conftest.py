@@ -8,11 +8,50 @@ import os
 if not os.path.exists("/dev/nvidia0"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import shutil
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 
-from hasten.models.loading import _build
+from hasten.models.loading import _build, cache_dir
 from hasten.models.transformer import ModelConfig, Transformer
+
+# One fresh cache directory for the whole session, so every cached thing (converted weights, step costs,
+# calibrations, tuning profiles, draft heads) is made by the code under test and never read from the user's
+# real ~/.cache/hasten. Only the compiled C++ kernels are shared (a symlink to the user's kernel cache): they
+# take minutes to build and are keyed by the torch version. Test modules build tiny models, and may call
+# cache_dir(), while they are imported, so this is set before collection (pytest_configure), not in a fixture.
+_SESSION_CACHE: Path | None = None
+
+
+def shared_kernels_cache(root: Path, kernels: Path) -> None:
+    """Make root/hasten/kernels the persistent kernel build folder `kernels`."""
+    kernels.mkdir(parents=True, exist_ok=True)
+    (root / "hasten").mkdir(parents=True, exist_ok=True)
+    (root / "hasten" / "kernels").symlink_to(kernels, target_is_directory=True)
+
+
+def pytest_configure(config):
+    global _SESSION_CACHE
+    if _SESSION_CACHE is None:
+        kernels = cache_dir() / "kernels"  # the user's own, before XDG_CACHE_HOME moves
+        _SESSION_CACHE = Path(tempfile.mkdtemp(prefix="hasten-test-cache-"))
+        shared_kernels_cache(_SESSION_CACHE, kernels)
+        os.environ["XDG_CACHE_HOME"] = str(_SESSION_CACHE)
+
+
+def pytest_unconfigure(config):
+    if _SESSION_CACHE is not None:
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)  # removes the kernels symlink, not what it points to
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_cache() -> Path:
+    """hasten's cache directory for this session: empty at the start but for the shared kernel builds."""
+    assert cache_dir() == _SESSION_CACHE / "hasten", "something moved XDG_CACHE_HOME after the session began"
+    return cache_dir()
 
 HF_CONFIG_CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config"}
 
@@ -46,3 +85,17 @@ def default_engine():
     """The real default model (SmolLM2-135M-Instruct), loaded once per test session."""
     import hasten
     return hasten.load()
+
+
+@pytest.fixture(scope="session")
+def steady_engine(default_engine):
+    """The default model behind its own Engine whose step cost is a fixed table (MEASURING.md's 2-core Xeon:
+    cost(4) ≈ 1.29, cost(8) ≈ 1.81 × cost(1)) rather than one measured on this shared machine, so what the
+    adaptive drafters decide to propose, and so which drafts a test sees accepted, does not depend on load.
+    Sparse drafters calibrate on 2048 corpus tokens (the statistics the sparsity tests use too)."""
+    from hasten.decoding.controller import StepCost
+    from hasten.engine import Engine
+    engine = Engine(default_engine.loaded)
+    engine._step_cost = StepCost({1: 1.0, 2: 1.1, 4: 1.29, 8: 1.81, 12: 2.3, 16: 2.8, 24: 3.9, 32: 5.0})
+    engine.sparsity_calibration = (None, 2048)
+    return engine

@@ -12,8 +12,10 @@ def test_stream_joins_to_generate_text(default_engine):
     full = default_engine.generate(prompt, max_new_tokens=24, chat=True)
     streamed = "".join(default_engine.stream(prompt, max_new_tokens=24, chat=True))
     assert streamed == full.text and full.tokens == 24
+    assert full.text == default_engine.tokenizer.decode(full.token_ids, skip_special_tokens=True)
     s = full.stats()
-    assert s["target_passes"] == 24 and s["mean_accepted"] == 1.0 and s["tokens_per_s"] > 0
+    assert s["target_passes"] == 24 and s["mean_accepted"] == 1.0 and s["finish_reason"] == "length"
+    assert s["prompt_tokens"] == len(default_engine.encode(prompt, chat=True)) and s["tokens"] == 24
 
 
 def test_stop_string_truncates_and_finishes(default_engine):
@@ -41,6 +43,15 @@ def test_messages_use_the_chat_template(default_engine):
         default_engine.encode([{"content": "no role"}])
 
 
-def test_logits_shape(default_engine):
-    logits = default_engine.logits([[1, 2, 3], [4, 5, 6]])
-    assert tuple(logits.shape) == (2, 3, 49152)
+def test_logits_are_the_models_next_token_scores(default_engine):
+    """Row t scores the token after position t: greedy decoding's tokens are the argmax of the last row, and a
+    batch's rows are each sequence's own logits."""
+    import torch
+    ids = default_engine.encode("The capital of France is")
+    greedy = default_engine.generate(ids, max_new_tokens=3).token_ids
+    logits = default_engine.logits([ids + greedy[:2], [4, 5, 6] + ids[3:] + [7, 8]])
+    assert tuple(logits.shape) == (2, len(ids) + 2, 49152)
+    assert logits[0, -3:].argmax(-1).tolist() == greedy
+    alone = default_engine.logits(ids + greedy[:2])
+    assert torch.allclose(alone[0], logits[0], atol=1e-4)
+    assert not torch.allclose(logits[0], logits[1], atol=1e-2)

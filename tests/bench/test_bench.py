@@ -67,8 +67,26 @@ def test_bench_end_to_end(tmp_path):
         assert {"tokens_per_s", "speedup", "mean_accepted", "identical", "prompts"} <= set(entry)
         assert entry["identical"] == 2
     assert len(data["records"]) == 6
-    compared = CliRunner().invoke(main, ["bench", "--compare", str(out), str(out)])
-    assert compared.exit_code == 0 and "1.00x" in compared.output
+    # A second, different run (other methods, a longer budget); --compare prints B/A per method and group, as
+    # the records of the two runs give it, for the methods both runs have.
+    second = tmp_path / "r2.json"
+    result = CliRunner().invoke(main, ["bench", "--questions", str(questions), "--max-new-tokens", "12", "--rounds", "1",
+                                       "--methods", "baseline,prompt-lookup", "--json", str(second)])
+    assert result.exit_code == 0, result.output
+    compared = CliRunner().invoke(main, ["bench", "--compare", str(out), str(second)])
+    assert compared.exit_code == 0, compared.output
+    rows = {tuple(line.split()[:2]): line.split() for line in compared.output.splitlines()[1:]}
+    b = json.loads(second.read_text())
+
+    def tokens_per_s(run, method, group):
+        rs = [r for r in run["records"] if r["method"] == method and group in ("overall", r["category"])]
+        return sum(r["tokens"] for r in rs) / sum(r["seconds"] for r in rs)
+
+    assert set(rows) == {(m, g) for m in ("baseline", "prompt-lookup") for g in ("overall", "qa", "math")}
+    for (m, g), cols in rows.items():
+        ta, tb = tokens_per_s(data, m, g), tokens_per_s(b, m, g)
+        assert float(cols[2]) == pytest.approx(ta, abs=0.051) and float(cols[4]) == pytest.approx(tb, abs=0.051)
+        assert cols[5] == f"{tb / ta:.2f}x"
 
 
 @pytest.mark.integration

@@ -50,8 +50,8 @@ def test_bench_runs_the_rest_without_llama_cpp(tmp_path, monkeypatch):
     data = json.loads(out.read_text())
     baseline = [r for r in data["records"] if r["method"] == "baseline"]
     assert baseline and all(r["tokens"] > 0 for r in baseline)
-    assert all(not r["token_ids"] for r in data["records"] if r["method"].startswith("llama-cpp"))
-    assert "skipped" in result.stdout or "llama-cpp" not in data["summary"]["methods"]
+    assert {r["method"] for r in data["records"]} == {"baseline"}  # the skipped peers left no records
+    assert set(data["summary"]["methods"]) == {"baseline"}
 
 
 @pytest.mark.integration

@@ -139,8 +139,12 @@ def test_find_path_locates_a_chain_inside_a_merged_tree():
 @pytest.mark.integration
 @pytest.mark.parametrize("method", ["prompt-lookup", "recycling", "jacobi", "prompt-lookup+recycling",
                                     "prompt-lookup|recycling"])
-def test_default_model_outputs_identical_to_baseline(default_engine, method):
+def test_default_model_outputs_identical_to_baseline(steady_engine, method):
     from hasten.bench.suite import load_questions
+    accepted = 0
     for q in load_questions(per_category=1)[1:4]:  # summarization, translation, qa
-        base = default_engine.generate(q.prompt, max_new_tokens=48, chat=True)
-        assert default_engine.generate(q.prompt, max_new_tokens=48, chat=True, method=method).token_ids == base.token_ids
+        base = steady_engine.generate(q.prompt, max_new_tokens=48, chat=True)
+        got = steady_engine.generate(q.prompt, max_new_tokens=48, chat=True, method=method)
+        assert got.token_ids == base.token_ids
+        accepted += sum(s != "target" for s in got.sources)
+    assert accepted > 0  # not vacuous: drafted tokens were accepted on the way

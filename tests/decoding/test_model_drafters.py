@@ -35,11 +35,20 @@ def test_the_target_as_its_own_draft_is_always_accepted():
     assert stats.mean_accepted > 4.0
 
 
-def test_sampling_with_a_draft_model_is_seeded_and_runs_spectr():
+def test_sampling_with_a_draft_model_is_seeded_and_runs_spectr(monkeypatch):
+    """n=3 chains go through SpecTr's verifier (its exactness: test_sampling_through_the_loop.py); a seed
+    reproduces the output."""
+    from hasten.decoding import verify
     drafter = ModelDrafter(DRAFT, V, 3, n=3, adaptive=False)
+    calls = []
+    original = verify.SpecTrVerifier.verify
+    monkeypatch.setattr(verify.SpecTrVerifier, "verify", lambda self, *a: calls.append(len(a[1])) or original(self, *a))
     a, stats = run(drafter, [4, 5], 20, SamplingConfig(temperature=0.7, seed=3))
     b, _ = run(drafter, [4, 5], 20, SamplingConfig(temperature=0.7, seed=3))
     assert a == b and len(a) == 20 and stats.proposed > 0
+    assert calls and max(calls) == 9  # three chains of three drafted tokens per step
+    c, _ = run(drafter, [4, 5], 20, SamplingConfig(temperature=0.7, seed=4))
+    assert c != a
 
 
 class FakeTokenizer:
@@ -58,8 +67,9 @@ def test_a_different_tokenizer_is_refused():
 
 
 @pytest.mark.integration
-def test_layer_skip_on_the_default_model(default_engine):
+def test_layer_skip_on_the_default_model(steady_engine):
     prompt = "Explain why the sky is blue."
-    base = default_engine.generate(prompt, max_new_tokens=32, chat=True)
-    got = default_engine.generate(prompt, max_new_tokens=32, chat=True, method="layer-skip:skip=25-26")
+    base = steady_engine.generate(prompt, max_new_tokens=32, chat=True)
+    got = steady_engine.generate(prompt, max_new_tokens=32, chat=True, method="layer-skip:skip=25-26")
     assert got.token_ids == base.token_ids
+    assert "layer-skip" in got.sources and got.target_passes < len(got.token_ids)  # drafts were accepted

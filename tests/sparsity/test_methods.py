@@ -46,9 +46,14 @@ def greedy(model, prompt, n, drafter=None, sampling=SamplingConfig()):
 
 
 def test_sparsity_zero_is_the_dense_model():
-    assert Teal(0.0).replacements(TARGET) == {} or sparse_target(Teal(0.0)) is not None
-    # Every linear through the sparse kernel with nothing dropped: same logits up to summation order.
+    teal = Teal(0.0)
+    teal.calibrate(FAKE_ENGINE, STATS)
+    assert len(teal.levels) == TARGET.config.num_layers and teal.replacements(TARGET) == {}  # nothing to drop
+    some = Teal(0.25)
+    some.calibrate(FAKE_ENGINE, STATS)
     names = [n for n, m in TARGET.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("layers.")]
+    assert sorted(some.replacements(TARGET)) == sorted(names)  # while any sparsity sparsifies every linear
+    # Every linear through the sparse kernel with nothing dropped: same logits up to summation order.
     model = sparsify(TARGET, {n: SparseLinear(TARGET.get_submodule(n), -1.0, 0.5) for n in names})
     ids = torch.tensor([CHUNKS[9][:20]])
     with torch.inference_mode():
@@ -196,7 +201,7 @@ def test_ffsplit_keeps_heavy_hitters_whatever_their_gate():
 
 
 @pytest.mark.integration
-def test_generate_with_a_corpus_of_ones_own(tmp_path):
+def test_generate_with_a_corpus_of_ones_own(tmp_path, session_cache):
     """--corpus: calibration on the user's text file (its first three quarters), cached under its own name."""
     from click.testing import CliRunner
 
@@ -214,4 +219,6 @@ def test_generate_with_a_corpus_of_ones_own(tmp_path):
     out = json.loads(result.output[result.output.index("{"):])
     assert out["method"] == "teal:0.3" and len(out["token_ids"]) > 0
     from hasten.models.loading import cache_dir
-    assert any("my-corpus" in p.name for p in (cache_dir() / "sparsity").iterdir())  # calibrated on that file
+    # calibrated on that file, in this session's own cache (so no file from an earlier run can satisfy this)
+    assert cache_dir() == session_cache
+    assert any("my-corpus" in p.name for p in (session_cache / "sparsity").iterdir())

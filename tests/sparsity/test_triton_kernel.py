@@ -1,12 +1,14 @@
-"""The Triton activation-sparse matmul (hasten/sparsity/kernels/triton.py), run on CPU tensors by the Triton
-interpreter: it must equal (x * (|x| > thr)) @ wt, read no weight row of an inactive channel, and dispatch to
-torch's dense matmul above the active-fraction cutoff."""
+"""The Triton activation-sparse matmul (hasten/sparsity/kernels/triton.py), compiled for the GPU where CUDA exists
+and run on CPU tensors by the Triton interpreter elsewhere: it must equal (x * (|x| > thr)) @ wt, read no weight
+row of an inactive channel, and dispatch to torch's dense matmul above the active-fraction cutoff."""
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: triton.jit reads it when a kernel is decorated
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":  # the interpreter; the kernel is decorated lazily, at its first call, when triton.jit reads this
+    os.environ["TRITON_INTERPRET"] = "1"
 
 # Triton < 3.7's interpreter calls int() on 1-element arrays for `range(<scalar argument>)`, which NumPy 2.4
 # (this venv's) rejects; 3.7 squeezes first. pyproject's test extra asks for triton>=3.7.
@@ -24,7 +26,7 @@ def make(T, K, N, sparsity, dtype, seed=0):
     x = torch.randn(T, K, generator=g).to(dtype)
     wt = torch.randn(K, N, generator=g).to(dtype)
     thr = torch.quantile(x.abs().float().flatten(), sparsity).item() if sparsity > 0 else 0.0
-    return x, thr, wt
+    return x.to(DEVICE), thr, wt.to(DEVICE)
 
 
 def reference(x, thr, wt):
@@ -80,8 +82,8 @@ def test_inactive_rows_are_never_read():
 def test_union_over_tokens_keeps_each_tokens_own_mask():
     """Channel 0 is active only for token 0, channel 1 only for token 1: each token's sum uses only its own kept
     entries, though both rows are read."""
-    x = torch.tensor([[2.0, 0.3, 0.0, 0.1], [0.2, -3.0, 0.0, 0.0]])
-    wt = torch.arange(1.0, 13.0).reshape(4, 3)
+    x = torch.tensor([[2.0, 0.3, 0.0, 0.1], [0.2, -3.0, 0.0, 0.0]], device=DEVICE)
+    wt = torch.arange(1.0, 13.0, device=DEVICE).reshape(4, 3)
     y = tk.triton_sparse_in_matmul(x, 0.5, wt)
     torch.testing.assert_close(y, torch.stack([2.0 * wt[0], -3.0 * wt[1]]))
 
@@ -92,23 +94,24 @@ def test_all_below_threshold_gives_zeros(T, dtype):
     x, _, wt = make(T, 576, 96, 0.0, dtype, seed=2)
     thr = x.abs().max().item()  # strict comparison: even the largest entry is dropped
     y = tk.triton_sparse_in_matmul(x, thr, wt)
-    assert y.dtype == dtype and torch.equal(y, torch.zeros(T, 96, dtype=dtype))
+    assert y.dtype == dtype and torch.equal(y, torch.zeros(T, 96, dtype=dtype, device=DEVICE))
     before = tk.calls["triton"]
-    assert torch.equal(tk.sparse_in_matmul(x, thr, wt), torch.zeros(T, 96, dtype=dtype))
+    assert torch.equal(tk.sparse_in_matmul(x, thr, wt), torch.zeros(T, 96, dtype=dtype, device=DEVICE))
     assert tk.calls["triton"] == before + 1 and tk.last_path == "triton"
 
 
 def test_threshold_is_strict_and_rounded_like_torch():
     # an entry equal to the threshold is dropped
-    x = torch.tensor([[1.0, 0.5, -0.5, 0.25]])
-    wt = torch.ones(4, 16)
-    assert torch.equal(tk.triton_sparse_in_matmul(x, 0.5, wt), torch.full((1, 16), 1.0))
+    x = torch.tensor([[1.0, 0.5, -0.5, 0.25]], device=DEVICE)
+    wt = torch.ones(4, 16, device=DEVICE)
+    assert torch.equal(tk.triton_sparse_in_matmul(x, 0.5, wt), torch.full((1, 16), 1.0, device=DEVICE))
     # fp16: torch compares against thr rounded to fp16 (1.0008 -> 1.0009765625), so this entry is dropped
-    x16 = torch.tensor([[1.0009765625, 2.0]], dtype=torch.float16)
-    w16 = torch.ones(2, 16, dtype=torch.float16)
+    x16 = torch.tensor([[1.0009765625, 2.0]], dtype=torch.float16, device=DEVICE)
+    w16 = torch.ones(2, 16, dtype=torch.float16, device=DEVICE)
     assert not (x16.abs() > 1.0008)[0, 0]
     y = tk.triton_sparse_in_matmul(x16, 1.0008, w16)
-    assert torch.equal(y, tk.dense_sparse_in_matmul(x16, 1.0008, w16)) and torch.equal(y, torch.full((1, 16), 2.0, dtype=torch.float16))
+    assert torch.equal(y, tk.dense_sparse_in_matmul(x16, 1.0008, w16))
+    assert torch.equal(y, torch.full((1, 16), 2.0, dtype=torch.float16, device=DEVICE))
     with pytest.raises(ValueError):
         tk.triton_sparse_in_matmul(x, -1.0, wt)
 
@@ -131,7 +134,7 @@ def half_active(T=3, K=192, N=64):
     g = torch.Generator().manual_seed(6)
     x = torch.randn(T, K, generator=g).sign() * (0.5 + torch.rand(T, K, generator=g))
     x[:, 1::2] = 0.05
-    return x, 0.1, torch.randn(K, N, generator=g)
+    return x.to(DEVICE), 0.1, torch.randn(K, N, generator=g).to(DEVICE)
 
 
 def test_dispatch_follows_the_active_fraction():
@@ -149,10 +152,10 @@ def test_dispatch_follows_the_active_fraction():
 
 
 def test_dispatch_without_interpreter_or_triton(monkeypatch):
-    x, thr, wt = half_active()
+    x, thr, wt = (t.cpu() if torch.is_tensor(t) else t for t in half_active())  # CPU tensors: the dispatch rule
     ref = reference(x, thr, wt)[0]
     assert tk.available()
-    monkeypatch.delenv("TRITON_INTERPRET")  # CPU tensors outside the interpreter: torch
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # CPU tensors outside the interpreter: torch
     y = tk.sparse_in_matmul(x, thr, wt)
     assert tk.last_path == "dense"
     torch.testing.assert_close(y.double(), ref, **TOL[torch.float32])
