@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
-from hasten.models.quantized import BlockQuantLinear
+from hasten.models.quantized import QuantLinear
 from hasten.sparsity.kernels import cpu as sk
 from hasten.sparsity.modules import GatedMLP, GatedRowsLinear, SparseLinear
 
@@ -20,7 +20,7 @@ ext = sk.extension()
 pytestmark = pytest.mark.skipif(ext is None, reason="no C++ compiler for the kernels")
 
 
-def q4_1_linear(n: int, k: int, seed: int) -> BlockQuantLinear:
+def q4_1_linear(n: int, k: int, seed: int) -> QuantLinear:
     """A Q4_1 layer with random codes and random (finite, GGUF-like) fp16 scales and minimums."""
     rng = np.random.default_rng(seed)
     nb = k // 32
@@ -29,8 +29,9 @@ def q4_1_linear(n: int, k: int, seed: int) -> BlockQuantLinear:
     blocks[:, :, 2:4] = (rng.uniform(-0.15, 0.0, (n, nb)).astype(np.float16)).view(np.uint8).reshape(n, nb, 2)
     blocks[:, :, 4:] = rng.integers(0, 256, (n, nb, 16), dtype=np.uint8)
     raw = blocks.reshape(n, nb * 20)
-    weight = torch.from_numpy(dequantize(raw, GGMLQuantizationType.Q4_1).reshape(n, k).astype(np.float32))
-    return BlockQuantLinear("Q4_1", torch.from_numpy(raw), weight)
+    linear = QuantLinear("Q4_1", torch.from_numpy(raw), k)
+    assert torch.equal(linear.weight, torch.from_numpy(dequantize(raw, GGMLQuantizationType.Q4_1).reshape(n, k)))
+    return linear
 
 
 def masked_reference(x, thr, weight):
