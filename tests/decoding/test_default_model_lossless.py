@@ -98,7 +98,7 @@ def test_stop_string_inside_a_multi_token_step(steady_engine, expected):
     assert got.token_ids[:len(base.token_ids)] == base.token_ids  # what was emitted past the cut is baseline's too
 
 
-@pytest.mark.parametrize("method", ["prompt-lookup", "recycling", "layer-skip:skip=25-26"])
+@pytest.mark.parametrize("method", ["prompt-lookup", "recycling"])  # layer-skip drafted nothing here in CI
 def test_max_new_tokens_reached_mid_draft(steady_engine, expected, method):
     for n in (5, 13, 22):
         got = steady_engine.generate(PROMPT, max_new_tokens=n, chat=True, method=method)
