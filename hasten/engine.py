@@ -162,24 +162,30 @@ class Engine:
         stopped = False
         try:
             for step in steps:
-                out_ids += step.tokens
-                sources += step.sources
-                lp = token_logprobs(step.logits, step.tokens, top_k) if top_k is not None else None
+                # Token by token, so that a stop string completed inside a multi-token step ends the output at
+                # the token that completed it, as plain decoding would: later tokens of the step are dropped.
+                cut, n = None, 0
+                while cut is None and n < len(step.tokens):
+                    text += detok.push(step.tokens[n:n + 1])
+                    n += 1
+                    cut = _find_stop(text, stops, sent)
+                tokens, step_sources = step.tokens[:n], step.sources[:n]
+                out_ids += tokens
+                sources += step_sources
+                lp = token_logprobs(step.logits[:n], tokens, top_k) if top_k is not None else None
                 if lp is not None:
                     all_lp += lp
-                text += detok.push(step.tokens)
-                cut = _find_stop(text, stops, sent)
                 if cut is not None:
                     text, stopped = text[:cut], True
                     stats.finish_reason = "stop"
-                    last = Chunk("", step.tokens, step.sources, lp)
+                    last = Chunk("", tokens, step_sources, lp)
                     break
                 safe = len(text) - hold
                 if safe > sent:
-                    yield Chunk(text[sent:safe], step.tokens, step.sources, lp)
+                    yield Chunk(text[sent:safe], tokens, step_sources, lp)
                     sent = safe
                 else:
-                    yield Chunk("", step.tokens, step.sources, lp)
+                    yield Chunk("", tokens, step_sources, lp)
         finally:
             steps.close()
         seconds = time.perf_counter() - t0

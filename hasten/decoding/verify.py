@@ -57,7 +57,7 @@ class SpeculativeSamplingVerifier:
             accepted = None
             for c in kids[node]:
                 x = draft.tokens[c - 1]
-                q = draft.q[c - 1] if draft.q is not None else None
+                q = _over(p, draft.q[c - 1]) if draft.q is not None else None
                 qx = float(q[x]) if q is not None else 1.0
                 px = float(p[x])
                 if qx > 0 and float(torch.rand((), generator=generator)) * qx < px:
@@ -102,7 +102,7 @@ class SpecTrVerifier:
             cands = [c for a in alive for c in kids[a]]
             if not cands:
                 return _ancestors(draft, chosen), sample(p, generator)
-            q = draft.q[cands[0] - 1]
+            q = _over(p, draft.q[cands[0] - 1])
             k = len(cands)
             gamma, rho, beta = _gamma(p, q, k)
             accepted = None
@@ -119,6 +119,12 @@ class SpecTrVerifier:
             chosen = accepted
             x = draft.tokens[accepted - 1]
             alive = [c for c in cands if draft.tokens[c - 1] == x]
+
+
+def _over(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """q over p's vocabulary: a target whose embedding has rows past its tokenizer's ids (Qwen2.5) gives p more
+    entries than a draft that drafts only real tokens; q is 0 on those rows."""
+    return q if q.shape[-1] == p.shape[-1] else torch.nn.functional.pad(q, (0, p.shape[-1] - q.shape[-1]))
 
 
 def _gamma(p: torch.Tensor, q: torch.Tensor, k: int):

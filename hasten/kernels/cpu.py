@@ -94,15 +94,31 @@ def build_extension(name: str, sources: list[Path], what: str, extra_cflags: lis
         for src in sorted({*sources, *(p for d in include_dirs or [] for p in Path(d).rglob("*.h"))}):
             digest.update(src.read_bytes())
         build = cache_dir() / "kernels" / f"torch-{torch.__version__}" / f"{name}-{digest.hexdigest()[:12]}"
+        built = build / f"{name}.so"
+        if built.exists() and not (build / "lock").exists():  # keyed by the sources' hash, and not mid-build
+            # (torch's builder holds `lock` while another process compiles): import it without asking ninja
+            return _import(name, built)
         build.mkdir(parents=True, exist_ok=True)
-        if not any(build.glob("*.so")):
-            print(f"hasten: compiling {what} once (about a minute)…", file=sys.stderr)
+        print(f"hasten: compiling {what} once (about a minute)…", file=sys.stderr)
         return load(name=name, sources=[str(s) for s in sources], build_directory=str(build),
                     extra_cflags=cflags, extra_include_paths=[str(d) for d in include_dirs or []], verbose=False)
     except Exception as e:  # no compiler, no ninja, unsupported platform
         import warnings
         warnings.warn(f"hasten: {what} unavailable ({type(e).__name__}: {str(e)[:200]}); using torch ops")
         return None
+
+
+def _import(name: str, path: Path):
+    """Import a built extension module (what torch's `load` does once ninja finds nothing to rebuild, which
+    takes seconds; this takes milliseconds)."""
+    import importlib.util
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[name] = module
+    return module
 
 
 def kernel_description() -> str:

@@ -82,7 +82,10 @@ def test_layer_skip_calibration_skips_the_layers_that_do_not_matter():
     engine = SkipEngine(skip_friendly_model())
     result = layer_skip.calibrate(engine, k=4)
     assert {2, 3} <= set(result["skip"]) and not {0, 5} & set(result["skip"])  # first and last always kept
-    assert result["expected_speedup"] > 1.0
+    # computed from the engine's fixed cost table, not timed: the skip set found must beat skipping nothing,
+    # whose expected speed is 1.0 by construction (a draft costing a whole target pass never pays)
+    skipping_nothing = 1.0
+    assert result["expected_speedup"] > skipping_nothing
     if set(result["skip"]) == {2, 3}:
         assert result["agreement"] == 1.0
 

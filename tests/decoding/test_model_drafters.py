@@ -67,10 +67,18 @@ def test_a_different_tokenizer_is_refused():
 
 
 @pytest.mark.integration
-@pytest.mark.xfail(reason="layer-skip drafted nothing in a fresh-clone run (2026-12-02); its calibration keeps all layers on this cost table", strict=False)
 def test_layer_skip_on_the_default_model(steady_engine):
+    """On this 30-layer 135M model the controller finds that no skip set pays (a draft through 28 layers costs
+    nearly a target pass), so `layer-skip` drafts nothing here; a fixed draft size — what the controller picks on
+    deeper models — shows that what it would draft is verified losslessly and mostly accepted."""
     prompt = "Explain why the sky is blue."
     base = steady_engine.generate(prompt, max_new_tokens=32, chat=True)
-    got = steady_engine.generate(prompt, max_new_tokens=32, chat=True, method="layer-skip:skip=25-26")
+    n = steady_engine.model.config.num_layers
+    keep = tuple(i for i in range(n) if i not in (25, 26))
+    steady_engine._drafters["layer-skip:fixed"] = ModelDrafter(steady_engine.model, len(steady_engine.tokenizer), 4,
+                                                               layers=keep, adaptive=False, name="layer-skip")
+    got = steady_engine.generate(prompt, max_new_tokens=32, chat=True, method="layer-skip:fixed")
     assert got.token_ids == base.token_ids
-    assert "layer-skip" in got.sources and got.target_passes < len(got.token_ids)  # drafts were accepted
+    assert got.sources.count("layer-skip") > 8 and got.target_passes < len(got.token_ids)  # drafts were accepted
+    adaptive = steady_engine.generate(prompt, max_new_tokens=32, chat=True, method="layer-skip:skip=25-26")
+    assert adaptive.token_ids == base.token_ids

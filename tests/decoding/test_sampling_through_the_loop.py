@@ -59,8 +59,9 @@ def pvalue(counts, exact):
     assert counts[exact == 0].sum() == 0  # nothing top-k / top-p cut off is ever emitted
     counts, exact = counts[exact > 0], exact[exact > 0]
     keep = exact * counts.sum() >= 5  # chi-square needs expected counts ≥ 5: pool the rare cells into one
-    observed = np.append(counts[keep], counts[~keep].sum())
-    expected = np.append(exact[keep], exact[~keep].sum()) * counts.sum()
+    observed, expected = counts[keep], exact[keep] * counts.sum()
+    if not keep.all():  # an empty pooled cell would be 0/0: a nan p-value
+        observed, expected = np.append(observed, counts[~keep].sum()), np.append(expected, exact[~keep].sum() * counts.sum())
     assert keep.sum() >= 6  # a distribution with several likely outcomes, not a near-certain one
     return chisquare(observed, expected).pvalue
 
@@ -90,7 +91,6 @@ CASES = [(name, PLAIN) for name in DRAFTERS if name != "draft-model"] + [
 
 
 @pytest.mark.parametrize("name,sampling", CASES, ids=[f"{n}-{s.top_k}-{s.top_p}" for n, s in CASES])
-@pytest.mark.xfail(reason="recycling with top-p 0.9 gave a nan chi-square p-value in a fresh-clone run (2026-12-02): empty expected cells, to mend", strict=False)
 def test_emitted_tokens_follow_the_target(name, sampling):
     drafter = DRAFTERS[name]()
     counts, proposed, accepted = sampled_pairs(TARGET, drafter, sampling, V)
@@ -127,8 +127,8 @@ def test_a_verifier_accepting_one_token_too_many_is_caught():
 
 # Qwen2.5's embedding has more rows (151936) than its tokenizer has tokens (151665): the model drafters are given
 # the tokenizer's size, and the target's p still covers every row.
-PADDED = tiny_model(53, vocab_size=V + 3, scale=0.6)
-PADDED_DRAFT = tiny_model(54, vocab_size=V + 3, scale=0.6)
+PADDED = tiny_model(53, vocab_size=V + 3, scale=0.3)
+PADDED_DRAFT = tiny_model(53, vocab_size=V + 3, scale=0.25)  # close to p but not equal
 PADDED_DRAFTERS = {
     "draft-model": lambda: ModelDrafter(PADDED_DRAFT, V, 2, adaptive=False),
     "draft-model:n=3 (SpecTr)": lambda: ModelDrafter(PADDED_DRAFT, V, 2, n=3, adaptive=False),
@@ -146,9 +146,6 @@ def test_a_vocabulary_larger_than_the_tokenizer_is_greedy_identical(name):
     assert runs[0] == runs[1]
 
 
-@pytest.mark.xfail(raises=RuntimeError, strict=True,
-                   reason="known bug: ModelDrafter's q covers the tokenizer's ids only, the target's p every row of "
-                          "its vocabulary, and the verifiers subtract one from the other (shape mismatch)")
 @pytest.mark.parametrize("name", sorted(PADDED_DRAFTERS))
 def test_a_vocabulary_larger_than_the_tokenizer_samples_the_target(name):
     vocab = V + 3
