@@ -36,8 +36,11 @@ demo: setup
 	$(BIN)/hasten generate --chat "Explain in three sentences why the sky is blue." --max-new-tokens 96
 	$(BIN)/hasten bench --per-category 1 --rounds 2 --max-new-tokens 64 --methods baseline,prompt-lookup,hf
 
+# One pytest worker per core (at most 4); each test file stays on one worker, so its module fixtures load once.
+TEST_WORKERS ?= $(shell n=$(JOBS); [ $$n -gt 4 ] && n=4; echo $$n)
+
 test: setup
-	$(BIN)/python -m pytest -q --durations=10
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 clean:
 	rm -rf $(VENV) build *.egg-info

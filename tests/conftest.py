@@ -35,6 +35,10 @@ def shared_kernels_cache(root: Path, kernels: Path) -> None:
 
 def pytest_configure(config):
     global _SESSION_CACHE
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:  # `make test` runs the suite on one worker per core: each gets its share of the cores, since
+        # torch's thread pool spin-waits for threads that another worker's process has preempted
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
     if _SESSION_CACHE is None:
         kernels = cache_dir() / "kernels"  # the user's own, before XDG_CACHE_HOME moves
         _SESSION_CACHE = Path(tempfile.mkdtemp(prefix="hasten-test-cache-"))

@@ -87,7 +87,7 @@ DRAFTERS = {
     "draft-model:n=3 (SpecTr)": lambda: ModelDrafter(DRAFT, V, 2, n=3, adaptive=False),
 }
 CASES = [(name, PLAIN) for name in DRAFTERS if name != "draft-model"] + [
-    ("recycling", TOP_P)]
+    ("recycling", TOP_P), ("prompt-lookup", TOP_K), ("draft-model", TOP_K)]  # warped p (and q) under speculation
 
 
 @pytest.mark.parametrize("name,sampling", CASES, ids=[f"{n}-{s.top_k}-{s.top_p}" for n, s in CASES])
