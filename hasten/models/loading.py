@@ -350,11 +350,22 @@ def _convert_gguf_metadata(path: Path, target: Path) -> None:
         raise ModelLoadError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); re-download it") from None
     ModelConfig.from_hf(hf_config)  # refuse unsupported architectures before writing anything
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    target.mkdir(parents=True, exist_ok=True)
-    hf_config.save_pretrained(target)
-    tokenizer.save_pretrained(target)
-    (target / "meta.json").write_text(json.dumps({"source": str(path)}))
-    (target / "done").touch()
+    # Written beside the target and renamed into place: two processes loading the same file at once never see
+    # a half-written tokenizer (the one that renames second finds the target there and drops its copy).
+    import shutil
+    import tempfile
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    hf_config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "meta.json").write_text(json.dumps({"source": str(path)}))
+    (tmp / "done").touch()
+    if target.exists() and not (target / "done").exists():  # left half-written by an older version
+        shutil.rmtree(target, ignore_errors=True)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process put it there first
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _llama_qk_row_order(config: ModelConfig, native: str, rows: int) -> np.ndarray | None:

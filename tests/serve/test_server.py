@@ -26,7 +26,7 @@ def start(*args):
     proc = subprocess.Popen([sys.executable, "-m", "hasten.cli", "serve", "--port", str(port), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
+    deadline = time.time() + 300  # a cold start on a loaded 2-core machine (imports, model load) takes a while
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(proc.stdout.read())

@@ -201,9 +201,13 @@ def test_ffsplit_keeps_heavy_hitters_whatever_their_gate():
 
 
 @pytest.mark.integration
-def test_generate_with_a_corpus_of_ones_own(tmp_path, session_cache):
+def test_generate_with_a_corpus_of_ones_own(tmp_path, session_cache, monkeypatch):
     """--corpus: calibration on the user's text file (its first three quarters), cached under its own name."""
     from click.testing import CliRunner
+
+    from hasten.sparsity import calibrate
+    from tests.conftest import CALIBRATION_TOKENS
+    monkeypatch.setattr(calibrate, "DEFAULT_TOKENS", CALIBRATION_TOKENS)
 
     from hasten.cli import main
     from hasten.sparsity.corpus import load
