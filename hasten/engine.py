@@ -137,7 +137,7 @@ class Engine:
         from .decoding.controller import step_cost
         from .decoding.prefix_cache import PrefixCache
         cache = PrefixCache(int(prefix_cache_mb * 2 ** 20), block) if prefix_cache_mb > 0 else None
-        return Scheduler(max_batch, step_tokens, cache, step_cost(self))
+        return Scheduler(max_batch, step_tokens, cache, lambda: step_cost(self))
 
     def run(self, prompt: str | Messages | list[int], max_new_tokens: int = 256, method: str = "baseline",
             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,

@@ -19,7 +19,7 @@ sampling requests are never trimmed: their output depends on what was drafted, a
 from __future__ import annotations
 
 import heapq
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -32,18 +32,25 @@ from .tree import Draft, depths
 class Scheduler:
     """Runs up to `max_batch` sequences at once (the rest wait, first come first served); each `step()` scores at
     most about `step_tokens` tokens (None: no limit, a prompt is prefilled in one step). `prefix_cache`
-    (prefix_cache.py) lends sequences the cached KV of a shared prompt prefix; `cost` prices steps."""
+    (prefix_cache.py) lends sequences the cached KV of a shared prompt prefix; `cost` prices steps (or makes the
+    price on first use: measuring takes seconds, and a batch of one never needs it)."""
 
     def __init__(self, max_batch: int = 1, step_tokens: int | None = None, prefix_cache=None,
-                 cost: StepCost | None = None):
+                 cost: StepCost | Callable[[], StepCost] | None = None):
         if max_batch < 1 or (step_tokens is not None and step_tokens < 1):
             raise ValueError(f"max_batch and step_tokens must be ≥ 1 (got {max_batch}, {step_tokens})")
         self.max_batch, self.step_tokens, self.prefix_cache = max_batch, step_tokens, prefix_cache
-        self.cost = cost or StepCost.default()
+        self._cost = cost or StepCost.default()
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.steps_run = 0
         self.last_packed = 0  # tokens scored by the last step (all targets)
+
+    @property
+    def cost(self) -> StepCost:
+        if not isinstance(self._cost, StepCost):
+            self._cost = self._cost()
+        return self._cost
 
     # ---- membership --------------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -109,7 +116,7 @@ class Scheduler:
                 seq.fail(e)
         # Prompts always progress: at least a segment's worth (within half the budget) is kept for prefill.
         reserve = min(SMALL_ATTENTION, prefilling[0].prompt_left, max(1, budget // 2)) if prefilling else 0
-        if len(drafts) + len(prefilling) > 1:
+        if len(drafts) + len(prefilling) > 1 and any(len(d) for d in drafts.values()):
             drafts = self._trim(drafts, cap=budget - reserve)
         works: list[tuple[Sequence, Work]] = [(seq, seq.decode(d)) for seq, d in drafts.items()]
         room = max(budget - sum(len(w.tokens) for _, w in works), reserve)
@@ -167,12 +174,13 @@ class Scheduler:
                 else:
                     candidates.append((-a ** d, d, id(seq), i, seq))
         heapq.heapify(candidates)
-        best, best_goodput, chosen = [], gain / self.cost(packed), []
+        cost = self.cost
+        best, best_goodput, chosen = [], gain / cost(packed), []
         while candidates and packed < cap:
             value, _, _, i, seq = heapq.heappop(candidates)
             gain, packed = gain - value, packed + 1
             chosen.append((seq, i))
-            goodput = gain / self.cost(packed)
+            goodput = gain / cost(packed)
             if goodput > best_goodput:
                 best, best_goodput = list(chosen), goodput
         keep: dict[Sequence, list[int]] = {}
