@@ -164,12 +164,13 @@ class Engine:
         sampling = SamplingConfig(float(temperature), int(top_k), float(top_p), seed)
         stops = [s for s in (stop or []) if s]
         target = getattr(drafter, "target", None) or self.model  # lossy methods decode a sparse model
-        cache = None
+        needed = min(len(ids) + max_new_tokens + 64, context + 64)
         if batch is None:  # one generation at a time reuses one cache; batched ones each own theirs
-            needed = len(ids) + max_new_tokens + 64
             if self._cache is None or self._cache.max_len < needed:
-                self._cache = self.model.new_cache(min(needed, context + 64))
+                self._cache = self.model.new_cache(needed)
             cache = self._cache
+        else:
+            cache = batch.cache(target, needed)
         seq = Seq(target, ids, drafter, sampling, max_new_tokens, self.eos_ids, cache)
         steps = (batch or Scheduler()).steps(seq, pump=batch is None)
         return Generation(self._chunks(seq, steps, method, stops, logprobs))

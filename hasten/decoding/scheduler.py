@@ -24,6 +24,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..models.attention import SMALL_ATTENTION
+from ..models.kv_cache import KVCache
 from .controller import StepCost
 from .loop import Sequence, Step, Work
 from .tree import Draft, depths
@@ -43,6 +44,7 @@ class Scheduler:
         self._cost = cost or StepCost.default()
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
+        self.free: list[KVCache] = []  # caches of sequences that left, for the next ones (at most max_batch)
         self.steps_run = 0
         self.last_packed = 0  # tokens scored by the last step (all targets)
 
@@ -57,10 +59,27 @@ class Scheduler:
         self.waiting.append(seq)
 
     def remove(self, seq: Sequence) -> None:
-        """Forget a sequence now (a client left): it is in no later step."""
+        """Forget a sequence now (a client left, or it ended and was read): it is in no later step, and its
+        cache goes to the next sequence."""
         for group in (self.waiting, self.running):
             if seq in group:
                 group.remove(seq)
+        if seq.cache is not None:
+            if len(self.free) < self.max_batch:
+                self.free.append(seq.cache)
+            seq.cache = None
+
+    def cache(self, model, length: int) -> KVCache | None:
+        """A cache of at least `length` positions shaped for `model` that a sequence left behind, or None
+        (allocating one per request would write hundreds of MB at long contexts)."""
+        c = model.config
+        for cache in self.free:
+            L, _, heads, size, d = cache.k.shape
+            if (L, heads, d, cache.k.dtype) == (c.num_layers, c.num_kv_heads, c.head_dim, model.dtype) \
+                    and size >= length:
+                self.free.remove(cache)
+                return cache
+        return None
 
     def steps(self, seq: Sequence, pump: bool = True) -> Iterator[Step | None]:
         """seq's Steps as they come. pump=True runs this scheduler's steps whenever seq has nothing to read (one
