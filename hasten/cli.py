@@ -276,10 +276,17 @@ def _read_result(path: str) -> dict:
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--queue-size", type=click.IntRange(min=1), default=16, show_default=True,
               help="requests waiting or running at once; more get 503 with Retry-After")
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="requests decoded together, one packed pass per step (the rest wait in the queue)")
+@click.option("--step-tokens", type=click.IntRange(min=16), default=256, show_default=True,
+              help="tokens scored per step at most, about: long prompts are prefilled in chunks within it so "
+                   "running streams keep flowing; drafts shrink as the batch fills it")
+@click.option("--prefix-cache-mb", type=click.FloatRange(min=0), default=256, show_default=True,
+              help="MiB of KV kept for reuse by prompts sharing a prefix (a system prompt, an earlier turn); 0: off")
 @corpus_option
 @threads_option
 @user_errors
-def serve(model, method, host, port, queue_size, corpus, threads):
+def serve(model, method, host, port, queue_size, max_batch, step_tokens, prefix_cache_mb, corpus, threads):
     """Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models) and a chat page at /."""
     import uvicorn
 
@@ -292,7 +299,7 @@ def serve(model, method, host, port, queue_size, corpus, threads):
     use_corpus(engine, corpus)
     engine.drafter(method)  # build (and calibrate) the default method before taking requests
     click.echo(f"hasten: serving {engine.name} with {method} on http://{host}:{port}", err=True)
-    uvicorn.run(create_app(engine, method, queue_size), host=host, port=port, log_level="warning",
+    uvicorn.run(create_app(engine, method, queue_size, max_batch, step_tokens, prefix_cache_mb), host=host, port=port, log_level="warning",
                 timeout_graceful_shutdown=30)
 
 

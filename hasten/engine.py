@@ -9,8 +9,10 @@ import torch
 
 from . import methods
 from .decoding.detokenize import Detokenizer
-from .decoding.loop import DecodeStats, decode
+from .decoding.drafters.base import fork
+from .decoding.loop import Sequence as Seq
 from .decoding.sampling import SamplingConfig
+from .decoding.scheduler import Scheduler
 from .models.loading import LoadedModel, load as load_model
 
 Messages = Sequence[dict]
@@ -73,6 +75,9 @@ class GenerationResult:
                 "draft_share": round(self.draft_share, 4), "finish_reason": self.finish_reason}
 
 
+IDLE = Chunk("", [], [])  # what a generation in a shared scheduler yields while it waits for the next step
+
+
 class Generation:
     """An iterator of Chunks; `.result` is set once it is exhausted. `close()` stops decoding at once."""
 
@@ -124,13 +129,27 @@ class Engine:
         return self._drafters[method]
 
     # ---- generation --------------------------------------------------------------------------------------
+    def scheduler(self, max_batch: int = 8, step_tokens: int | None = 256, prefix_cache_mb: float = 0,
+                  block: int = 16) -> Scheduler:
+        """A scheduler for generations running at once (`run(..., batch=...)`): up to max_batch sequences, about
+        step_tokens tokens scored per step, and a prefix cache of prefix_cache_mb MiB (0: none) in blocks of
+        `block` tokens."""
+        from .decoding.controller import step_cost
+        from .decoding.prefix_cache import PrefixCache
+        cache = PrefixCache(int(prefix_cache_mb * 2 ** 20), block) if prefix_cache_mb > 0 else None
+        return Scheduler(max_batch, step_tokens, cache, lambda: step_cost(self))
+
     def run(self, prompt: str | Messages | list[int], max_new_tokens: int = 256, method: str = "baseline",
             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-            stop: Sequence[str] | None = None, chat: bool | None = None, logprobs: int | None = None) -> Generation:
+            stop: Sequence[str] | None = None, chat: bool | None = None, logprobs: int | None = None,
+            batch: Scheduler | None = None) -> Generation:
         """Validate everything up front (errors raise here, before any token), then decode lazily.
 
         logprobs=k attaches to every token its log-probability and the k most likely tokens, from the logits the
-        target scored it with (raw, before temperature/top-k/top-p), so they do not depend on the method."""
+        target scored it with (raw, before temperature/top-k/top-p), so they do not depend on the method.
+        batch: a scheduler (`Engine.scheduler`) that steps this generation together with others; whoever runs
+        `batch.step()` drives them, and the generation yields IDLE while its sequence waits. Without it the
+        generation is a scheduler of one, stepped as it is iterated."""
         validate_options(max_new_tokens, temperature, top_k, top_p)
         if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int) or logprobs < 0):
             raise GenerationError(f"logprobs must be an integer ≥ 0 or None (got {logprobs!r})")
@@ -141,27 +160,35 @@ class Engine:
         if len(ids) >= context:
             raise GenerationError(f"the prompt has {len(ids)} tokens but {self.name}'s context is {context}; "
                                   "shorten the prompt")
-        drafter = self.drafter(method)
+        drafter = fork(self.drafter(method))  # this sequence's own draft state; learned tables stay shared
         sampling = SamplingConfig(float(temperature), int(top_k), float(top_p), seed)
         stops = [s for s in (stop or []) if s]
-        return Generation(self._chunks(ids, drafter, method, sampling, max_new_tokens, stops, logprobs))
+        target = getattr(drafter, "target", None) or self.model  # lossy methods decode a sparse model
+        needed = min(len(ids) + max_new_tokens + 64, context + 64)
+        if batch is None:  # one generation at a time reuses one cache; batched ones each own theirs
+            if self._cache is None or self._cache.max_len < needed:
+                self._cache = self.model.new_cache(needed)
+            cache = self._cache
+        else:
+            cache = batch.cache(target, needed)
+        seq = Seq(target, ids, drafter, sampling, max_new_tokens, self.eos_ids, cache)
+        steps = (batch or Scheduler()).steps(seq, pump=batch is None)
+        return Generation(self._chunks(seq, steps, method, stops, logprobs))
 
-    def _chunks(self, ids, drafter, method, sampling, max_new_tokens, stops, top_k=None) -> Iterator[Chunk]:
-        stats = DecodeStats()
+    def _chunks(self, seq: Seq, steps, method, stops, top_k=None) -> Iterator[Chunk]:
+        stats = seq.stats
         detok = Detokenizer(self.tokenizer)
         out_ids, sources, text, sent = [], [], "", 0
         all_lp = [] if top_k is not None else None
         last = None  # the step whose text held a stop string: its tokens go with the final chunk
         hold = max((len(s) for s in stops), default=1) - 1  # a stop string may still be completing
-        needed = len(ids) + max_new_tokens + 64
-        if self._cache is None or self._cache.max_len < needed:
-            self._cache = self.model.new_cache(min(needed, self.model.config.max_position_embeddings + 64))
         t0 = time.perf_counter()
-        target = getattr(drafter, "target", None) or self.model  # lossy methods decode a sparse model
-        steps = decode(target, ids, drafter, sampling, max_new_tokens, self.eos_ids, stats, cache=self._cache)
         stopped = False
         try:
             for step in steps:
+                if step is None:
+                    yield IDLE
+                    continue
                 # Token by token, so that a stop string completed inside a multi-token step ends the output at
                 # the token that completed it, as plain decoding would: later tokens of the step are dropped.
                 cut, n = None, 0
@@ -198,8 +225,8 @@ class Engine:
             last = last or Chunk("", [], [], [] if top_k is not None else None)
             last.text = text[sent:]
             yield last
-        return GenerationResult(text, out_ids, len(ids), stats.finish_reason, method, seconds, stats.target_passes,
-                                stats.draft_seconds, stats.accepted_per_step, sources, all_lp)
+        return GenerationResult(text, out_ids, len(seq.prompt), stats.finish_reason, method, seconds,
+                                stats.target_passes, stats.draft_seconds, stats.accepted_per_step, sources, all_lp)
 
     def generate(self, prompt, max_new_tokens: int = 256, method: str = "baseline", **kw) -> GenerationResult:
         gen = self.run(prompt, max_new_tokens, method, **kw)

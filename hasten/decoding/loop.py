@@ -1,22 +1,28 @@
-"""The one decode loop: propose → score → accept → commit, for every method.
+"""The one decode loop: propose → score → accept → commit, for every method — here, what one sequence does.
 
-Each step feeds the target the root (the last emitted token, not yet cached) plus the flattened draft tree in one
-forward pass, lets the verifier pick the accepted path and a bonus token, compacts the accepted entries in the KV
-cache and rolls back the rest. Plain decoding is this loop with a drafter that proposes nothing.
+A Sequence is one generation. Each step it hands the scheduler (scheduler.py) its work — a chunk of its prompt,
+or the root (the last emitted token, not yet cached) plus its flattened draft tree — the scheduler scores the
+work of every running sequence in one packed target pass, and the sequence accepts: the verifier picks the
+accepted path and a bonus token, the accepted entries of its own KV cache are compacted into place and the rest
+rolled back. Plain decoding is this loop with a drafter that proposes nothing. `decode` is the scheduler with
+one sequence.
 """
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 
-from ..models.kv_cache import ContextOverflowError
+from ..models.attention import SMALL_ATTENTION
+from ..models.kv_cache import ContextOverflowError, KVCache, Segment
 from ..models.transformer import Transformer
+from .controller import DraftSizeController, StepCost
 from .drafters.base import DecodeState, Drafter
 from .sampling import SamplingConfig, probabilities, sample
-from .tree import Draft, flatten, path_tokens
+from .tree import Draft, depths, flatten, path_tokens
 from .verify import Verifier, verifier_for
 
 
@@ -43,88 +49,162 @@ class DecodeStats:
         return self.generated / self.target_passes if self.target_passes else 0.0
 
 
+@dataclass
+class Work:
+    """What a sequence puts into one packed step: its tokens and positions [n], their segments (a prompt chunk is
+    cut into segments of at most SMALL_ATTENTION tokens), the rows whose logits it needs, and its draft."""
+    tokens: list[int]
+    positions: torch.Tensor
+    segments: list[Segment]
+    rows: list[int]
+    draft: Draft | None = None
+
+
+class Sequence:
+    """One generation: its tokens, its own KV cache, drafter, sampling (with its own seeded generator), limits,
+    stats, and the Steps emitted and not yet read (`out`). `finished` once it stopped (EOS, length) or failed
+    (`error`); the scheduler then drops it."""
+
+    def __init__(self, model: Transformer, prompt: list[int], drafter: Drafter, sampling: SamplingConfig,
+                 max_new_tokens: int, eos_ids: set[int], cache: KVCache | None = None,
+                 verifier: Verifier | None = None, stats: DecodeStats | None = None):
+        context = model.config.max_position_embeddings
+        if len(prompt) >= context:
+            raise ContextOverflowError(f"the prompt has {len(prompt)} tokens but the model's context is {context}; "
+                                       "shorten the prompt")
+        self.model, self.prompt, self.drafter, self.sampling = model, list(prompt), drafter, sampling
+        self.max_new_tokens = min(max_new_tokens, context - len(prompt))
+        self.eos_ids = eos_ids
+        if verifier is None:  # a drafter may bring its own sampling verifier (SpecTr for i.i.d. draft chains)
+            verifier = getattr(drafter, "sampling_verifier", None) if not sampling.greedy else None
+            verifier = verifier or verifier_for(sampling)
+        self.verifier = verifier
+        self.generator = None if sampling.greedy else sampling.generator(model.device)
+        if cache is None or cache.max_len < len(prompt) + self.max_new_tokens + 64:
+            cache = model.new_cache(min(context + 64, len(prompt) + self.max_new_tokens + 64))
+        cache.length = 0
+        self.cache = cache
+        self.stats = stats if stats is not None else DecodeStats()
+        self.wants_hidden = getattr(drafter, "wants_hidden", False)
+        # How often this sequence's drafts are accepted, depth by depth: what the scheduler weighs its nodes by.
+        self.acceptance = DraftSizeController(StepCost.default(), 0, prior=0.5)
+        self.state: DecodeState | None = None  # set once the prompt is scored
+        self.out: deque[Step] = deque()
+        self.finished = False
+        self.error: BaseException | None = None
+
+    # ---- the scheduler's side ----------------------------------------------------------------------------
+    @property
+    def prefilling(self) -> bool:
+        return self.state is None
+
+    @property
+    def prompt_left(self) -> int:
+        return len(self.prompt) - self.cache.length
+
+    def prefill(self, n: int) -> Work:
+        """The next n prompt tokens (fewer if fewer are left); the last chunk asks for its last row's logits."""
+        start = self.cache.length
+        n = min(n, self.prompt_left)
+        segments = [Segment(self.cache, s, min(SMALL_ATTENTION, start + n - s))
+                    for s in range(start, start + n, SMALL_ATTENTION)]
+        rows = [n - 1] if start + n == len(self.prompt) else []
+        return Work(self.prompt[start:start + n], torch.arange(start, start + n, device=self.model.device),
+                    segments, rows)
+
+    def propose(self) -> Draft:
+        """This step's draft tree, cut to what is worth scoring (tokens left, cache left)."""
+        state = self.state
+        # Leave room so that accepted tokens never run past max_new_tokens or the cache.
+        state.budget = min(self.max_new_tokens - self.stats.generated - 1, self.cache.max_len - self.cache.length - 2)
+        t0 = time.perf_counter()
+        draft = self.drafter.propose(state) if state.budget > 0 else None
+        self.stats.draft_seconds += time.perf_counter() - t0
+        draft = draft if draft is not None else Draft()
+        return truncate(draft, state.budget) if len(draft) > state.budget else draft
+
+    def decode(self, draft: Draft) -> Work:
+        start = self.cache.length
+        tokens, positions, mask = flatten(self.state.tokens[-1], draft, start, self.model.device)
+        return Work(tokens.tolist(), positions, [Segment(self.cache, start, len(tokens), mask)],
+                    list(range(len(tokens))), draft)
+
+    def accept(self, work: Work, logits: torch.Tensor, hidden: torch.Tensor | None) -> None:
+        """The target's logits [len(work.rows), V] (and features) for this step's work → emit, keep, commit."""
+        if work.draft is None:
+            self.cache.length += len(work.tokens)
+            if work.rows:
+                self._first(logits, hidden)
+            return
+        draft, start, stats = work.draft, self.cache.length, self.stats
+        path, bonus = self.verifier.verify(logits, draft, self.sampling, self.generator)
+        if len(draft):
+            keep = torch.tensor([0] + path, device=self.model.device)
+            self.cache.keep(start, keep)
+            kept = logits[keep]
+            self.state.hidden = hidden[keep] if self.wants_hidden else None
+        else:
+            self.cache.length = start + 1
+            kept, self.state.hidden = logits, hidden
+        stats.target_passes += 1
+        emitted = path_tokens(draft, path) + [bonus]
+        sources = [(draft.sources[i - 1] if draft.sources else self.drafter.name) for i in path] + ["target"]
+        t0 = time.perf_counter()
+        if len(draft) and hasattr(self.drafter, "observe"):  # drafters that learn from every scored node (Jacobi)
+            self.drafter.observe(draft, logits)
+        self.drafter.commit(emitted, kept)
+        stats.draft_seconds += time.perf_counter() - t0
+        self.state.tokens.extend(emitted)
+        self.state.history.append(len(path))
+        stats.generated += len(emitted)
+        stats.proposed += len(draft)
+        if len(draft):
+            self.acceptance.update(max(depths(draft)), len(path))
+        stats.accepted_per_step.append(len(path))
+        self._emit(Step(emitted, sources, len(draft), kept))
+
+    def fail(self, error: BaseException) -> None:
+        self.error, self.finished = error, True
+
+    # ---- inside ------------------------------------------------------------------------------------------
+    def _first(self, logits, hidden) -> None:
+        """The prompt is scored: the first token comes from its last row; the drafter starts."""
+        sampling = self.sampling
+        first = int(logits[-1].argmax()) if sampling.greedy else sample(probabilities(logits[-1], sampling),
+                                                                        self.generator)
+        self.state = DecodeState(list(self.prompt), len(self.prompt), sampling, self.generator, budget=0,
+                                 hidden=hidden if self.wants_hidden else None)
+        self.stats.target_passes += 1
+        self.drafter.begin(self.state)
+        self.drafter.commit([first], logits)
+        self.state.tokens.append(first)
+        self.stats.generated += 1
+        self.stats.accepted_per_step.append(0)
+        self._emit(Step([first], ["target"], 0, logits[-1:]))
+
+    def _emit(self, step: Step) -> None:
+        stop_at = next((i for i, t in enumerate(step.tokens) if t in self.eos_ids), None)
+        if stop_at is not None:
+            self.stats.generated -= len(step.tokens) - stop_at - 1
+            self.stats.finish_reason = "stop"
+            step = Step(step.tokens[:stop_at + 1], step.sources[:stop_at + 1], step.proposed, step.logits[:stop_at + 1])
+            self.finished = True
+        elif self.stats.generated >= self.max_new_tokens:
+            self.finished = True
+        self.out.append(step)
+
+
 def decode(model: Transformer, prompt: list[int], drafter: Drafter, sampling: SamplingConfig,
            max_new_tokens: int, eos_ids: set[int], stats: DecodeStats, cache=None,
            verifier: Verifier | None = None) -> Iterator[Step]:
-    """Yield the emitted tokens step by step; `stats` is filled in as it goes. Closing the generator stops it."""
-    context = model.config.max_position_embeddings
-    if len(prompt) >= context:
-        raise ContextOverflowError(f"the prompt has {len(prompt)} tokens but the model's context is {context}; "
-                                   "shorten the prompt")
-    max_new_tokens = min(max_new_tokens, context - len(prompt))
-    if verifier is None:  # a drafter may bring its own sampling verifier (SpecTr for i.i.d. draft chains)
-        verifier = getattr(drafter, "sampling_verifier", None) if not sampling.greedy else None
-        verifier = verifier or verifier_for(sampling)
-    generator = None if sampling.greedy else sampling.generator(model.device)
-    if cache is None or cache.max_len < len(prompt) + max_new_tokens + 64:
-        cache = model.new_cache(min(context + 64, len(prompt) + max_new_tokens + 64))
-    cache.length = 0
-
-    with torch.inference_mode():
-        wants_hidden = getattr(drafter, "wants_hidden", False)
-
-        def score(tokens, positions=None, mask=None, last_only=False):
-            """One target pass over [1, T] tokens → (logits [T, V], final-norm features [T, D] or None)."""
-            out = model(tokens, positions, cache, mask, last_only=last_only, return_hidden=wants_hidden)
-            return (out[0][0], out[1][0]) if wants_hidden else (out[0], None)
-
-        logits, hidden = score(torch.tensor([prompt], device=model.device), last_only=True)  # [1, V], [1, D]
-        stats.target_passes += 1
-        first = int(logits[-1].argmax()) if sampling.greedy else sample(probabilities(logits[-1], sampling), generator)
-        state = DecodeState(list(prompt), len(prompt), sampling, generator, budget=0, hidden=hidden)
-        drafter.begin(state)
-        drafter.commit([first], logits)
-        state.tokens.append(first)
-        stats.generated += 1
-        stats.accepted_per_step.append(0)
-        yield Step([first], ["target"], 0, logits[-1:])
-        if first in eos_ids:
-            stats.finish_reason = "stop"
-            return
-        while stats.generated < max_new_tokens:
-            # Leave room so that accepted tokens never run past max_new_tokens or the cache.
-            state.budget = min(max_new_tokens - stats.generated - 1, cache.max_len - cache.length - 2)
-            t0 = time.perf_counter()
-            draft = drafter.propose(state) if state.budget > 0 else None
-            stats.draft_seconds += time.perf_counter() - t0
-            if draft is not None and len(draft) > state.budget:
-                draft = _truncate(draft, state.budget)
-            start = cache.length
-            if draft is None or not len(draft):
-                logits, state.hidden = score(torch.tensor([[state.tokens[-1]]], device=model.device))  # [1, V]
-                path, bonus = verifier.verify(logits, Draft(), sampling, generator)
-                kept, proposed = logits, 0
-            else:
-                tokens, positions, mask = flatten(state.tokens[-1], draft, start, model.device)
-                logits, hidden = score(tokens[None], positions, mask)  # [1+n, V], [1+n, D]
-                path, bonus = verifier.verify(logits, draft, sampling, generator)
-                keep = torch.tensor([0] + path, device=model.device)
-                cache.keep(start, keep)
-                kept, proposed = logits[keep], len(draft)
-                state.hidden = hidden[keep] if wants_hidden else None
-            stats.target_passes += 1
-            emitted = (path_tokens(draft, path) if path else []) + [bonus]
-            sources = [(draft.sources[i - 1] if draft.sources else drafter.name) for i in path] + ["target"]
-            t0 = time.perf_counter()
-            if proposed and hasattr(drafter, "observe"):  # drafters that learn from every scored node (Jacobi)
-                drafter.observe(draft, logits)
-            drafter.commit(emitted, kept)
-            stats.draft_seconds += time.perf_counter() - t0
-            state.tokens.extend(emitted)
-            state.history.append(len(path))
-            stats.generated += len(emitted)
-            stats.proposed += proposed
-            stats.accepted_per_step.append(len(path))
-            stop_at = next((i for i, t in enumerate(emitted) if t in eos_ids), None)
-            if stop_at is not None:
-                stats.generated -= len(emitted) - stop_at - 1
-                stats.finish_reason = "stop"
-                yield Step(emitted[:stop_at + 1], sources[:stop_at + 1], proposed, kept[:stop_at + 1])
-                return
-            yield Step(emitted, sources, proposed, kept)
+    """Yield the emitted tokens step by step; `stats` is filled in as it goes. Closing the generator stops it.
+    This is the scheduler with one sequence."""
+    from .scheduler import Scheduler
+    seq = Sequence(model, prompt, drafter, sampling, max_new_tokens, eos_ids, cache, verifier, stats)
+    yield from Scheduler().steps(seq)
 
 
-def _truncate(draft: Draft, budget: int) -> Draft:
+def truncate(draft: Draft, budget: int) -> Draft:
     """Drop nodes past the budget (nodes are in topological order, so parents always survive)."""
     q = draft.q[:budget] if draft.q is not None else None
     return Draft(draft.tokens[:budget], draft.parents[:budget], q, draft.sources[:budget] if draft.sources else None)

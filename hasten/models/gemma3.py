@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kv_cache import KVCache
-from .transformer import SMALL_ATTENTION, ModelConfig, _cpu_kernels, apply_rope
+from .attention import attend, attend_packed
+from .transformer import ModelConfig, _cpu_kernels, apply_rope
 
 
 GGUF_NAMES = {  # llama.cpp's gemma3 block tensors whose native names differ from the Llama family's
@@ -106,27 +106,17 @@ class Gemma3Attention(nn.Module):
         self.q_norm = GemmaRMSNorm(config.head_dim, config.rms_norm_eps)
         self.k_norm = GemmaRMSNorm(config.head_dim, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, layer: int, cache: KVCache | None, mask: torch.Tensor | None):
+    def forward(self, x, cos, sin, layer: int, segments, mask: torch.Tensor | None):
+        """As transformer.py's Attention: `segments` for a packed forward over caches, else `mask` among x."""
         B, T, _ = x.shape  # [B, T, D]
         q = self.q_norm(self.q_proj(x).view(B, T, self.num_heads, self.head_dim))
         k = self.k_norm(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim))
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        kernels = _cpu_kernels(x)
-        if kernels is not None and cache is not None and B == 1 and T <= SMALL_ATTENTION and (mask is None or mask.dim() == 2):
-            # Decode / draft verification: one C++ call over the cache (per token independent of T, see cpu.cpp).
-            start = cache.length
-            cache.append(layer, k.transpose(1, 2), v.transpose(1, 2))
-            ck, cv = cache.layers[layer]
-            out = kernels.attend_small(q[0], ck[0], cv[0], start + T, mask, self.scale)  # [T, H*d]
-            return self.o_proj(out.view(B, T, self.num_heads * self.head_dim))
+        if segments is not None:
+            return self.o_proj(attend_packed(q, k, v, layer, segments, self.scale))  # [1, T, H*d] in
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, d]
-        if cache is not None:
-            k, v = cache.append(layer, k, v)  # [B, Hkv, L+T, d]
-        causal = mask is None and T > 1
-        assert not causal or k.shape[2] == T, "new tokens after cached ones need an explicit (bottom-right causal) mask"
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
-                                             enable_gqa=True)  # [B, H, T, d]
+        out = attend(q, k, v, mask, self.scale)  # [B, H, T, d]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 
@@ -155,8 +145,8 @@ class Gemma3Block(nn.Module):
         self.mlp = Gemma3MLP(config)
         self.post_feedforward_layernorm = GemmaRMSNorm(d, eps)
 
-    def forward(self, x, cos, sin, layer, cache, mask):
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, layer, cache, mask))
+    def forward(self, x, cos, sin, layer, segments, mask):
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, layer, segments, mask))
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
     def _fused(self):

@@ -50,3 +50,18 @@ class KVCache:
             self.k[:, :, :, start:start + n] = self.k[:, :, :, src]
             self.v[:, :, :, start:start + n] = self.v[:, :, :, src]
         self.length = start + n
+
+
+class Segment:
+    """One sequence's share of a packed forward: `length` consecutive rows of the pack, written to `cache` at
+    positions start … start+length-1, attending to the cache's first `start` entries and among themselves
+    causally (mask None) or as `mask` [length, start+length] bool says (True = may attend; a draft tree).
+    The forward writes the entries; the caller moves the cache's length (advance, or keep what verification
+    accepted)."""
+
+    __slots__ = ("cache", "start", "length", "mask")
+
+    def __init__(self, cache: KVCache, start: int, length: int, mask: torch.Tensor | None = None):
+        if start + length > cache.max_len:
+            raise ContextOverflowError(f"KV cache holds {cache.max_len} positions; {start + length} needed")
+        self.cache, self.start, self.length, self.mask = cache, start, length, mask

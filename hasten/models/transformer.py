@@ -17,11 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import cpu as cpu_kernels
-from .attention import attend
-from .kv_cache import KVCache
+from .attention import SMALL_ATTENTION, attend, attend_packed
+from .kv_cache import KVCache, Segment
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "gemma3_text")
-SMALL_ATTENTION = 64  # new tokens up to this many attend through the C++ kernel (decode, draft trees)
 
 
 class UnsupportedModelError(ValueError):
@@ -206,7 +205,9 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x, cos, sin, layer: int, cache: KVCache | None, mask: torch.Tensor | None):
+    def forward(self, x, cos, sin, layer: int, segments: list[Segment] | None, mask: torch.Tensor | None):
+        """x [B, T, D]. With `segments` (a packed forward, B = 1) the keys/values go to each segment's cache and
+        each segment attends to its own; without, the T tokens attend causally or per `mask` among themselves."""
         B, T, _ = x.shape  # [B, T, D]
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
@@ -214,17 +215,10 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        kernels = _cpu_kernels(x)
-        if kernels is not None and cache is not None and B == 1 and T <= SMALL_ATTENTION:
-            # Decode / draft verification: one C++ call over the cache (T-independent per token, see cpu.cpp).
-            start = cache.length
-            cache.append(layer, k.transpose(1, 2), v.transpose(1, 2))
-            ck, cv = cache.layers[layer]
-            out = kernels.attend_small(q[0], ck[0], cv[0], start + T, mask, self.head_dim ** -0.5)  # [T, H*d]
-            return self.o_proj(out.view(B, T, self.num_heads * self.head_dim))
+        if segments is not None:
+            out = attend_packed(q, k, v, layer, segments, self.head_dim ** -0.5)  # [1, T, H*d]
+            return self.o_proj(out)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, d]
-        if cache is not None:
-            k, v = cache.append(layer, k, v)  # everything cached so far plus these T: [B, Hkv, L+T, d]
         out = attend(q, k, v, mask)  # [B, H, T, d]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
@@ -250,18 +244,17 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, layer, cache, mask):
-        if cache is not None and x.shape[0] == 1 and x.shape[1] <= SMALL_ATTENTION and cos.dim() == 2:
+    def forward(self, x, cos, sin, layer, segments, mask):
+        if segments is not None and len(segments) == 1 and x.shape[1] <= SMALL_ATTENTION and cos.dim() == 2:
             fused = self._fused()
             kernels = _cpu_kernels(x) if fused is not None else None
-            if kernels is not None:  # decode / draft verification: the whole block in one C++ call
-                start = cache.length
-                cache.check_room(x.shape[1])
-                ck, cv = cache.layers[layer]
+            if kernels is not None:  # one sequence's decode / draft tree: the whole block in one C++ call
+                seg = segments[0]  # bit-identical to the module path below (tests/models/test_transformer.py)
+                ck, cv = seg.cache.layers[layer]
                 attn = self.self_attn
-                return kernels.decode_block(x.contiguous(), *fused[:7], cos, sin, ck, cv, start, mask,
+                return kernels.decode_block(x.contiguous(), *fused[:7], cos, sin, ck, cv, seg.start, seg.mask,
                                             attn.head_dim ** -0.5, attn.num_heads, attn.num_kv_heads, fused[7])
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, cache, mask)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, segments, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def _fused(self):
@@ -343,40 +336,71 @@ class Transformer(nn.Module):
         final norm's output [B, T, D]) — the feature EAGLE-style drafters extrapolate.
 
         positions [T] or [B, T] (default: cache length + arange(T)); mask [T, L+T] bool, True = may attend,
-        over the cached entries plus the new ones (default: causal). The new keys/values are appended to the
-        cache; the caller keeps or rolls back what verification rejects. `layers` runs a subset of the layers
-        (layer-skip self-speculation uses the same weights, with a cache of its own).
+        over the cached entries plus the new ones (default: causal). With a cache (B = 1) this is `packed` with
+        one segment: the new keys/values are appended and the cache's length advances by T; the caller keeps or
+        rolls back what verification rejects. `layers` runs a subset of the layers (layer-skip self-speculation
+        uses the same weights, with a cache of its own).
         """
         B, T = tokens.shape
-        start = cache.length if cache is not None else 0
+        if cache is None:
+            if positions is None:
+                positions = torch.arange(T, device=tokens.device)
+            return self._run(tokens, positions, None, mask, layers, [T - 1] if last_only else None, return_hidden)
+        if B != 1:
+            raise ValueError("a cached forward scores one sequence; pack several with Transformer.packed")
+        start = cache.length
         if positions is None:
             positions = torch.arange(start, start + T, device=tokens.device)
-        cos, sin = self._rope(positions)  # [(B,) T, d]
-        if mask is None and T > 1 and start > 0:  # new tokens after cached ones: causal, bottom-right aligned
-            mask = torch.ones(T, start + T, dtype=torch.bool, device=tokens.device).tril(start)  # [T, L+T]
-        x = self.embed_tokens(tokens)  # [B, T, D]
+        out = self.packed(tokens[0], positions.reshape(-1), [Segment(cache, start, T, mask)], layers,
+                          [T - 1] if last_only else None, return_hidden)
+        cache.advance(T)
+        return (out[0][None], out[1][None]) if return_hidden else out[None]
+
+    def packed(self, tokens: torch.Tensor, positions: torch.Tensor, segments: list[Segment],
+               layers: tuple[int, ...] | None = None, rows: list[int] | None = None, return_hidden: bool = False):
+        """One forward over the tokens of several sequences packed together: tokens, positions [N], split into
+        `segments` in order (their lengths sum to N). Linear layers run over all N tokens at once (the block
+        kernels give each token the same bits whatever else is packed beside it); attention runs per segment
+        against that segment's cache. → logits [R, V] for the packed rows `rows` (default: all), with
+        return_hidden (logits, final-norm features [R, D]). Caches' lengths are left to the caller."""
+        return self._run(tokens[None], positions, segments, None, layers, rows, return_hidden, squeeze=True)
+
+    def _run(self, tokens, positions, segments, mask, layers, rows, return_hidden, squeeze=False):
         c = self.config
+        cos, sin = self._rope(positions)  # [(B,) T, d]
+        x = self.embed_tokens(tokens)  # [B, T, D]
         if c.embed_scale is not None:  # transformers multiplies by the scale rounded to the model's dtype
             x = x * torch.tensor(c.embed_scale, dtype=torch.float32).to(x.dtype)
         order = layers if layers is not None else range(len(self.layers))
         if c.layer_types is None:
             for i in order:
-                x = self.layers[i](x, cos, sin, i, cache, mask)
-        else:  # sliding-window layers: their own RoPE tables, and the mask cut to the window
+                x = self.layers[i](x, cos, sin, i, segments, mask)
+        else:  # sliding-window layers: their own RoPE tables, and the masks cut to the window
             from .gemma3 import window_mask
             local_cos, local_sin = self._rope(positions, local=True) if c.rope_local_theta is not None else (cos, sin)
-            local_mask = window_mask(mask, positions, start, c.sliding_window)
+            if segments is None:
+                local_segments, local_mask = None, window_mask(mask, positions, 0, c.sliding_window)
+            else:
+                local_segments, local_mask, offset = [], None, 0
+                for seg in segments:
+                    pos = positions[offset:offset + seg.length]
+                    cut = window_mask(seg.mask, pos, seg.start, c.sliding_window)
+                    local_segments.append(seg if cut is seg.mask else Segment(seg.cache, seg.start, seg.length, cut))
+                    offset += seg.length
             for i in order:
                 if c.layer_types[i] == "sliding_attention":
-                    x = self.layers[i](x, local_cos, local_sin, i, cache, local_mask)
+                    x = self.layers[i](x, local_cos, local_sin, i, local_segments, local_mask)
                 else:
-                    x = self.layers[i](x, cos, sin, i, cache, mask)
-        if cache is not None:
-            cache.advance(T)
-        if last_only:
-            x = x[:, -1:]
-        h = self.norm(x)
-        logits = self.lm_head(h)  # [B, T, V]
-        if c.final_logit_softcapping is not None:
-            logits = torch.tanh(logits / c.final_logit_softcapping) * c.final_logit_softcapping
+                    x = self.layers[i](x, cos, sin, i, segments, mask)
+        if rows is not None:
+            x = x[:, rows]
+        if x.shape[1]:
+            h = self.norm(x)
+            logits = self.lm_head(h)  # [B, R, V]
+            if c.final_logit_softcapping is not None:
+                logits = torch.tanh(logits / c.final_logit_softcapping) * c.final_logit_softcapping
+        else:  # no row wanted (prompt chunks that do not end their prompt)
+            h, logits = x, x.new_empty(x.shape[0], 0, c.vocab_size)
+        if squeeze:
+            logits, h = logits[0], h[0]
         return (logits, h) if return_hidden else logits

@@ -1,8 +1,9 @@
 """An OpenAI-compatible HTTP API over one Engine (FastAPI + uvicorn).
 
-One worker thread (worker.py) runs requests in arrival order from a bounded queue (a full queue answers 503 with
-Retry-After); the event loop only parses, tokenizes and moves chunks, so it stays responsive while the model
-computes. A client that disconnects, streaming or not, has its generation stopped before the next step: a
+One worker thread (worker.py) steps up to --max-batch requests together in one scheduler, starting them in
+arrival order from a bounded queue (a full queue answers 503 with Retry-After); the event loop only parses,
+tokenizes and moves chunks, so it stays responsive while the model computes. Each answer is the one the request
+would get alone, whatever else runs beside it. A client that disconnects, streaming or not, has its generation stopped before the next step: a
 watcher on the connection notices while the request waits or runs unstreamed, Starlette's own while it streams.
 Errors are one-line OpenAI-style JSON: 4xx for the request's own fault, 5xx (or an error event inside a stream
 that has begun) when generation fails; the server goes on serving.
@@ -35,10 +36,11 @@ def error_response(e: APIError) -> JSONResponse:
     return JSONResponse(body, status_code=e.status, headers=e.headers)
 
 
-def create_app(engine, method: str = "baseline", queue_size: int = 16) -> FastAPI:
+def create_app(engine, method: str = "baseline", queue_size: int = 16, max_batch: int = 8, step_tokens: int = 256,
+               prefix_cache_mb: float = 256) -> FastAPI:
     app = FastAPI(title="hasten", version="0.1.0")
     metrics = Metrics()
-    worker = Worker(engine, queue_size, metrics)
+    worker = Worker(engine, queue_size, metrics, max_batch, step_tokens, prefix_cache_mb)
     app.state.worker, app.state.metrics = worker, metrics
     page = (Path(__file__).parent / "chat.html").read_text()
 

@@ -20,6 +20,9 @@ class Metrics:
         self.tokens = 0  # generated token ids, cancelled requests included
         self.steps = 0  # target forward passes (the prefill pass included)
         self.seconds = 0.0  # time spent generating
+        self.batches = 0  # scheduler steps (one packed pass per target model over every running request)
+        self.packed = 0  # tokens scored by those steps (prompt chunks, roots, draft nodes)
+        self.prefix_cache = None  # the scheduler's PrefixCache, when the server has one
         self.ttft = [0] * (len(TTFT_BUCKETS) + 1)
         self.ttft_sum = 0.0
 
@@ -49,13 +52,33 @@ class Metrics:
                 ("hasten_generated_tokens_total", "counter", "Generated tokens, cancelled requests included.", self.tokens),
                 ("hasten_target_passes_total", "counter", "Target-model forward passes (decode steps and prefills).",
                  self.steps),
-                ("hasten_generation_seconds_total", "counter", "Seconds the engine spent generating.",
+                ("hasten_generation_seconds_total", "counter", "Seconds the engine spent generating (stepping the batch).",
                  round(self.seconds, 6)),
-                ("hasten_tokens_per_second", "gauge", "Generated tokens per second of generation, since start.",
+                ("hasten_tokens_per_second", "gauge",
+                 "Generated tokens per second of generation, all requests together, since start.",
                  round(self.tokens / self.seconds, 3) if self.seconds else 0.0),
+                ("hasten_batch_steps_total", "counter", "Scheduler steps: one packed pass over every running request.",
+                 self.batches),
+                ("hasten_batch_tokens_total", "counter",
+                 "Tokens scored by those steps (prompt chunks, roots and draft nodes of every running request).",
+                 self.packed),
                 ("hasten_mean_accepted_tokens", "gauge", "Generated tokens per target pass (tau), since start.",
                  round(self.tokens / self.steps, 4) if self.steps else 0.0),
             ]
+            cache = self.prefix_cache
+            if cache is not None:
+                with cache.lock:
+                    rows += [
+                        ("hasten_prefix_cache_lookups_total", "counter", "Prompts looked up in the prefix cache.",
+                         cache.lookups),
+                        ("hasten_prefix_cache_hits_total", "counter",
+                         "Prompts that reused cached KV for a prefix (whole blocks).", cache.hits),
+                        ("hasten_prefix_cache_hit_tokens_total", "counter",
+                         "Prompt tokens not prefilled because their KV was cached.", cache.hit_tokens),
+                        ("hasten_prefix_cache_bytes", "gauge", "Bytes of KV held by the prefix cache.", cache.bytes),
+                        ("hasten_prefix_cache_evicted_blocks_total", "counter",
+                         "Blocks evicted (least recently used first) to stay within the cache's bound.", cache.evicted),
+                    ]
             lines = []
             for name, kind, help_, value in rows:
                 lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]

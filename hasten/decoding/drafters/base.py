@@ -5,6 +5,7 @@ own a cache of their own and keep it in step with the accepted tokens in `commit
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -47,6 +48,27 @@ class Drafter(Protocol):
     # Optional: `wants_hidden = True` asks the loop to fill state.hidden after every target pass.
     # Optional: `forget()` drops what was learned from earlier generations (Token Recycling's table, Jacobi's
     # pool); benchmarks call it at the start of each round so that no run drafts from its own prompt's last run.
+    # Optional: `fork()` → the drafter for one more sequence (see `fork` below, which does it for most drafters).
+
+
+def fork(drafter):
+    """A drafter for one sequence of its own, beside others running at once. It shares what the drafter keeps
+    across generations (models, heads, recycling tables, n-gram pools) and owns what one generation changes: its
+    draft-size controllers, start from the original's, and its KV cache. A generation's own state (tokens,
+    indices) is made anew in `begin`."""
+    from ...models.kv_cache import KVCache
+    from ..controller import DraftSizeController
+    if hasattr(drafter, "fork"):
+        return drafter.fork()
+    twin = copy.copy(drafter)
+    for name, value in vars(drafter).items():
+        if isinstance(value, DraftSizeController):
+            setattr(twin, name, copy.copy(value))
+        elif isinstance(value, KVCache):
+            setattr(twin, name, None)
+        elif isinstance(value, list) and value and all(hasattr(d, "propose") for d in value):
+            setattr(twin, name, [fork(d) for d in value])  # a composition's drafters
+    return twin
 
 
 class NoDraft:

@@ -1,0 +1,235 @@
+"""A load test of an OpenAI-compatible server: N concurrent streams of short chats through the official `openai`
+async client, on loopback.
+
+For each concurrency level every prompt is sent once (at most `concurrency` in flight). Reported per level:
+aggregate completion tokens per second over the level's wall time, time to first token and inter-token latency
+(median and p99), and how many answers equal that server's solo answer (the concurrency-1 pass, streamed). A
+non-streamed pass at the highest level and a repeated pass (a warm prefix cache) are checked the same way.
+`hasten serve` is started here on the given model unless --url points at a running server; llama-server can
+run beside it on the same GGUF file.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+SHORT_CHARS = 160  # "short chats": the first 160 characters of each prompt
+
+
+@dataclass
+class Answer:
+    text: str
+    tokens: int
+    ttft: float
+    gaps: list[float] = field(default_factory=list)  # seconds between content chunks
+
+
+@dataclass
+class Row:
+    server: str
+    label: str
+    concurrency: int
+    tokens_per_s: float
+    ttft_p50: float
+    ttft_p99: float
+    itl_p50: float
+    itl_p99: float
+    equal: int
+    total: int
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+async def one(client, model: str, prompt: str, max_tokens: int, stream: bool, extra: dict) -> Answer:
+    messages = [{"role": "user", "content": prompt}]
+    t0 = time.perf_counter()
+    if not stream:
+        r = await client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
+                                                 temperature=0, extra_body=extra)
+        return Answer(r.choices[0].message.content or "", r.usage.completion_tokens, time.perf_counter() - t0)
+    parts, ttft, last, gaps, tokens = [], None, None, [], 0
+    chunks = await client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
+                                                  temperature=0, stream=True,
+                                                  stream_options={"include_usage": True}, extra_body=extra)
+    async for chunk in chunks:
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+        if chunk.choices and chunk.choices[0].delta.content:
+            now = time.perf_counter()
+            if ttft is None:
+                ttft = now - t0
+            else:
+                gaps.append(now - last)
+            last = now
+            parts.append(chunk.choices[0].delta.content)
+    return Answer("".join(parts), tokens, ttft or time.perf_counter() - t0, gaps)
+
+
+async def level(url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int, stream: bool,
+                extra: dict, timeout: float) -> tuple[list[Answer], float]:
+    import openai
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=timeout)
+    gate = asyncio.Semaphore(concurrency)
+
+    async def bounded(p):
+        async with gate:
+            return await one(client, model, p, max_tokens, stream, extra)
+
+    t0 = time.perf_counter()
+    answers = await asyncio.wait_for(asyncio.gather(*(bounded(p) for p in prompts)), timeout)
+    seconds = time.perf_counter() - t0
+    await client.close()
+    return answers, seconds
+
+
+def measure(server: str, url: str, model: str, prompts: list[str], levels: list[int], max_tokens: int,
+            extra: dict, timeout: float, repeat: bool) -> list[Row]:
+    rows, solo = [], None
+    plan = [(c, True, f"stream x{c}") for c in levels] + [(max(levels), False, f"no stream x{max(levels)}")]
+    if repeat:
+        plan.append((max(levels), True, f"repeated x{max(levels)}"))
+    if 1 not in levels:
+        plan.insert(0, (1, True, "stream x1"))
+    for concurrency, stream, label in plan:
+        answers, seconds = asyncio.run(level(url, model, prompts, concurrency, max_tokens, stream, extra, timeout))
+        if solo is None:
+            solo = [a.text for a in answers]
+        ttfts = [a.ttft for a in answers]
+        gaps = [g for a in answers for g in a.gaps]
+        rows.append(Row(server, label, concurrency, sum(a.tokens for a in answers) / seconds,
+                        statistics.median(ttfts), percentile(ttfts, 0.99),
+                        statistics.median(gaps) if gaps else 0.0, percentile(gaps, 0.99),
+                        sum(a.text == s for a, s in zip(answers, solo)), len(answers)))
+        print(format_row(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
+def format_row(r: Row) -> str:
+    return (f"| {r.server} | {r.label} | {r.tokens_per_s:.1f} | {1000 * r.ttft_p50:.0f} / {1000 * r.ttft_p99:.0f} | "
+            f"{1000 * r.itl_p50:.1f} / {1000 * r.itl_p99:.1f} | {r.equal}/{r.total} |")
+
+
+def table(rows: list[Row]) -> str:
+    head = ("| server | pass | tokens/s (all requests) | TTFT ms p50 / p99 | inter-token ms p50 / p99 | "
+            "answers equal to solo |\n|---|---|---|---|---|---|")
+    return "\n".join([head, *map(format_row, rows)])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(cmd: list[str], url: str, log_path: str, limit: float = 600) -> subprocess.Popen:
+    import httpx
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + limit
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}; see {log_path}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"{cmd[0]} did not answer /health within {limit:.0f} s; see {log_path}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def short_chats(count: int) -> list[str]:
+    from .suite import load_questions
+    questions = load_questions()
+    return [q.prompt[:SHORT_CHARS] for q in questions[:count]]
+
+
+def run(model: str | None, url: str | None, method: str, levels: list[int], prompts: int, max_tokens: int,
+        max_batch: int, step_tokens: int, prefix_cache_mb: float, threads: int | None, llama_server: str | None,
+        gguf: str | None, timeout: float, repeat: bool = True) -> list[Row]:
+    """Run the load test against hasten serve (started here unless `url`) and, with `llama_server`, against
+    llama-server on `gguf`; print the table and a JSON line; return the rows."""
+    chats = short_chats(prompts)
+    rows, procs = [], []
+    try:
+        if url is None:
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            cmd = [sys.executable, "-m", "hasten.cli", "serve", "--port", str(port), "--method", method,
+                   "--queue-size", str(max(levels) * 2), "--max-batch", str(max_batch),
+                   "--step-tokens", str(step_tokens), "--prefix-cache-mb", str(prefix_cache_mb)]
+            cmd += (["--model", model] if model else []) + (["--threads", str(threads)] if threads else [])
+            procs.append(start(cmd, url, "/tmp/hasten-load-serve.log"))
+        import httpx
+        name = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
+        rows += measure("hasten", url, name, chats, levels, max_tokens, {}, timeout, repeat)
+        if llama_server:
+            if not gguf:
+                raise ValueError("--llama-server needs --gguf FILE, the model file it serves")
+            port = free_port()
+            lurl = f"http://127.0.0.1:{port}"
+            cmd = [llama_server, "-m", gguf, "--port", str(port), "-np", str(max(levels)), "-c", "16384",
+                   "--temp", "0"] + (["-t", str(threads)] if threads else [])
+            procs.append(start(cmd, lurl, "/tmp/hasten-load-llama-server.log"))
+            # llama-server's prompt cache off when hasten's is: the same work for both
+            extra = {} if prefix_cache_mb > 0 else {"cache_prompt": False}
+            rows += measure("llama-server", lurl, "model", chats, levels, max_tokens, extra, timeout, repeat)
+    finally:
+        for proc in procs:
+            stop(proc)
+    print(table(rows))
+    print(json.dumps({"load_test": [r.__dict__ for r in rows]}))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m hasten.bench.load", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="model for hasten serve (default: the embedded default model)")
+    p.add_argument("--url", default=None, help="a running OpenAI-compatible server instead of starting hasten serve")
+    p.add_argument("--method", default="baseline")
+    p.add_argument("--levels", default="1,4,8,16", help="concurrency levels, comma-separated")
+    p.add_argument("--prompts", type=int, default=18, help="short chats per level")
+    p.add_argument("--max-tokens", type=int, default=96)
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--step-tokens", type=int, default=256)
+    p.add_argument("--prefix-cache-mb", type=float, default=256)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--llama-server", default=None, help="path of a llama-server binary to measure beside hasten")
+    p.add_argument("--gguf", default=None, help="the GGUF file llama-server serves (hasten's --model should match)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds each pass may take at most")
+    p.add_argument("--no-repeat", action="store_true", help="skip the repeated (warm prefix cache) pass")
+    a = p.parse_args(argv)
+    try:
+        levels = sorted({int(x) for x in a.levels.split(",") if x.strip()})
+    except ValueError:
+        p.error(f"--levels must be integers separated by commas, e.g. 1,4,8,16 (got {a.levels!r})")
+    if not levels or min(levels) < 1 or a.prompts < 1:
+        p.error("--levels must be ≥ 1 and --prompts ≥ 1")
+    run(a.model, a.url, a.method, levels, a.prompts, a.max_tokens, a.max_batch, a.step_tokens, a.prefix_cache_mb,
+        a.threads, a.llama_server, a.gguf, a.timeout, not a.no_repeat)
+
+
+if __name__ == "__main__":
+    main()
