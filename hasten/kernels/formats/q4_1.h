@@ -1,6 +1,6 @@
 // Q4_1: blocks of 32 weights, fp16 scale d and minimum m, then 16 bytes of 4-bit codes; w = d * q + m.
 #pragma once
-#include "common.h"
+#include "q8.h"
 namespace hasten {
 struct Q4_1 {
   static constexpr int kBlockWeights = 32, kBlockBytes = 20;
@@ -19,6 +19,28 @@ struct Q4_1 {
     const __m512i q = bytes16(b + 4);
     lo = _mm512_permutexvar_ps(q, table);
     hi = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), table);
+  }
+#endif
+
+  // q8 path (q8.h): codes c = q, no offset, lane scale d, min m.
+  static constexpr int kQ8Offset = 0;
+  static constexpr bool kQ8Min = true;
+  static inline void q8_group(const uint8_t* row, int64_t g, uint8_t* c, float* s, float& m) {
+    const uint8_t* b = row + g * kBlockBytes;
+    for (int j = 0; j < 16; ++j) {
+      c[j] = b[4 + j] & 15;
+      c[j + 16] = b[4 + j] >> 4;
+    }
+    s[0] = s[1] = load_half(b);
+    m = load_half(b + 2);
+  }
+#ifdef HASTEN_AVX512
+  static inline void q8_pair(const uint8_t* row, int64_t p, bool half, Q8W& w) {
+    const uint8_t* b0 = row + 2 * p * kBlockBytes;
+    const uint8_t* b1 = half ? b0 : b0 + kBlockBytes;
+    w.c = nibbles2(b0 + 4, b1 + 4);
+    w.s = halves(load_half(b0), half ? 0.f : load_half(b1));
+    w.m = halves(load_half(b0 + 2), half ? 0.f : load_half(b1 + 2));
   }
 #endif
 };

@@ -2,7 +2,7 @@
 // and mins, 128 bytes of 4-bit codes (sub-blocks 2i and 2i+1 share 32 bytes: low and high nibbles);
 // w = (d * sc) * q - (dmin * m).
 #pragma once
-#include "common.h"
+#include "q8.h"
 namespace hasten {
 // A super-block's 8 sub-block scales and mins, decoded once for its 8 groups (the AVX-512 path).
 struct KScales {
@@ -61,6 +61,31 @@ struct Q4_K {
     }
     lo = _mm512_permutexvar_ps(ql, table);
     hi = _mm512_permutexvar_ps(qh, table);
+  }
+#endif
+
+  // q8 path (q8.h): codes c = q, no offset, lane scale d * sc, min -(dmin * m). A pair is sub-blocks 2i, 2i+1:
+  // the low and high nibbles of the same 32 bytes.
+  static constexpr int kQ8Offset = 0;
+  static constexpr bool kQ8Min = true;
+  static inline void q8_group(const uint8_t* row, int64_t g, uint8_t* c, float* s, float& m) {
+    const uint8_t* b = row + (g >> 3) * kBlockBytes;
+    const int sb = int(g & 7), shift = (sb & 1) * 4;
+    float scale, min;
+    scale_min(b, sb, scale, min);
+    const uint8_t* q = b + 16 + (sb >> 1) * 32;
+    for (int j = 0; j < 32; ++j) c[j] = (q[j] >> shift) & 15;
+    s[0] = s[1] = scale;
+    m = -min;
+  }
+#ifdef HASTEN_AVX512
+  static inline void q8_pair(const uint8_t* row, int64_t p, const KScales& k, Q8W& w) {
+    const uint8_t* b = row + (p >> 2) * kBlockBytes;
+    const int s = int(2 * (p & 3));
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16 + (p & 3) * 32)), f = _mm256_set1_epi8(15);
+    w.c = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, f)), _mm256_and_si256(_mm256_srli_epi16(v, 4), f), 1);
+    w.s = halves(k.scale[s], k.scale[s + 1]);
+    w.m = halves(-k.min[s], -k.min[s + 1]);
   }
 #endif
 };

@@ -1,7 +1,7 @@
 // Q5_0: blocks of 32 weights: fp16 d, 32 high bits qh (bit j for weight j), 16 bytes of low nibbles;
 // w = d * (q - 16) with q = nibble | high bit << 4.
 #pragma once
-#include "common.h"
+#include "q8.h"
 namespace hasten {
 struct Q5_0 {
   static constexpr int kBlockWeights = 32, kBlockBytes = 22;
@@ -26,6 +26,30 @@ struct Q5_0 {
     const __m512i ihi = _mm512_or_si512(_mm512_srli_epi32(q, 4), _mm512_maskz_mov_epi32(__mmask16(qh >> 16), sixteen));
     lo = _mm512_permutex2var_ps(t0, ilo, t1);
     hi = _mm512_permutex2var_ps(t0, ihi, t1);
+  }
+#endif
+
+  // q8 path (q8.h): codes c = q (5 bits), offset 16, lane scale d.
+  static constexpr int kQ8Offset = 16;
+  static constexpr bool kQ8Min = false;
+  static inline void q8_group(const uint8_t* row, int64_t g, uint8_t* c, float* s, float& m) {
+    const uint8_t* b = row + g * kBlockBytes;
+    const uint32_t qh = load_u32(b + 2);
+    for (int j = 0; j < 16; ++j) {
+      c[j] = uint8_t((b[6 + j] & 15) | (((qh >> j) & 1) << 4));
+      c[j + 16] = uint8_t((b[6 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4));
+    }
+    s[0] = s[1] = load_half(b);
+    m = 0.f;
+  }
+#ifdef HASTEN_AVX512
+  // Code byte j of group 2p + h is weight j: high bit j of that block's qh, one byte-mask OR for both groups.
+  static inline void q8_pair(const uint8_t* row, int64_t p, bool half, Q8W& w) {
+    const uint8_t* b0 = row + 2 * p * kBlockBytes;
+    const uint8_t* b1 = half ? b0 : b0 + kBlockBytes;
+    const __mmask64 high = __mmask64(load_u32(b0 + 2)) | (__mmask64(load_u32(b1 + 2)) << 32);
+    w.c = _mm512_or_si512(nibbles2(b0 + 6, b1 + 6), _mm512_maskz_set1_epi8(high, 16));
+    w.s = halves(load_half(b0), half ? 0.f : load_half(b1));
   }
 #endif
 };

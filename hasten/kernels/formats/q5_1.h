@@ -1,6 +1,6 @@
 // Q5_1: blocks of 32 weights: fp16 d and m, 32 high bits qh, 16 bytes of low nibbles; w = d * q + m.
 #pragma once
-#include "common.h"
+#include "q8.h"
 namespace hasten {
 struct Q5_1 {
   static constexpr int kBlockWeights = 32, kBlockBytes = 24;
@@ -24,6 +24,30 @@ struct Q5_1 {
     const __m512i ihi = _mm512_or_si512(_mm512_srli_epi32(q, 4), _mm512_maskz_mov_epi32(__mmask16(qh >> 16), sixteen));
     lo = _mm512_permutex2var_ps(t0, ilo, t1);
     hi = _mm512_permutex2var_ps(t0, ihi, t1);
+  }
+#endif
+
+  // q8 path (q8.h): codes c = q (5 bits), no offset, lane scale d, min m.
+  static constexpr int kQ8Offset = 0;
+  static constexpr bool kQ8Min = true;
+  static inline void q8_group(const uint8_t* row, int64_t g, uint8_t* c, float* s, float& m) {
+    const uint8_t* b = row + g * kBlockBytes;
+    const uint32_t qh = load_u32(b + 4);
+    for (int j = 0; j < 16; ++j) {
+      c[j] = uint8_t((b[8 + j] & 15) | (((qh >> j) & 1) << 4));
+      c[j + 16] = uint8_t((b[8 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4));
+    }
+    s[0] = s[1] = load_half(b);
+    m = load_half(b + 2);
+  }
+#ifdef HASTEN_AVX512
+  static inline void q8_pair(const uint8_t* row, int64_t p, bool half, Q8W& w) {
+    const uint8_t* b0 = row + 2 * p * kBlockBytes;
+    const uint8_t* b1 = half ? b0 : b0 + kBlockBytes;
+    const __mmask64 high = __mmask64(load_u32(b0 + 4)) | (__mmask64(load_u32(b1 + 4)) << 32);
+    w.c = _mm512_or_si512(nibbles2(b0 + 8, b1 + 8), _mm512_maskz_set1_epi8(high, 16));
+    w.s = halves(load_half(b0), half ? 0.f : load_half(b1));
+    w.m = halves(load_half(b0 + 2), half ? 0.f : load_half(b1 + 2));
   }
 #endif
 };

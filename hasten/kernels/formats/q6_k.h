@@ -52,5 +52,35 @@ struct Q6_K {
                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1))));
   }
 #endif
+
+  // q8 path (q8.h): codes c = q (6 bits), offset 32, lane scales d * scale (one per 16 weights: 4 lanes).
+  static constexpr int kQ8Offset = 32;
+  static constexpr bool kQ8Min = false;
+  static inline void q8_group(const uint8_t* row, int64_t g, uint8_t* c, float* s, float& m) {
+    const uint8_t* b = row + (g >> 3) * kBlockBytes;
+    const int sb = int(g & 7), h = sb >> 2, shift = ((sb >> 1) & 1) * 4, hshift = (sb & 3) * 2;
+    const uint8_t *ql = b + h * 64 + (sb & 1) * 32, *qh = b + 128 + h * 32;
+    for (int j = 0; j < 32; ++j) c[j] = uint8_t(((ql[j] >> shift) & 15) | (((qh[j] >> hshift) & 3) << 4));
+    const float d = load_half(b + 208);
+    s[0] = d * float(int8_t(b[192 + 2 * sb]));
+    s[1] = d * float(int8_t(b[193 + 2 * sb]));
+    m = 0.f;
+  }
+#ifdef HASTEN_AVX512
+  // Sub-blocks s, s+1 (s even): the 64 bytes of ql at 64h, one nibble shift, and bits 2(s&3), 2(s&3)+2 of the
+  // same 32 qh bytes, brought to bits 4..5.
+  static inline void q8_pair(const uint8_t* row, int64_t p, const KScales& k, Q8W& w) {
+    const uint8_t* b = row + (p >> 2) * kBlockBytes;
+    const int s = int(2 * (p & 3)), h = s >> 2;
+    __m512i l = _mm512_loadu_si512(b + h * 64);
+    if (p & 1) l = _mm512_srli_epi16(l, 4);
+    const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + h * 32));
+    const __m512i hb = (s & 3) == 0 ? _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_slli_epi16(qh, 4)), _mm256_slli_epi16(qh, 2), 1)
+                                    : _mm512_inserti64x4(_mm512_castsi256_si512(qh), _mm256_srli_epi16(qh, 2), 1);
+    w.c = _mm512_or_si512(_mm512_and_si512(l, _mm512_set1_epi8(15)), _mm512_and_si512(hb, _mm512_set1_epi8(0x30)));
+    const __m512i lane4 = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    w.s = _mm512_permutexvar_ps(_mm512_add_epi32(lane4, _mm512_set1_epi32(2 * s)), _mm512_loadu_ps(k.scale));
+  }
+#endif
 };
 }  // namespace hasten

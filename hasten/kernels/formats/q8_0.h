@@ -1,6 +1,6 @@
 // Q8_0: blocks of 32 weights, fp16 scale d then 32 int8 codes; w = d * q.
 #pragma once
-#include "common.h"
+#include "q8.h"
 namespace hasten {
 struct Q8_0 {
   static constexpr int kBlockWeights = 32, kBlockBytes = 34;
@@ -18,6 +18,26 @@ struct Q8_0 {
     };
     lo = _mm512_mul_ps(d, codes(b + 2));
     hi = _mm512_mul_ps(d, codes(b + 18));
+  }
+#endif
+
+  // q8 path (q8.h): unsigned codes c = q + 128 (q ^ 0x80), offset 128, lane scale d.
+  static constexpr int kQ8Offset = 128;
+  static constexpr bool kQ8Min = false;
+  static inline void q8_group(const uint8_t* row, int64_t g, uint8_t* c, float* s, float& m) {
+    const uint8_t* b = row + g * kBlockBytes;
+    for (int j = 0; j < 32; ++j) c[j] = b[2 + j] ^ 0x80;
+    s[0] = s[1] = load_half(b);
+    m = 0.f;
+  }
+#ifdef HASTEN_AVX512
+  static inline void q8_pair(const uint8_t* row, int64_t p, bool half, Q8W& w) {
+    const uint8_t* b0 = row + 2 * p * kBlockBytes;
+    const uint8_t* b1 = half ? b0 : b0 + kBlockBytes;
+    const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b0 + 2))),
+                                         _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b1 + 2)), 1);
+    w.c = _mm512_xor_si512(v, _mm512_set1_epi8(char(0x80)));
+    w.s = halves(load_half(b0), half ? 0.f : load_half(b1));
   }
 #endif
 };
