@@ -153,18 +153,27 @@ void matmul(const float* X, const uint8_t* W, int64_t rb, float* Y, int64_t T, i
 
 // ---- The q8 path (activations="q8", formats/q8.h): activations quantized once per call to int8 per group,
 // then integer dot products with the weights' codes. The same tiling as above; each (row, token) pair gets
-// q8_step over its group pairs in order, then q8_reduce: the same sequence for every R and TN (and every build).
+// q8_step over its quads of groups in order, then q8_reduce: the same sequence for every R and TN (and build).
 template <class F>
-inline void q8_weights(const uint8_t* row, int64_t p, int64_t G, Q8W& w, Scales<F>& c) {
+inline void q8_weights(const uint8_t* row, int64_t u, int64_t G, Q8W& w, Scales<F>& c) {
 #if defined(HASTEN_AVX512)
-  if constexpr (F::kBlockWeights == 256) {
-    if ((p & 3) == 0) F::prepare(row, 2 * p, c);
-    F::q8_pair(row, p, c, w);
+  if constexpr (F::kBlockWeights == 256) {  // a super-block is 2 quads: its scales decoded at the first
+    if ((u & 1) == 0) F::prepare(row, 4 * u, c);
+    F::q8_quad(row, u, c, w);
   } else {
-    F::q8_pair(row, p, 2 * p + 1 >= G, w);
+    F::q8_quad(row, u, G, w);
   }
 #else
-  q8_pair_from_groups<F>(row, p, G, w);
+  q8_quad_from_groups<F>(row, u, G, w);
+#endif
+}
+
+template <class F>
+inline void q8_step_of(Q8Acc& acc, const Q8W& w, const uint8_t* rec) {
+#if defined(HASTEN_AVX2)
+  q8_step<F::kQ8Kind, (F::kQ8CodeOffset > 64)>(acc, w, rec);  // 8-bit codes: no maddubs (it saturates)
+#else
+  q8_step<F::kQ8Kind>(acc, w, rec);
 #endif
 }
 
@@ -173,19 +182,13 @@ inline void q8_tile(const uint8_t* W, int64_t rb, const uint8_t* Xq, int64_t xs,
   Q8Acc acc[R][TN];
   for (int r = 0; r < R; ++r)
     for (int k = 0; k < TN; ++k) acc[r][k] = q8_zero();
-  const int64_t G = K / QK, P = q8_pairs(K);
+  const int64_t G = K / QK, U = q8_quads(K), rec = q8_record_bytes(F::kQ8Kind);
   Scales<F> scales[R];
-  for (int64_t p = 0; p < P; ++p) {
+  for (int64_t u = 0; u < U; ++u) {
     Q8W w[R];
-    for (int r = 0; r < R; ++r) q8_weights<F>(W + (i + r) * rb, p, G, w[r], scales[r]);
-    for (int k = 0; k < TN; ++k) {
-      const uint8_t* rec = Xq + (t + k) * xs + p * kQ8PairBytes;
-#if defined(HASTEN_AVX2)
-      for (int r = 0; r < R; ++r) q8_step<F::kQ8Min, (F::kQ8Offset > 64)>(acc[r][k], w[r], rec);
-#else
-      for (int r = 0; r < R; ++r) q8_step<F::kQ8Min>(acc[r][k], w[r], rec);
-#endif
-    }
+    for (int r = 0; r < R; ++r) q8_weights<F>(W + (i + r) * rb, u, G, w[r], scales[r]);
+    for (int k = 0; k < TN; ++k)
+      for (int r = 0; r < R; ++r) q8_step_of<F>(acc[r][k], w[r], Xq + (t + k) * xs + u * rec);
   }
   for (int r = 0; r < R; ++r)
     for (int k = 0; k < TN; ++k) Y[(t + k) * N + i + r] = q8_reduce(acc[r][k]);
@@ -207,19 +210,19 @@ inline void q8_rows(const uint8_t* W, int64_t rb, const uint8_t* Xq, int64_t xs,
 }
 
 #if defined(HASTEN_AVX512)
-constexpr int kQ8RowsSmall = 4, kQ8RowsLarge = 4, kQ8TokensLarge = 4;
+constexpr int kQ8RowsSmall = 4, kQ8RowsLarge = 4, kQ8TokensLarge = 4;  // one accumulator per (row, token)
 #else
 constexpr int kQ8RowsSmall = 1, kQ8RowsLarge = 1, kQ8TokensLarge = 2;
 #endif
 
 template <class F>
 void matmul_q8(const float* X, const uint8_t* W, int64_t rb, float* Y, int64_t T, int64_t K, int64_t N) {
-  // Every token quantized once, for all rows and tiles: one record of q8_pairs(K) pairs per token.
-  const int64_t xs = q8_pairs(K) * kQ8PairBytes;
+  // Every token quantized once, for all rows and tiles: q8_quads(K) records per token.
+  const int64_t xs = q8_quads(K) * q8_record_bytes(F::kQ8Kind);
   auto buf = torch::empty({T * xs + 64}, torch::kUInt8);
   uint8_t* Xq = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(buf.data_ptr<uint8_t>()) + 63) & ~uintptr_t(63));
   at::parallel_for(0, T, 1, [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) quantize_q8(X + t * K, K, F::kQ8Offset, F::kQ8Min, Xq + t * xs);
+    for (int64_t t = b; t < e; ++t) quantize_q8(X + t * K, K, F::kQ8CodeOffset, F::kQ8Kind, Xq + t * xs);
   });
   for (int64_t t0 = 0; t0 < T; t0 += kTokenChunk) {
     const int64_t t1 = std::min(T, t0 + kTokenChunk);

@@ -25,8 +25,7 @@ struct Q4_0 {
 #endif
 
   // q8 path (q8.h): codes c = q, offset 8, lane scale d.
-  static constexpr int kQ8Offset = 8;
-  static constexpr bool kQ8Min = false;
+  static constexpr int kQ8Kind = kQ8Offset, kQ8CodeOffset = 8;
   static inline void q8_group(const uint8_t* row, int64_t g, uint8_t* c, float* s, float& m) {
     const uint8_t* b = row + g * kBlockBytes;
     for (int j = 0; j < 16; ++j) {
@@ -37,11 +36,12 @@ struct Q4_0 {
     m = 0.f;
   }
 #ifdef HASTEN_AVX512
-  static inline void q8_pair(const uint8_t* row, int64_t p, bool half, Q8W& w) {
-    const uint8_t* b0 = row + 2 * p * kBlockBytes;
-    const uint8_t* b1 = half ? b0 : b0 + kBlockBytes;  // half: the row's last group is 2p (codes ignored: scale 0)
-    w.c = nibbles2(b0 + 2, b1 + 2);
-    w.s = halves(load_half(b0), half ? 0.f : load_half(b1));
+  static inline void q8_quad(const uint8_t* row, int64_t u, int64_t G, Q8W& w) {
+    const uint8_t* b[4];
+    __mmask16 live;
+    quad_blocks(row, u, G, kBlockBytes, b, live);
+    nibbles4(b, 2, w.a, w.b);
+    w.s = halves4(b, 0, live);
   }
 #endif
 };

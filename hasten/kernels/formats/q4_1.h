@@ -23,8 +23,7 @@ struct Q4_1 {
 #endif
 
   // q8 path (q8.h): codes c = q, no offset, lane scale d, min m.
-  static constexpr int kQ8Offset = 0;
-  static constexpr bool kQ8Min = true;
+  static constexpr int kQ8Kind = kQ8Min, kQ8CodeOffset = 0;
   static inline void q8_group(const uint8_t* row, int64_t g, uint8_t* c, float* s, float& m) {
     const uint8_t* b = row + g * kBlockBytes;
     for (int j = 0; j < 16; ++j) {
@@ -35,12 +34,13 @@ struct Q4_1 {
     m = load_half(b + 2);
   }
 #ifdef HASTEN_AVX512
-  static inline void q8_pair(const uint8_t* row, int64_t p, bool half, Q8W& w) {
-    const uint8_t* b0 = row + 2 * p * kBlockBytes;
-    const uint8_t* b1 = half ? b0 : b0 + kBlockBytes;
-    w.c = nibbles2(b0 + 4, b1 + 4);
-    w.s = halves(load_half(b0), half ? 0.f : load_half(b1));
-    w.m = halves(load_half(b0 + 2), half ? 0.f : load_half(b1 + 2));
+  static inline void q8_quad(const uint8_t* row, int64_t u, int64_t G, Q8W& w) {
+    const uint8_t* b[4];
+    __mmask16 live;
+    quad_blocks(row, u, G, kBlockBytes, b, live);
+    nibbles4(b, 4, w.a, w.b);
+    w.s = halves4(b, 0, live);
+    w.m = halves4(b, 2, live);
   }
 #endif
 };

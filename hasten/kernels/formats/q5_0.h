@@ -30,8 +30,7 @@ struct Q5_0 {
 #endif
 
   // q8 path (q8.h): codes c = q (5 bits), offset 16, lane scale d.
-  static constexpr int kQ8Offset = 16;
-  static constexpr bool kQ8Min = false;
+  static constexpr int kQ8Kind = kQ8Offset, kQ8CodeOffset = 16;
   static inline void q8_group(const uint8_t* row, int64_t g, uint8_t* c, float* s, float& m) {
     const uint8_t* b = row + g * kBlockBytes;
     const uint32_t qh = load_u32(b + 2);
@@ -43,13 +42,16 @@ struct Q5_0 {
     m = 0.f;
   }
 #ifdef HASTEN_AVX512
-  // Code byte j of group 2p + h is weight j: high bit j of that block's qh, one byte-mask OR for both groups.
-  static inline void q8_pair(const uint8_t* row, int64_t p, bool half, Q8W& w) {
-    const uint8_t* b0 = row + 2 * p * kBlockBytes;
-    const uint8_t* b1 = half ? b0 : b0 + kBlockBytes;
-    const __mmask64 high = __mmask64(load_u32(b0 + 2)) | (__mmask64(load_u32(b1 + 2)) << 32);
-    w.c = _mm512_or_si512(nibbles2(b0 + 6, b1 + 6), _mm512_maskz_set1_epi8(high, 16));
-    w.s = halves(load_half(b0), half ? 0.f : load_half(b1));
+  static inline void q8_quad(const uint8_t* row, int64_t u, int64_t G, Q8W& w) {
+    const uint8_t* b[4];
+    __mmask16 live;
+    quad_blocks(row, u, G, kBlockBytes, b, live);
+    nibbles4(b, 6, w.a, w.b);
+    __mmask64 ha, hb;
+    high_bits4(b, 2, ha, hb);
+    w.a = _mm512_or_si512(w.a, _mm512_maskz_set1_epi8(ha, 16));
+    w.b = _mm512_or_si512(w.b, _mm512_maskz_set1_epi8(hb, 16));
+    w.s = halves4(b, 0, live);
   }
 #endif
 };

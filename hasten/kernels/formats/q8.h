@@ -2,20 +2,27 @@
 // (llama.cpp's Q8_0: d = max|x| / 127, q = rint(x / d)), then every (token, row) result built from integer dot
 // products of the weights' unsigned codes with those int8 codes. What is shared by every format lives here:
 // the activation record, its quantizer, and the lane arithmetic; a format's header only says how to get its
-// codes and scales (q8_group: scalar, every build; q8_pair: AVX-512).
+// codes and scales (q8_group: scalar, every build; q8_quad: AVX-512).
 //
 // Why: the fp32 path spends most of its time rebuilding fp32 weights and on 16-lane FMAs; vpdpbusd does 64
 // multiply-adds on the codes as they are. A format's weight is w = s * (c - offset) + m for unsigned code c,
 // so per group  sum w x = dx * (s * sum (c - offset) q + m * sum q).
 //
+// Layout: groups go in quads (groups 4u .. 4u+3, 128 values); a quad's int8 activations are two 64-byte
+// vectors, A = values 0-15 of each of the 4 groups and B = values 16-31 of each (16-byte chunk h: group 4u+h).
+// Lane l (16 int32 lanes) sums 8 values of group 4u + (l >> 2): A[4l..4l+3] and B[4l..4l+3]. Why this layout:
+// Q4_0/Q4_1/Q5 blocks keep weights j and j+16 in one byte, so 4 blocks' low nibbles are A's codes and their
+// high nibbles B's, without shuffles; and a lane's 8 products share one scale, so both vpdpbusd go into one
+// int32 sum before the fp32 step (one convert, multiply and FMA per 128 values and token).
+//
 // The arithmetic, lane by lane (fixed: every build computes these very operations, so the results are bit
-// identical between avx512, avx2 and portable, and for a token whatever tile or T it is scored in). Groups go
-// in pairs p (groups 2p, 2p+1: 64 values, 16 lanes of 4 values; lanes 0-7 group 2p, 8-15 group 2p+1):
-//   isum[l] = corr[l] + sum_{i<4} c[4l+i] * q[4l+i]          exact int32 (corr = -offset * sum of the 4 q)
-//   acc[l]  = fma(float(isum[l]), s[l] * d[l], acc[l])       s: the weight scale of the lane, d: the group's dx
-//   acc[l]  = fma(m[l], dsum[l], acc[l])                     formats with a min only; dsum = d * sum of the 4 q
-//   y       = ((acc[0..7] + acc[8..15]) halved twice more) : the tree of q8_reduce
-// An odd last group (K/32 odd) is a pair whose second group has zero codes, scales and mins.
+// identical between avx512, avx2 and portable, and for a token whatever tile or T it is scored in):
+//   isum[l] = corr[l] + sum of the lane's 8 code * q products          exact int32 (corr = -offset * sum q)
+//   acc[l]  = fma(float(isum[l]), s[l] * d[l], acc[l])                 s: weight scale, d: the group's dx
+//   acc[l]  = fma(m[l], dsum[l], acc[l])        formats with a min (kQ8Min); dsum = d * sum of the 8 q
+//   Q6_K (kQ8Split: a scale per 16 weights) keeps A and B apart: two such FMAs with corrA and corrB
+//   y       = ((acc[0..7] + acc[8..15]) halved twice more): the tree of q8_reduce
+// Groups past the row's end (K/32 not a multiple of 4) have zero activations, scales and mins.
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -25,48 +32,61 @@
 
 namespace hasten {
 
-// One token's activations, pair by pair: 64 int8 codes, 16 floats d, 16 int32 corr or 16 floats dsum.
-constexpr int64_t kQ8PairBytes = 192;
-inline int64_t q8_pairs(int64_t K) { return (K / 32 + 1) / 2; }
+enum Q8Kind { kQ8Offset = 0, kQ8Min = 1, kQ8Split = 2 };  // what a quad record carries beside A, B and d
 
-// A format has a q8 path when its header defines kQ8Offset (the code offset) and kQ8Min (w has a min term).
+// One token's record per quad: A [0, 64), B [64, 128) int8; d [128, 192) 16 f32; e1 [192, 256): corr (int32,
+// kQ8Offset), dsum (f32, kQ8Min) or corrA (kQ8Split); e2 [256, 320): corrB (kQ8Split only).
+inline int64_t q8_quads(int64_t K) { return (K / 32 + 3) / 4; }
+inline int64_t q8_record_bytes(int kind) { return kind == kQ8Split ? 320 : 256; }
+
+// A format has a q8 path when its header defines kQ8Kind (and kQ8CodeOffset, the offset its codes carry).
 template <class F, class = void> struct HasQ8 : std::false_type {};
-template <class F> struct HasQ8<F, std::void_t<decltype(F::kQ8Offset)>> : std::true_type {};
+template <class F> struct HasQ8<F, std::void_t<decltype(F::kQ8Kind)>> : std::true_type {};
 
-// x [K] → the record of q8_pairs(K) pairs at out (64-byte aligned). Scalar and exact: max is exact, d and 1/d
-// are IEEE divisions, rint rounds half to even (llama.cpp's _MM_ROUND_NEAREST), integer sums are exact, so
-// every build gets the same bytes; the compiler vectorises the inner loops well enough for an O(T K) step.
-inline void quantize_q8(const float* x, int64_t K, int offset, bool has_min, uint8_t* out) {
-  const int64_t G = K / 32;
-  for (int64_t p = 0; p < q8_pairs(K); ++p) {
-    uint8_t* rec = out + p * kQ8PairBytes;
-    int8_t* q = reinterpret_cast<int8_t*>(rec);
-    float* d = reinterpret_cast<float*>(rec + 64);
-    for (int h = 0; h < 2; ++h) {
-      const int64_t g = 2 * p + h;
+// x [K] → q8_quads(K) records at out (64-byte aligned). Scalar and exact: max is exact, d and 1/d are IEEE
+// divisions, rint rounds half to even (llama.cpp's _MM_ROUND_NEAREST), integer sums are exact, so every build
+// writes the same bytes; an O(T K) step beside the O(T K N) products.
+inline void quantize_q8(const float* x, int64_t K, int offset, int kind, uint8_t* out) {
+  const int64_t G = K / 32, stride = q8_record_bytes(kind);
+  for (int64_t u = 0; u < q8_quads(K); ++u) {
+    uint8_t* rec = out + u * stride;
+    int8_t *a = reinterpret_cast<int8_t*>(rec), *b = a + 64;
+    float* d = reinterpret_cast<float*>(rec + 128);
+    for (int h = 0; h < 4; ++h) {
+      const int64_t g = 4 * u + h;
       float amax = 0.f, dg = 0.f, id = 0.f;
       if (g < G) {
         for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(x[g * 32 + j]));
         dg = amax / 127.f;
         id = dg != 0.f ? 1.f / dg : 0.f;
       }
-      for (int j = 0; j < 32; ++j) q[32 * h + j] = g < G ? int8_t(std::nearbyint(x[g * 32 + j] * id)) : 0;
-      for (int l = 0; l < 8; ++l) d[8 * h + l] = dg;
+      for (int j = 0; j < 16; ++j) {
+        a[16 * h + j] = g < G ? int8_t(std::nearbyint(x[g * 32 + j] * id)) : 0;
+        b[16 * h + j] = g < G ? int8_t(std::nearbyint(x[g * 32 + 16 + j] * id)) : 0;
+      }
+      for (int l = 0; l < 4; ++l) d[4 * h + l] = dg;
     }
     for (int l = 0; l < 16; ++l) {
-      const int s = q[4 * l] + q[4 * l + 1] + q[4 * l + 2] + q[4 * l + 3];
-      if (has_min) reinterpret_cast<float*>(rec + 128)[l] = d[l] * float(s);
-      else reinterpret_cast<int32_t*>(rec + 128)[l] = -offset * s;
+      const int sa = a[4 * l] + a[4 * l + 1] + a[4 * l + 2] + a[4 * l + 3];
+      const int sb = b[4 * l] + b[4 * l + 1] + b[4 * l + 2] + b[4 * l + 3];
+      if (kind == kQ8Min) {
+        reinterpret_cast<float*>(rec + 192)[l] = d[l] * float(sa + sb);
+      } else if (kind == kQ8Split) {
+        reinterpret_cast<int32_t*>(rec + 192)[l] = -offset * sa;
+        reinterpret_cast<int32_t*>(rec + 256)[l] = -offset * sb;
+      } else {
+        reinterpret_cast<int32_t*>(rec + 192)[l] = -offset * (sa + sb);
+      }
     }
   }
 }
 
-// Weights of one row for one pair, in the build's registers: 64 unsigned codes, 16 lane scales, 16 lane mins.
+// One row's weights for one quad, in the build's registers: codes aligned with A and B, lane scales s (s2: for
+// B, kQ8Split), lane mins m (kQ8Min).
 #if defined(HASTEN_AVX512)
-struct Q8W { __m512i c; __m512 s, m; };
+struct Q8W { __m512i a, b; __m512 s, s2, m; };
 using Q8Acc = __m512;
 inline Q8Acc q8_zero() { return _mm512_setzero_ps(); }
-inline __m512 halves(float a, float b) { return _mm512_insertf32x8(_mm512_set1_ps(a), _mm256_set1_ps(b), 1); }
 // u8 codes × s8 activations, 4 at a time, into int32 lanes.
 inline __m512i dot_u8s8(__m512i acc, __m512i c, __m512i q) {
 #if defined(__AVX512VNNI__)
@@ -79,13 +99,18 @@ inline __m512i dot_u8s8(__m512i acc, __m512i c, __m512i q) {
   return _mm512_add_epi32(acc, _mm512_add_epi32(_mm512_permutex2var_epi32(lo, even, hi), _mm512_permutex2var_epi32(lo, odd, hi)));
 #endif
 }
-template <bool kMin>
+template <int kKind>
 inline void q8_step(Q8Acc& acc, const Q8W& w, const uint8_t* rec) {
-  const __m512i q = _mm512_load_si512(rec);
-  const __m512 d = _mm512_load_ps(reinterpret_cast<const float*>(rec + 64));
-  const __m512i corr = kMin ? _mm512_setzero_si512() : _mm512_load_si512(rec + 128);
-  acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_u8s8(corr, w.c, q)), _mm512_mul_ps(w.s, d), acc);
-  if (kMin) acc = _mm512_fmadd_ps(w.m, _mm512_load_ps(reinterpret_cast<const float*>(rec + 128)), acc);
+  const __m512i a = _mm512_load_si512(rec), b = _mm512_load_si512(rec + 64);
+  const __m512 d = _mm512_load_ps(reinterpret_cast<const float*>(rec + 128));
+  if constexpr (kKind == kQ8Split) {
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_u8s8(_mm512_load_si512(rec + 192), w.a, a)), _mm512_mul_ps(w.s, d), acc);
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_u8s8(_mm512_load_si512(rec + 256), w.b, b)), _mm512_mul_ps(w.s2, d), acc);
+  } else {
+    const __m512i corr = kKind == kQ8Min ? _mm512_setzero_si512() : _mm512_load_si512(rec + 192);
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_u8s8(dot_u8s8(corr, w.a, a), w.b, b)), _mm512_mul_ps(w.s, d), acc);
+    if (kKind == kQ8Min) acc = _mm512_fmadd_ps(w.m, _mm512_load_ps(reinterpret_cast<const float*>(rec + 192)), acc);
+  }
 }
 inline float q8_reduce(Q8Acc a) {
   const __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
@@ -93,17 +118,45 @@ inline float q8_reduce(Q8Acc a) {
   const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
   return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
 }
-// 16 bytes of nibbles at each of p0, p1 → 64 codes [low nibbles p0, high p0, low p1, high p1]: weights 0-31 of
-// two Q4_0/Q4_1 blocks in order.
-inline __m512i nibbles2(const uint8_t* p0, const uint8_t* p1) {
-  const __m256i v = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p0))),
-                                            _mm_loadu_si128(reinterpret_cast<const __m128i*>(p1)), 1);
-  const __m256i f = _mm256_set1_epi8(15);
-  const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, f)), _mm256_and_si256(_mm256_srli_epi16(v, 4), f), 1);
-  return _mm512_shuffle_i64x2(w, w, _MM_SHUFFLE(3, 1, 2, 0));
+inline __m512i lane_group() { return _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3); }
+// The 4 blocks of quad u of a row of 32-weight blocks (G of them): past the row's end, its last block again
+// (read, never used: `live` masks the lanes of real groups, and their scales are what is zeroed).
+inline void quad_blocks(const uint8_t* row, int64_t u, int64_t G, int64_t bytes, const uint8_t* b[4], __mmask16& live) {
+  for (int h = 0; h < 4; ++h) b[h] = row + std::min<int64_t>(4 * u + h, G - 1) * bytes;
+  const int64_t n = std::min<int64_t>(4, G - 4 * u);
+  live = __mmask16((1u << (4 * n)) - 1);
+}
+// The fp16 at offset `at` of each of the 4 blocks, as lane values (lanes 4h..4h+3: block h), 0 where not live.
+inline __m512 halves4(const uint8_t* const b[4], int at, __mmask16 live) {
+  const uint64_t v = uint64_t(load_u16(b[0] + at)) | uint64_t(load_u16(b[1] + at)) << 16 |
+                     uint64_t(load_u16(b[2] + at)) << 32 | uint64_t(load_u16(b[3] + at)) << 48;
+  const __m128 f = _mm_cvtph_ps(_mm_cvtsi64_si128(int64_t(v)));
+  return _mm512_maskz_permutexvar_ps(live, lane_group(), _mm512_castps128_ps512(f));
+}
+// 16 bytes of nibbles at offset `at` of each block: low nibbles (weights 0-15) are A's codes, high ones B's.
+inline void nibbles4(const uint8_t* const b[4], int at, __m512i& a, __m512i& hi) {
+  __m512i v = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b[0] + at)));
+  v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(b[1] + at)), 1);
+  v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(b[2] + at)), 2);
+  v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(b[3] + at)), 3);
+  const __m512i f = _mm512_set1_epi8(15);
+  a = _mm512_and_si512(v, f);
+  hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), f);
+}
+// The 32 high bits qh at offset `at` of each block (bit j: weight j) as the byte masks of A and B.
+inline void high_bits4(const uint8_t* const b[4], int at, __mmask64& ma, __mmask64& mb) {
+  uint64_t a = 0, hb = 0;
+  for (int h = 0; h < 4; ++h) {
+    const uint64_t q = load_u32(b[h] + at);
+    a |= (q & 0xffff) << (16 * h);
+    hb |= (q >> 16) << (16 * h);
+  }
+  ma = __mmask64(a);
+  mb = __mmask64(hb);
 }
 #elif defined(HASTEN_AVX2)
-struct Q8W { __m256i c[2]; __m256 s[2], m[2]; };
+// Lanes 8h'..8h'+7 (groups 4u+2h', 4u+2h'+1) in register h' of each pair.
+struct Q8W { __m256i a[2], b[2]; __m256 s[2], s2[2], m[2]; };
 struct Q8Acc { __m256 a[2]; };
 inline Q8Acc q8_zero() { return {{_mm256_setzero_ps(), _mm256_setzero_ps()}}; }
 // 32 u8 codes × s8 activations: 8 int32 lanes of 4. maddubs saturates at 8-bit codes (255 * 127 * 2 > 32767),
@@ -117,14 +170,23 @@ inline __m256i dot_u8s8(__m256i acc, __m256i c, __m256i q) {
   }
   return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(c, q), _mm256_set1_epi16(1)));
 }
-template <bool kMin, bool kWide = false>
+template <int kKind, bool kWide = false>
 inline void q8_step(Q8Acc& acc, const Q8W& w, const uint8_t* rec) {
   for (int h = 0; h < 2; ++h) {
-    const __m256i q = _mm256_load_si256(reinterpret_cast<const __m256i*>(rec + 32 * h));
-    const __m256 d = _mm256_load_ps(reinterpret_cast<const float*>(rec + 64) + 8 * h);
-    const __m256i corr = kMin ? _mm256_setzero_si256() : _mm256_load_si256(reinterpret_cast<const __m256i*>(rec + 128) + h);
-    acc.a[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8<kWide>(corr, w.c[h], q)), _mm256_mul_ps(w.s[h], d), acc.a[h]);
-    if (kMin) acc.a[h] = _mm256_fmadd_ps(w.m[h], _mm256_load_ps(reinterpret_cast<const float*>(rec + 128) + 8 * h), acc.a[h]);
+    const __m256i a = _mm256_load_si256(reinterpret_cast<const __m256i*>(rec) + h);
+    const __m256i b = _mm256_load_si256(reinterpret_cast<const __m256i*>(rec + 64) + h);
+    const __m256 d = _mm256_load_ps(reinterpret_cast<const float*>(rec + 128) + 8 * h);
+    const __m256i* e1 = reinterpret_cast<const __m256i*>(rec + 192) + h;
+    if constexpr (kKind == kQ8Split) {
+      const __m256i* e2 = reinterpret_cast<const __m256i*>(rec + 256) + h;
+      acc.a[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8<kWide>(_mm256_load_si256(e1), w.a[h], a)), _mm256_mul_ps(w.s[h], d), acc.a[h]);
+      acc.a[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8<kWide>(_mm256_load_si256(e2), w.b[h], b)), _mm256_mul_ps(w.s2[h], d), acc.a[h]);
+    } else {
+      const __m256i corr = kKind == kQ8Min ? _mm256_setzero_si256() : _mm256_load_si256(e1);
+      const __m256i isum = dot_u8s8<kWide>(dot_u8s8<kWide>(corr, w.a[h], a), w.b[h], b);
+      acc.a[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(w.s[h], d), acc.a[h]);
+      if (kKind == kQ8Min) acc.a[h] = _mm256_fmadd_ps(w.m[h], _mm256_load_ps(reinterpret_cast<const float*>(e1)), acc.a[h]);
+    }
   }
 }
 inline float q8_reduce(const Q8Acc& a) {
@@ -134,18 +196,27 @@ inline float q8_reduce(const Q8Acc& a) {
   return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
 }
 #else
-struct Q8W { uint8_t c[64]; float s[16], m[16]; };
+struct Q8W { uint8_t a[64], b[64]; float s[16], s2[16], m[16]; };
 struct Q8Acc { float a[16]; };
 inline Q8Acc q8_zero() { return Q8Acc{}; }
-template <bool kMin>
+template <int kKind>
 inline void q8_step(Q8Acc& acc, const Q8W& w, const uint8_t* rec) {
-  const int8_t* q = reinterpret_cast<const int8_t*>(rec);
-  const float* d = reinterpret_cast<const float*>(rec + 64);
+  const int8_t *a = reinterpret_cast<const int8_t*>(rec), *b = a + 64;
+  const float* d = reinterpret_cast<const float*>(rec + 128);
+  const int32_t *c1 = reinterpret_cast<const int32_t*>(rec + 192), *c2 = reinterpret_cast<const int32_t*>(rec + 256);
   for (int l = 0; l < 16; ++l) {
-    int32_t isum = kMin ? 0 : reinterpret_cast<const int32_t*>(rec + 128)[l];
-    for (int i = 0; i < 4; ++i) isum += int32_t(w.c[4 * l + i]) * int32_t(q[4 * l + i]);
-    acc.a[l] = std::fma(float(isum), w.s[l] * d[l], acc.a[l]);  // std::fma: one rounding, as vfmadd
-    if (kMin) acc.a[l] = std::fma(w.m[l], reinterpret_cast<const float*>(rec + 128)[l], acc.a[l]);
+    int32_t ia = 0, ib = 0;
+    for (int i = 0; i < 4; ++i) {
+      ia += int32_t(w.a[4 * l + i]) * int32_t(a[4 * l + i]);
+      ib += int32_t(w.b[4 * l + i]) * int32_t(b[4 * l + i]);
+    }
+    if (kKind == kQ8Split) {  // std::fma: one rounding, as vfmadd
+      acc.a[l] = std::fma(float(c1[l] + ia), w.s[l] * d[l], acc.a[l]);
+      acc.a[l] = std::fma(float(c2[l] + ib), w.s2[l] * d[l], acc.a[l]);
+    } else {
+      acc.a[l] = std::fma(float((kKind == kQ8Min ? 0 : c1[l]) + ia + ib), w.s[l] * d[l], acc.a[l]);
+      if (kKind == kQ8Min) acc.a[l] = std::fma(w.m[l], reinterpret_cast<const float*>(rec + 192)[l], acc.a[l]);
+    }
   }
 }
 inline float q8_reduce(const Q8Acc& a) {
@@ -157,29 +228,37 @@ inline float q8_reduce(const Q8Acc& a) {
 #endif
 
 #if !defined(HASTEN_AVX512)
-// AVX2 and portable: a pair's codes and scales from the format's scalar q8_group (codes c[32], lane scales for
-// values 0-15 and 16-31, min), then into the build's registers. Groups past the row's last (g >= G) are zero.
+// AVX2 and portable: a quad's codes and scales from the format's scalar q8_group (codes c[32] in weight order,
+// the scales of weights 0-15 and 16-31, the min), then into the build's registers. Groups g >= G are zero.
 template <class F>
-inline void q8_pair_from_groups(const uint8_t* row, int64_t p, int64_t G, Q8W& w) {
-  alignas(32) uint8_t c[64] = {};
-  alignas(32) float s[16] = {}, m[16] = {};
-  for (int h = 0; h < 2 && 2 * p + h < G; ++h) {
+inline void q8_quad_from_groups(const uint8_t* row, int64_t u, int64_t G, Q8W& w) {
+  alignas(32) uint8_t a[64] = {}, b[64] = {};
+  alignas(32) float s[16] = {}, s2[16] = {}, m[16] = {};
+  for (int h = 0; h < 4 && 4 * u + h < G; ++h) {
+    uint8_t c[32];
     float sg[2], mg = 0.f;
-    F::q8_group(row, 2 * p + h, c + 32 * h, sg, mg);
-    for (int l = 0; l < 8; ++l) {
-      s[8 * h + l] = sg[l >> 2];
-      m[8 * h + l] = mg;
+    F::q8_group(row, 4 * u + h, c, sg, mg);
+    std::memcpy(a + 16 * h, c, 16);
+    std::memcpy(b + 16 * h, c + 16, 16);
+    for (int l = 4 * h; l < 4 * h + 4; ++l) {
+      s[l] = sg[0];
+      s2[l] = sg[1];
+      m[l] = mg;
     }
   }
 #if defined(HASTEN_AVX2)
   for (int h = 0; h < 2; ++h) {
-    w.c[h] = _mm256_load_si256(reinterpret_cast<const __m256i*>(c + 32 * h));
+    w.a[h] = _mm256_load_si256(reinterpret_cast<const __m256i*>(a) + h);
+    w.b[h] = _mm256_load_si256(reinterpret_cast<const __m256i*>(b) + h);
     w.s[h] = _mm256_load_ps(s + 8 * h);
+    w.s2[h] = _mm256_load_ps(s2 + 8 * h);
     w.m[h] = _mm256_load_ps(m + 8 * h);
   }
 #else
-  std::memcpy(w.c, c, 64);
+  std::memcpy(w.a, a, 64);
+  std::memcpy(w.b, b, 64);
   std::memcpy(w.s, s, 64);
+  std::memcpy(w.s2, s2, 64);
   std::memcpy(w.m, m, 64);
 #endif
 }
