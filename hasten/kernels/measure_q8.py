@@ -3,7 +3,7 @@ of one block_matmul in the fp32 path (weights rebuilt as fp32, FMAs) against the
 to int8 per group, integer dot products: formats/q8.h), per format, at SmolLM2-135M's linear shapes and one 8B
 MLP shape, on random weights (speed depends on shapes, not values).
 
-Minimum over repeats (at least 3, until ~0.4 s per cell): the two cores are shared with other work, and the
+Minimum over repeats (at least 3, until --budget seconds per cell and path): the two cores are shared with other work, and the
 minimum is the least disturbed run. The load average is printed before and after; rerun when it is high.
 
 `--quality MODEL …` (a GGUF file, or "default" for the embedded model) measures what q8 costs instead: the
@@ -25,7 +25,7 @@ from .formats import Q8_ACTIVATIONS, Q8_FORMATS, block_format, random_blocks
 SHAPES = ((576, 1536), (1536, 576), (576, 49152), (4096, 14336))  # (in K, out N): SmolLM2 up/down/lm-head, 8B up
 
 
-def per_call(fn, budget: float = 0.4, least: int = 3, most: int = 50) -> float:
+def per_call(fn, budget: float = 0.4, least: int = 3, most: int = 500) -> float:
     fn()  # warm: first touch of the weights, the pool's threads
     times, spent = [], 0.0
     while len(times) < least or (spent < budget and len(times) < most):
@@ -43,6 +43,7 @@ def main(argv=None) -> None:
     ap.add_argument("--tokens", default="1,8,64,512")
     ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="KxN,…")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--budget", type=float, default=0.4, help="seconds of repeats per cell and path")
     ap.add_argument("--quality", nargs="+", metavar="MODEL", default=None)
     ap.add_argument("--quality-tokens", type=int, default=4096)
     args = ap.parse_args(argv)
@@ -65,8 +66,8 @@ def main(argv=None) -> None:
                 cells = []
                 for t in tokens:
                     x = torch.randn(t, k, generator=torch.Generator().manual_seed(t))
-                    f32 = per_call(lambda: ext.block_matmul(x, w, fmt.id))
-                    q8 = per_call(lambda: ext.block_matmul(x, w, fmt.id | Q8_ACTIVATIONS))
+                    f32 = per_call(lambda: ext.block_matmul(x, w, fmt.id), args.budget)
+                    q8 = per_call(lambda: ext.block_matmul(x, w, fmt.id | Q8_ACTIVATIONS), args.budget)
                     cells.append(f"{1e3 * f32:8.3f}/{1e3 * q8:<8.3f}{f32 / q8:4.2f}x")
                 print(f"{name:6} {f'{k}→{n}':>11} " + " ".join(f"{c:>22}" for c in cells), flush=True)
     print(f"load average {os.getloadavg()}")
