@@ -82,9 +82,10 @@ def tiny_model(seed: int = 0, model_type: str = "llama", vocab_size: int = 97, s
 
 @pytest.fixture(scope="session")
 def default_engine():
-    """The real default model (SmolLM2-135M-Instruct), loaded once per test session."""
+    """The real default model (SmolLM2-135M-Instruct), loaded once per test session, on the exact fp32-activation
+    path (parity with transformers needs it; tests of the q8 path switch it themselves)."""
     import hasten
-    return hasten.load()
+    return hasten.load(activations="f32")
 
 
 @pytest.fixture(scope="session")

@@ -150,3 +150,23 @@ def test_q8_fused_decode_block_is_bit_identical_to_the_modules(default_engine, m
     assert all(torch.equal(a, b) for a, b in zip(fused, plain))
     assert not any(torch.equal(a, b) for a, b in zip(fused, f32))
     assert all(float((a - b).abs().max()) < 2.0 for a, b in zip(fused, f32))  # close: a quantization, not a bug
+
+
+@pytest.mark.integration
+def test_load_and_the_cli_take_the_activation_path():
+    from click.testing import CliRunner
+
+    from hasten.cli import main
+    from hasten.models import loading
+    from hasten.models.quantized import DEFAULT_Q8, activation_summary
+    with pytest.raises(loading.ModelLoadError, match="--activations int4"):
+        loading.load(activations="int4")
+    assert activation_summary(loading.load(activations="q8").model) == "q8 (Q4_1, Q8_0)"
+    assert activation_summary(loading.load(activations="f32").model) == "f32 (Q4_1, Q8_0)"
+    default = activation_summary(loading.load().model)
+    for t in ("Q4_1", "Q8_0"):
+        part = next(p for p in default.split(" + ") if t in p)
+        assert part.startswith("q8" if t in DEFAULT_Q8 else "f32"), default
+    out = CliRunner().invoke(main, ["models"]).output
+    assert "activations (--activations q8|f32)" in out
+    assert "--activations" in CliRunner().invoke(main, ["speed", "--help"]).output
