@@ -46,10 +46,14 @@ def main(argv=None) -> None:
     ap.add_argument("--budget", type=float, default=0.4, help="seconds of repeats per cell and path")
     ap.add_argument("--quality", nargs="+", metavar="MODEL", default=None)
     ap.add_argument("--quality-tokens", type=int, default=4096)
+    ap.add_argument("--decode", nargs="+", metavar="MODEL", default=None,
+                    help="end to end: greedy decode tokens/s and a 512-token prefill, f32 and q8 in interleaved rounds")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.quality:
         return quality(args.quality, args.quality_tokens)
+    if args.decode:
+        return decode(args.decode)
     ext = cpu.extension()
     tokens = [int(t) for t in args.tokens.split(",")]
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
@@ -72,6 +76,37 @@ def main(argv=None) -> None:
                 print(f"{name:6} {f'{k}→{n}':>11} " + " ".join(f"{c:>22}" for c in cells), flush=True)
     print(f"load average {os.getloadavg()}")
 
+
+
+def decode(models: list[str], rounds: int = 3, tokens: int = 64) -> None:
+    """Per model: prefill of 512 random tokens and greedy decode of `tokens` tokens, f32 and q8 alternating in each
+    round (one process, one set of weights); medians over rounds."""
+    import statistics
+
+    import hasten
+    from ..models.quantized import set_activations
+    print(f"load average {os.getloadavg()}, {torch.get_num_threads()} threads")
+    print(f"{'model':28} {'decode tok/s f32':>16} {'q8':>8} {'ratio':>6} {'prefill tok/s f32':>18} {'q8':>8} {'ratio':>6}")
+    for name in models:
+        engine = hasten.load(None if name == "default" else name)
+        ids = torch.randint(0, 1000, (1, 512), generator=torch.Generator().manual_seed(0))
+        res = {m: {"decode": [], "prefill": []} for m in ("f32", "q8")}
+        for _ in range(rounds + 1):  # the first round warms up
+            for mode in ("f32", "q8"):
+                set_activations(engine.model, mode)
+                with torch.inference_mode():
+                    t0 = time.perf_counter()
+                    engine.model(ids, cache=engine.model.new_cache(600))
+                    res[mode]["prefill"].append(512 / (time.perf_counter() - t0))
+                t0 = time.perf_counter()
+                out = engine.generate("The history of the printing press", max_new_tokens=tokens, chat=False)
+                res[mode]["decode"].append(len(out.token_ids) / (time.perf_counter() - t0))
+        set_activations(engine.model, None)
+        med = {m: {k: statistics.median(v[1:]) for k, v in r.items()} for m, r in res.items()}
+        print(f"{engine.name:28} {med['f32']['decode']:16.1f} {med['q8']['decode']:8.1f} "
+              f"{med['q8']['decode'] / med['f32']['decode']:5.2f}x {med['f32']['prefill']:18.0f} {med['q8']['prefill']:8.0f} "
+              f"{med['q8']['prefill'] / med['f32']['prefill']:5.2f}x", flush=True)
+    print(f"load average {os.getloadavg()}")
 
 
 def quality(models: list[str], tokens: int) -> None:
