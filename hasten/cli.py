@@ -66,6 +66,10 @@ class _Group(click.Group):
 
 
 def model_option(fn):
+    fn = click.option("--activations", type=click.Choice(["q8", "f32"]), default=None, expose_value=False,
+                      callback=lambda ctx, _, value: ctx.meta.__setitem__("hasten.activations", value),
+                      help="block kernels' activations: q8 (int8 per 32 values, integer dot products) or f32 "
+                           "[default: per format, see `hasten models`]")(fn)
     fn = click.option("--quantize", default=None, metavar="TYPE", expose_value=False,
                       callback=lambda ctx, _, value: ctx.meta.__setitem__("hasten.quantize", value),
                       help="a Hugging Face checkpoint's linear layers in this GGUF block format (q8_0, q4_0, q4_1, "
@@ -78,7 +82,8 @@ def model_option(fn):
 def load_engine(model):
     """The engine for --model (and --quantize) of the running command."""
     from .engine import load
-    return load(model, quantize=click.get_current_context().meta.get("hasten.quantize"))
+    meta = click.get_current_context().meta
+    return load(model, quantize=meta.get("hasten.quantize"), activations=meta.get("hasten.activations"))
 
 
 def threads_option(fn):
@@ -440,6 +445,9 @@ def models():
     except ModelLoadError as e:
         click.echo(f"default model: not installed — {e}")
     click.echo(f"kernels: {kernel_description()}; block formats: {', '.join(FORMATS)}")
+    from .models.quantized import DEFAULT_Q8
+    click.echo(f"activations (--activations q8|f32): q8 by default for {', '.join(sorted(DEFAULT_Q8)) or 'no format'}, "
+               f"f32 for the rest")
     root = cache_dir() / "models"
     cached = sorted(p for p in root.glob("*") if (p / "done").exists()) if root.exists() else []
     click.echo(f"cached model metadata in {root} (config and tokenizer; weights stay in their files):" if cached
@@ -482,7 +490,9 @@ def speed(model, prefill, decode, rounds, llama_bench_path, json_path, threads):
                              progress=lambda line: click.echo(line, err=True))
     result["context"] = collect(engine, threads, "speed", 0, decode, rounds)
     size = Path(engine.loaded.source).stat().st_size / 2**20 if Path(engine.loaded.source).is_file() else None
-    click.echo(f"{engine.name} ({engine.loaded.weight_format}), {threads} threads, {result['context']['cpu']}")
+    from .models.quantized import activation_summary
+    click.echo(f"{engine.name} ({engine.loaded.weight_format}, activations {activation_summary(engine.model)}), "
+               f"{threads} threads, {result['context']['cpu']}")
     click.echo(speed_bench.format_table(result, size))
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=1))

@@ -278,10 +278,12 @@ def validate_options(max_new_tokens, temperature, top_k, top_p) -> None:
         raise GenerationError(f"top_k must be ≥ 0 (got {top_k}); 0 turns it off")
 
 
-def load(model: str | None = None, dtype=None, device=None, quantize: str | None = None) -> Engine:
+def load(model: str | None = None, dtype=None, device=None, quantize: str | None = None,
+         activations: str | None = None) -> Engine:
     """Load a model (default: the embedded SmolLM2-135M-Instruct) and return an Engine; `quantize` turns a Hugging
-    Face checkpoint's linear layers into a GGUF block format (cached)."""
-    return Engine(load_model(model, dtype=dtype, device=device, quantize=quantize))
+    Face checkpoint's linear layers into a GGUF block format (cached); `activations` "q8" / "f32" picks the
+    block kernels' activation path (None: each format's default; see models/quantized.py)."""
+    return Engine(load_model(model, dtype=dtype, device=device, quantize=quantize, activations=activations))
 
 
 def _eos_ids(loaded: LoadedModel) -> set[int]:

@@ -151,7 +151,97 @@ void matmul(const float* X, const uint8_t* W, int64_t rb, float* Y, int64_t T, i
   }
 }
 
+// ---- The q8 path (activations="q8", formats/q8.h): activations quantized once per call to int8 per group,
+// then integer dot products with the weights' codes. The same tiling as above; each (row, token) pair gets
+// q8_step over its quads of groups in order, then q8_reduce: the same sequence for every R and TN (and build).
+template <class F>
+inline void q8_weights(const uint8_t* row, int64_t u, int64_t G, Q8W& w, Scales<F>& c) {
+#if defined(HASTEN_AVX512)
+  if constexpr (F::kBlockWeights == 256) {  // a super-block is 2 quads: its scales decoded at the first
+    if ((u & 1) == 0) F::prepare(row, 4 * u, c);
+    F::q8_quad(row, u, c, w);
+  } else {
+    F::q8_quad(row, u, G, w);
+  }
+#else
+  q8_quad_from_groups<F>(row, u, G, w);
+#endif
+}
+
+template <class F>
+inline void q8_step_of(Q8Acc& acc, const Q8W& w, const uint8_t* rec) {
+#if defined(HASTEN_AVX2)
+  q8_step<F::kQ8Kind, (F::kQ8CodeOffset > 64)>(acc, w, rec);  // 8-bit codes: no maddubs (it saturates)
+#else
+  q8_step<F::kQ8Kind>(acc, w, rec);
+#endif
+}
+
+template <class F, int R, int TN>
+inline void q8_tile(const uint8_t* W, int64_t rb, const uint8_t* Xq, int64_t xs, float* Y, int64_t K, int64_t N, int64_t i, int64_t t) {
+  Q8Acc acc[R][TN];
+  for (int r = 0; r < R; ++r)
+    for (int k = 0; k < TN; ++k) acc[r][k] = q8_zero();
+  const int64_t G = K / QK, U = q8_quads(K), rec = q8_record_bytes(F::kQ8Kind);
+  Scales<F> scales[R];
+  for (int64_t u = 0; u < U; ++u) {
+    Q8W w[R];
+    for (int r = 0; r < R; ++r) q8_weights<F>(W + (i + r) * rb, u, G, w[r], scales[r]);
+    for (int k = 0; k < TN; ++k)
+      for (int r = 0; r < R; ++r) q8_step_of<F>(acc[r][k], w[r], Xq + (t + k) * xs + u * rec);
+  }
+  for (int r = 0; r < R; ++r)
+    for (int k = 0; k < TN; ++k) Y[(t + k) * N + i + r] = q8_reduce(acc[r][k]);
+}
+
+template <class F, int R, int TN>
+inline void q8_tokens_rest(const uint8_t* W, int64_t rb, const uint8_t* Xq, int64_t xs, float* Y, int64_t K, int64_t N, int64_t i, int64_t t, int64_t n) {
+  if constexpr (TN > 1) {
+    if (n == TN - 1) return q8_tile<F, R, TN - 1>(W, rb, Xq, xs, Y, K, N, i, t);
+    return q8_tokens_rest<F, R, TN - 1>(W, rb, Xq, xs, Y, K, N, i, t, n);
+  }
+}
+
+template <class F, int R, int TN>
+inline void q8_rows(const uint8_t* W, int64_t rb, const uint8_t* Xq, int64_t xs, float* Y, int64_t K, int64_t N, int64_t i, int64_t t0, int64_t t1) {
+  int64_t t = t0;
+  for (; t + TN <= t1; t += TN) q8_tile<F, R, TN>(W, rb, Xq, xs, Y, K, N, i, t);
+  if (t < t1) q8_tokens_rest<F, R, TN>(W, rb, Xq, xs, Y, K, N, i, t, t1 - t);
+}
+
+#if defined(HASTEN_AVX512)
+constexpr int kQ8RowsSmall = 4, kQ8RowsLarge = 4, kQ8TokensLarge = 4;  // one accumulator per (row, token)
+#else
+constexpr int kQ8RowsSmall = 1, kQ8RowsLarge = 1, kQ8TokensLarge = 2;
+#endif
+
+template <class F>
+void matmul_q8(const float* X, const uint8_t* W, int64_t rb, float* Y, int64_t T, int64_t K, int64_t N) {
+  // Every token quantized once, for all rows and tiles: q8_quads(K) records per token.
+  const int64_t xs = q8_quads(K) * q8_record_bytes(F::kQ8Kind);
+  auto buf = torch::empty({T * xs + 64}, torch::kUInt8);
+  uint8_t* Xq = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(buf.data_ptr<uint8_t>()) + 63) & ~uintptr_t(63));
+  at::parallel_for(0, T, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) quantize_q8(X + t * K, K, F::kQ8CodeOffset, F::kQ8Kind, Xq + t * xs);
+  });
+  for (int64_t t0 = 0; t0 < T; t0 += kTokenChunk) {
+    const int64_t t1 = std::min(T, t0 + kTokenChunk);
+    at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+      int64_t i = begin;
+      if (t1 - t0 <= 2) {
+        for (; i + kQ8RowsSmall <= end; i += kQ8RowsSmall) q8_rows<F, kQ8RowsSmall, 2>(W, rb, Xq, xs, Y, K, N, i, t0, t1);
+      } else {
+        for (; i + kQ8RowsLarge <= end; i += kQ8RowsLarge) q8_rows<F, kQ8RowsLarge, kQ8TokensLarge>(W, rb, Xq, xs, Y, K, N, i, t0, t1);
+      }
+      for (; i < end; ++i) q8_rows<F, 1, kQ8TokensLarge>(W, rb, Xq, xs, Y, K, N, i, t0, t1);
+    });
+  }
+}
+
 enum Format : int64_t { kF32, kF16, kBF16, kQ4_0, kQ4_1, kQ5_0, kQ5_1, kQ8_0, kQ4_K, kQ5_K, kQ6_K };
+// A format id with this bit set asks for the q8 path (formats.py Q8_ACTIVATIONS); formats without one (F32,
+// F16, BF16) ignore it.
+constexpr int64_t kQ8Flag = 256;
 
 template <class Fn>
 auto dispatch(int64_t fmt, Fn&& fn) {
@@ -187,9 +277,12 @@ void check_blocks(const torch::Tensor& w, int64_t K, int64_t fmt) {
 }  // namespace
 
 // x [..., K] f32 (any leading shape, read as T = numel / K rows); w [N, row bytes] u8 in format `fmt` → y [..., N].
+// fmt | kQ8Flag: the q8 path where the format has one.
 torch::Tensor block_matmul(torch::Tensor x, torch::Tensor w, int64_t fmt) {
   TORCH_CHECK(x.dim() >= 1 && x.is_cpu() && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
               "x must be a contiguous f32 CPU tensor [..., K]");
+  const bool q8 = fmt & kQ8Flag;
+  fmt &= ~kQ8Flag;
   const int64_t K = x.size(-1), T = x.numel() / std::max<int64_t>(K, 1), N = w.size(0);
   check_blocks(w, K, fmt);
   auto shape = x.sizes().vec();
@@ -197,7 +290,14 @@ torch::Tensor block_matmul(torch::Tensor x, torch::Tensor w, int64_t fmt) {
   auto y = torch::empty(shape, x.options());
   if (T == 0) return y;
   dispatch(fmt, [&](auto f) {
-    matmul<decltype(f)>(x.data_ptr<float>(), w.data_ptr<uint8_t>(), w.stride(0), y.data_ptr<float>(), T, K, N);
+    using F = decltype(f);
+    if constexpr (HasQ8<F>::value) {
+      if (q8) {
+        matmul_q8<F>(x.data_ptr<float>(), w.data_ptr<uint8_t>(), w.stride(0), y.data_ptr<float>(), T, K, N);
+        return 0;
+      }
+    }
+    matmul<F>(x.data_ptr<float>(), w.data_ptr<uint8_t>(), w.stride(0), y.data_ptr<float>(), T, K, N);
     return 0;
   });
   return y;

@@ -7,6 +7,12 @@ weight is rebuilt in registers exactly as gguf-py's `dequantize` does (formats/c
 dense fp32 matmul over the dequantized weights up to summation order, and that order does not depend on how
 many tokens are scored at once (cpu.cpp): decode, draft trees, prefill chunks and batches agree bit for bit.
 
+The q8 path (activations="q8", the default for the eight formats of formats.Q8_FORMATS; formats/q8.h)
+quantizes each token's activations to int8 per 32 values once per call and takes integer dot products with the
+weights' codes (VNNI vpdpbusd): 1.2-4x faster per call than the fp32 path here, at ~3e-3 nats of KL (BENCHMARKS.md,
+"Quantized activations"). Its integer sums are exact and its fp32 combination fixed, so it keeps the same
+token-count invariance and gives the same bits in every build; `activations="f32"` is the exact path.
+
 Three builds of the same source, one per instruction set: `avx512` (intrinsics, most servers), `avx2` (AVX2 +
 FMA + F16C: most laptops and desktops) and `portable` (plain C++, any CPU the compiler targets). `extension()`
 loads the best one this CPU runs; each is compiled once per machine, torch version and source hash, with

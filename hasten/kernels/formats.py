@@ -33,6 +33,13 @@ FORMATS = {f.name: f for f in (
 )}
 
 
+# The q8 path (kernels/formats/q8.h): block_matmul(x, w, fmt.id | Q8_ACTIVATIONS) quantizes each token's
+# activations to int8 per 32 values and takes integer dot products with the codes of these formats; the others
+# (F32, F16, BF16) ignore the bit and run the fp32 path.
+Q8_ACTIVATIONS = 256
+Q8_FORMATS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
+
+
 class UnsupportedFormatError(ValueError):
     """A tensor type with no kernel; the message names the fix."""
 

@@ -24,7 +24,7 @@ from torch import nn
 from ..kernels.formats import UnsupportedFormatError, block_format
 from .gemma3 import GGUF_NAMES as GEMMA3_GGUF_NAMES
 from .gemma3 import gguf_dense as gemma3_dense
-from .quantized import QuantEmbedding, QuantLinear
+from .quantized import ACTIVATIONS, QuantEmbedding, QuantLinear, set_activations
 from .transformer import SUPPORTED_ARCHITECTURES, ModelConfig, Transformer, UnsupportedModelError
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -64,9 +64,13 @@ def default_gguf_path() -> Path:
 
 
 def load(model: str | os.PathLike | None = None, dtype: torch.dtype | str | None = None,
-         device: str | torch.device | None = None, quantize: str | None = None) -> LoadedModel:
+         device: str | torch.device | None = None, quantize: str | None = None,
+         activations: str | None = None) -> LoadedModel:
     """`quantize` (a GGUF type name, any case): a Hugging Face checkpoint's linear layers and embeddings in that
-    block format, quantized once and cached; GGUF files keep their own types."""
+    block format, quantized once and cached; GGUF files keep their own types. `activations`: "q8" or "f32" for
+    every block-quantized layer, None for each format's default (models/quantized.py set_activations)."""
+    if activations not in (None, *ACTIVATIONS):
+        raise ModelLoadError(f"--activations {activations}: use one of {', '.join(ACTIVATIONS)}")
     device = torch.device(device or "cpu")
     dtype = _parse_dtype(dtype)
     if quantize is not None and (model is None or str(model).endswith(".gguf")):
@@ -90,6 +94,7 @@ def load(model: str | os.PathLike | None = None, dtype: torch.dtype | str | None
                                  "checkpoint directory, a hub id (owner/name), or nothing for the default model")
     if dtype != torch.float32 or device.type != "cpu":
         loaded.model.to(device=device, dtype=dtype)
+    set_activations(loaded.model, activations)
     return loaded
 
 

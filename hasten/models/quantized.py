@@ -15,9 +15,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import cpu as cpu_kernels
-from ..kernels.formats import BlockFormat, block_format
+from ..kernels.formats import Q8_ACTIVATIONS, Q8_FORMATS, BlockFormat, block_format
 
 _NO_BIAS = torch.empty(0)
+
+ACTIVATIONS = ("q8", "f32")
+# Formats whose layers run the q8 path unless told otherwise (activations=None): where it measured faster at
+# every token count (1, 8, 64, 512) and shape, and its quality cost is measured (BENCHMARKS.md, "Quantized
+# activations": ~3e-3 nats mean KL against f32, 96% top-1 agreement on the SmolLM2 files; llama.cpp computes
+# these formats this way always). All eight: `--activations f32` gives the exact fp32 path back.
+DEFAULT_Q8: frozenset[str] = frozenset(Q8_FORMATS)
 
 
 def _dequantize(blocks: torch.Tensor, fmt: BlockFormat, k: int, ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -49,6 +56,20 @@ class QuantLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
         self._ext = cpu_kernels.extension()
         self._id = self.fmt.id
+        self.activations = "f32"
+
+    @property
+    def activations(self) -> str:
+        """"q8": activations quantized to int8 per 32 values and integer dot products (kernels/formats/q8.h), for
+        the formats of Q8_FORMATS; "f32": fp32 activations and FMAs over the exact weights. Both forward and
+        fused_spec (decode_block) follow it; without the C++ kernels the torch path computes f32."""
+        return "q8" if self._id & Q8_ACTIVATIONS else "f32"
+
+    @activations.setter
+    def activations(self, mode: str) -> None:
+        if mode not in ACTIVATIONS:
+            raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, not {mode!r}")
+        self._id = self.fmt.id | (Q8_ACTIVATIONS if mode == "q8" and self.qtype in Q8_FORMATS else 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ext = self._ext
@@ -84,7 +105,9 @@ class QuantLinear(nn.Module):
 
     def rows(self, ids: torch.Tensor) -> "QuantLinear":
         """A layer of the output rows `ids` only (a copy of their blocks): drafting heads over a vocabulary subset."""
-        return QuantLinear(self.qtype, self.blocks[ids].contiguous(), self.in_features)
+        out = QuantLinear(self.qtype, self.blocks[ids].contiguous(), self.in_features)
+        out._id = self._id  # the same activation path as the full layer
+        return out
 
     def fused_spec(self):
         """How decode_block (kernels/cpu.cpp) runs this layer: (tensors, threshold, max tokens, format id)."""
@@ -94,6 +117,26 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.qtype}, in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def set_activations(model: nn.Module, mode: str | None = None) -> str:
+    """Every QuantLinear of `model` on the "q8" or "f32" path; None: each format's default (DEFAULT_Q8).
+    Returns what runs, as activation_summary says it."""
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.activations = mode or ("q8" if m.qtype in DEFAULT_Q8 else "f32")
+        m.__dict__.pop("_fused_cache", None)  # Block._fused() keeps its layers' format ids: make it ask again
+    return activation_summary(model)
+
+
+def activation_summary(model: nn.Module) -> str:
+    """Which activation path the model's block-quantized layers run, e.g. "q8 (Q4_K, Q6_K)", "f32",
+    "q8 (Q4_K) + f32 (Q5_0)"."""
+    kinds: dict[str, set[str]] = {"q8": set(), "f32": set()}
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            kinds[m.activations].add(m.qtype)
+    return " + ".join(f"{k} ({', '.join(sorted(v))})" for k, v in kinds.items() if v) or "f32"
 
 
 class QuantEmbedding(nn.Module):

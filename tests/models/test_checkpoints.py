@@ -64,11 +64,11 @@ def test_a_bf16_directory_runs_from_its_own_dtype_with_transformers_logits(tmp_p
 def test_quantize_on_load_is_cached_and_keeps_qwen2_biases(tmp_path, tokenizer):
     from hasten.models.hf import to_transformers
     save_checkpoint(tmp_path, tokenizer, "qwen2")
-    loaded = loading.load(tmp_path, quantize="q8_0")
+    loaded = loading.load(tmp_path, quantize="q8_0", activations="f32")  # the exact path: transformers parity
     assert {m.qtype for m in loaded.model.modules() if isinstance(m, QuantLinear)} == {"Q8_0"}
     cached = list((loading.cache_dir() / "models").glob(f"{loaded.model_hash}/blocks.safetensors"))
     assert len(cached) == 1
-    again = loading.load(tmp_path, quantize="Q8_0")
+    again = loading.load(tmp_path, quantize="Q8_0", activations="f32")
     assert torch.equal(again.model.layers[1].mlp.up_proj.blocks, loaded.model.layers[1].mlp.up_proj.blocks)
     ids = torch.tensor([[5, 17, 300, 4000, 12, 99, 7, 1000]])
     with torch.inference_mode():

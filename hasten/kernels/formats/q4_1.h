@@ -1,6 +1,6 @@
 // Q4_1: blocks of 32 weights, fp16 scale d and minimum m, then 16 bytes of 4-bit codes; w = d * q + m.
 #pragma once
-#include "common.h"
+#include "q8.h"
 namespace hasten {
 struct Q4_1 {
   static constexpr int kBlockWeights = 32, kBlockBytes = 20;
@@ -19,6 +19,28 @@ struct Q4_1 {
     const __m512i q = bytes16(b + 4);
     lo = _mm512_permutexvar_ps(q, table);
     hi = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), table);
+  }
+#endif
+
+  // q8 path (q8.h): codes c = q, no offset, lane scale d, min m.
+  static constexpr int kQ8Kind = kQ8Min, kQ8CodeOffset = 0;
+  static inline void q8_group(const uint8_t* row, int64_t g, uint8_t* c, float* s, float& m) {
+    const uint8_t* b = row + g * kBlockBytes;
+    for (int j = 0; j < 16; ++j) {
+      c[j] = b[4 + j] & 15;
+      c[j + 16] = b[4 + j] >> 4;
+    }
+    s[0] = s[1] = load_half(b);
+    m = load_half(b + 2);
+  }
+#ifdef HASTEN_AVX512
+  static inline void q8_quad(const uint8_t* row, int64_t u, int64_t G, Q8W& w) {
+    const uint8_t* b[4];
+    __mmask16 live;
+    quad_blocks(row, u, G, kBlockBytes, b, live);
+    nibbles4(b, 4, w.a, w.b);
+    w.s = halves4(b, 0, live);
+    w.m = halves4(b, 2, live);
   }
 #endif
 };

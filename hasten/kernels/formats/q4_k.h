@@ -2,7 +2,7 @@
 // and mins, 128 bytes of 4-bit codes (sub-blocks 2i and 2i+1 share 32 bytes: low and high nibbles);
 // w = (d * sc) * q - (dmin * m).
 #pragma once
-#include "common.h"
+#include "q8.h"
 namespace hasten {
 // A super-block's 8 sub-block scales and mins, decoded once for its 8 groups (the AVX-512 path).
 struct KScales {
@@ -61,6 +61,35 @@ struct Q4_K {
     }
     lo = _mm512_permutexvar_ps(ql, table);
     hi = _mm512_permutexvar_ps(qh, table);
+  }
+#endif
+
+  // q8 path (q8.h): codes c = q, no offset, lane scale d * sc, min -(dmin * m). A pair is sub-blocks 2i, 2i+1:
+  // the low and high nibbles of the same 32 bytes.
+  static constexpr int kQ8Kind = kQ8Min, kQ8CodeOffset = 0;
+  static inline void q8_group(const uint8_t* row, int64_t g, uint8_t* c, float* s, float& m) {
+    const uint8_t* b = row + (g >> 3) * kBlockBytes;
+    const int sb = int(g & 7), shift = (sb & 1) * 4;
+    float scale, min;
+    scale_min(b, sb, scale, min);
+    const uint8_t* q = b + 16 + (sb >> 1) * 32;
+    for (int j = 0; j < 32; ++j) c[j] = (q[j] >> shift) & 15;
+    s[0] = s[1] = scale;
+    m = -min;
+  }
+#ifdef HASTEN_AVX512
+  // Quad u = sub-blocks 4(u&1) .. +3 of super-block u>>1: 64 bytes of codes, [sub-blocks s, s+1 | s+2, s+3] as
+  // [low | high] nibbles of 32 bytes each; A and B pick their 16-byte halves.
+  static inline void q8_quad(const uint8_t* row, int64_t u, const KScales& k, Q8W& w) {
+    const uint8_t* b = row + (u >> 1) * kBlockBytes;
+    const int s = int(4 * (u & 1));
+    const __m512i v = _mm512_loadu_si512(b + 16 + (u & 1) * 64), f = _mm512_set1_epi8(15);
+    const __m512i lo = _mm512_and_si512(v, f), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), f);
+    w.a = _mm512_permutex2var_epi64(lo, _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13), hi);
+    w.b = _mm512_permutex2var_epi64(lo, _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15), hi);
+    const __m512i idx = _mm512_add_epi32(lane_group(), _mm512_set1_epi32(s));
+    w.s = _mm512_permutexvar_ps(idx, _mm512_castps256_ps512(_mm256_loadu_ps(k.scale)));
+    w.m = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_permutexvar_ps(idx, _mm512_castps256_ps512(_mm256_loadu_ps(k.min))));
   }
 #endif
 };

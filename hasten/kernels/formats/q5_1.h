@@ -1,6 +1,6 @@
 // Q5_1: blocks of 32 weights: fp16 d and m, 32 high bits qh, 16 bytes of low nibbles; w = d * q + m.
 #pragma once
-#include "common.h"
+#include "q8.h"
 namespace hasten {
 struct Q5_1 {
   static constexpr int kBlockWeights = 32, kBlockBytes = 24;
@@ -24,6 +24,33 @@ struct Q5_1 {
     const __m512i ihi = _mm512_or_si512(_mm512_srli_epi32(q, 4), _mm512_maskz_mov_epi32(__mmask16(qh >> 16), sixteen));
     lo = _mm512_permutex2var_ps(t0, ilo, t1);
     hi = _mm512_permutex2var_ps(t0, ihi, t1);
+  }
+#endif
+
+  // q8 path (q8.h): codes c = q (5 bits), no offset, lane scale d, min m.
+  static constexpr int kQ8Kind = kQ8Min, kQ8CodeOffset = 0;
+  static inline void q8_group(const uint8_t* row, int64_t g, uint8_t* c, float* s, float& m) {
+    const uint8_t* b = row + g * kBlockBytes;
+    const uint32_t qh = load_u32(b + 4);
+    for (int j = 0; j < 16; ++j) {
+      c[j] = uint8_t((b[8 + j] & 15) | (((qh >> j) & 1) << 4));
+      c[j + 16] = uint8_t((b[8 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4));
+    }
+    s[0] = s[1] = load_half(b);
+    m = load_half(b + 2);
+  }
+#ifdef HASTEN_AVX512
+  static inline void q8_quad(const uint8_t* row, int64_t u, int64_t G, Q8W& w) {
+    const uint8_t* b[4];
+    __mmask16 live;
+    quad_blocks(row, u, G, kBlockBytes, b, live);
+    nibbles4(b, 8, w.a, w.b);
+    __mmask64 ha, hb;
+    high_bits4(b, 4, ha, hb);
+    w.a = _mm512_or_si512(w.a, _mm512_maskz_set1_epi8(ha, 16));
+    w.b = _mm512_or_si512(w.b, _mm512_maskz_set1_epi8(hb, 16));
+    w.s = halves4(b, 0, live);
+    w.m = halves4(b, 2, live);
   }
 #endif
 };

@@ -52,5 +52,43 @@ struct Q6_K {
                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1))));
   }
 #endif
+
+  // q8 path (q8.h): codes c = q (6 bits), offset 32, lane scales d * scale (one per 16 weights: 4 lanes).
+  static constexpr int kQ8Kind = kQ8Split, kQ8CodeOffset = 32;
+  static inline void q8_group(const uint8_t* row, int64_t g, uint8_t* c, float* s, float& m) {
+    const uint8_t* b = row + (g >> 3) * kBlockBytes;
+    const int sb = int(g & 7), h = sb >> 2, shift = ((sb >> 1) & 1) * 4, hshift = (sb & 3) * 2;
+    const uint8_t *ql = b + h * 64 + (sb & 1) * 32, *qh = b + 128 + h * 32;
+    for (int j = 0; j < 32; ++j) c[j] = uint8_t(((ql[j] >> shift) & 15) | (((qh[j] >> hshift) & 3) << 4));
+    const float d = load_half(b + 208);
+    s[0] = d * float(int8_t(b[192 + 2 * sb]));
+    s[1] = d * float(int8_t(b[193 + 2 * sb]));
+    m = 0.f;
+  }
+#ifdef HASTEN_AVX512
+  // Quad u = sub-blocks 4h .. 4h+3 (h = u&1) of super-block u>>1: 64 bytes of ql (sub-blocks +0, +1: low
+  // nibbles of bytes 0-31, 32-63; +2, +3: high nibbles) and 32 of qh (sub-block +j: bits 2j, 2j+1).
+  static inline void q8_quad(const uint8_t* row, int64_t u, const KScales& k, Q8W& w) {
+    const uint8_t* b = row + (u >> 1) * kBlockBytes;
+    const int h = int(u & 1);
+    const __m512i v = _mm512_loadu_si512(b + h * 64), f = _mm512_set1_epi8(15);
+    const __m512i lo = _mm512_and_si512(v, f), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), f);
+    // Sub-block +j's two bits to bits 4..5: 16-bit shifts left by 4, 2, 0 and right by 2 (chunk j); bits that
+    // cross from a neighbouring byte fall outside 0x30.
+    const __m512i left = _mm512_setr_epi32(0x00040004, 0x00040004, 0x00040004, 0x00040004, 0x00020002, 0x00020002,
+                                           0x00020002, 0x00020002, 0, 0, 0, 0, 0, 0, 0, 0);
+    auto high = [&](const uint8_t* q) {
+      const __m512i t = _mm512_sllv_epi16(_mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))), left);
+      return _mm512_and_si512(_mm512_mask_srli_epi16(t, __mmask32(0xff000000u), t, 2), _mm512_set1_epi8(0x30));
+    };
+    const uint8_t* qh = b + 128 + h * 32;
+    w.a = _mm512_or_si512(_mm512_shuffle_i64x2(lo, hi, _MM_SHUFFLE(2, 0, 2, 0)), high(qh));
+    w.b = _mm512_or_si512(_mm512_shuffle_i64x2(lo, hi, _MM_SHUFFLE(3, 1, 3, 1)), high(qh + 16));
+    const __m512i idx = _mm512_add_epi32(_mm512_add_epi32(lane_group(), lane_group()), _mm512_set1_epi32(8 * h));
+    const __m512 sc = _mm512_loadu_ps(k.scale);
+    w.s = _mm512_permutexvar_ps(idx, sc);
+    w.s2 = _mm512_permutexvar_ps(_mm512_add_epi32(idx, _mm512_set1_epi32(1)), sc);
+  }
+#endif
 };
 }  // namespace hasten

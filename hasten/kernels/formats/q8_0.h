@@ -1,6 +1,6 @@
 // Q8_0: blocks of 32 weights, fp16 scale d then 32 int8 codes; w = d * q.
 #pragma once
-#include "common.h"
+#include "q8.h"
 namespace hasten {
 struct Q8_0 {
   static constexpr int kBlockWeights = 32, kBlockBytes = 34;
@@ -18,6 +18,31 @@ struct Q8_0 {
     };
     lo = _mm512_mul_ps(d, codes(b + 2));
     hi = _mm512_mul_ps(d, codes(b + 18));
+  }
+#endif
+
+  // q8 path (q8.h): unsigned codes c = q + 128 (q ^ 0x80), offset 128, lane scale d.
+  static constexpr int kQ8Kind = kQ8Offset, kQ8CodeOffset = 128;
+  static inline void q8_group(const uint8_t* row, int64_t g, uint8_t* c, float* s, float& m) {
+    const uint8_t* b = row + g * kBlockBytes;
+    for (int j = 0; j < 32; ++j) c[j] = b[2 + j] ^ 0x80;
+    s[0] = s[1] = load_half(b);
+    m = 0.f;
+  }
+#ifdef HASTEN_AVX512
+  // Blocks 0,1 and 2,3 in one register each, then A = their first 16 codes, B = their last 16.
+  static inline void q8_quad(const uint8_t* row, int64_t u, int64_t G, Q8W& w) {
+    const uint8_t* b[4];
+    __mmask16 live;
+    quad_blocks(row, u, G, kBlockBytes, b, live);
+    auto two = [](const uint8_t* p, const uint8_t* q) {
+      return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 2))),
+                                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 2)), 1);
+    };
+    const __m512i z01 = two(b[0], b[1]), z23 = two(b[2], b[3]), flip = _mm512_set1_epi8(char(0x80));
+    w.a = _mm512_xor_si512(_mm512_shuffle_i64x2(z01, z23, _MM_SHUFFLE(2, 0, 2, 0)), flip);
+    w.b = _mm512_xor_si512(_mm512_shuffle_i64x2(z01, z23, _MM_SHUFFLE(3, 1, 3, 1)), flip);
+    w.s = halves4(b, 0, live);
   }
 #endif
 };
