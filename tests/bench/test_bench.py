@@ -56,8 +56,11 @@ def test_bench_end_to_end(tmp_path):
     questions.write_text("\n".join(json.dumps({"question_id": i, "category": c, "turns": [t]}) for i, c, t in [
         (1, "qa", "What is the capital of Italy?"), (2, "math", "What is 12 times 12?")]))
     out = tmp_path / "r.json"
+    # the exact fp32-activation path: there the transformers peer must give baseline's tokens too (q8, the
+    # default, is compared with fp32 in BENCHMARKS.md)
     result = CliRunner().invoke(main, ["bench", "--questions", str(questions), "--max-new-tokens", "8", "--rounds", "1",
-                                       "--methods", "baseline,hf,prompt-lookup", "--json", str(out)])
+                                       "--activations", "f32", "--methods", "baseline,hf,prompt-lookup",
+                                       "--json", str(out)])
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     for key in ("cpu", "threads", "model_hash", "torch", "git_commit", "max_new_tokens"):

@@ -64,12 +64,13 @@ def test_every_configuration_auto_can_pick_is_greedy_identical(steady_engine, ex
                 undrafted.append(method)
     # Layer-skip's calibration finds no skip set that pays on this cost table for a 30-layer 135M model, so it
     # keeps every layer and its controller never drafts (a draft would cost a target pass): identity is all it
-    # can show here, and its `prompt-lookup|layer-skip` form drafts through prompt lookup. The sparsest sparse
-    # drafts (TEAL at 65%, CATS) have their first draft on this prompt rejected; each request's controller then
-    # backs off for the rest of a 32-token answer (fixed-size sparse drafts are shown accepted in
-    # tests/sparsity/test_methods.py). Every other configuration must have drafts accepted.
+    # can show here, and its `prompt-lookup|layer-skip` form drafts through prompt lookup. A sparse draft whose
+    # first draft on this prompt is rejected backs off for the rest of a 32-token answer (each request's
+    # controller starts from the prior; which ones are rejected depends on the activation path), so sparse
+    # drafts may show identity only here; fixed-size sparse drafts are shown accepted in
+    # tests/sparsity/test_methods.py. Every other configuration must have drafts accepted.
     skip_all = steady_engine.drafter("layer-skip")
-    may_not_draft = {"sparse-draft:0.65", "sparse-draft:0.5,method=cats"}
+    may_not_draft = {m for m in space if m.startswith("sparse-draft")}
     if len(skip_all.layers) == steady_engine.model.config.num_layers:
         may_not_draft.add("layer-skip")
     assert set(undrafted) <= may_not_draft and len(undrafted) < len(space) // 4, undrafted
