@@ -79,7 +79,14 @@ async def one(client, model: str, prompt: str, max_tokens: int, stream: bool, ex
 async def level(url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int, stream: bool,
                 extra: dict, timeout: float) -> tuple[list[Answer], float]:
     import openai
-    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=timeout)
+    import importlib
+    # a new connection per request: llama-server (cpp-httplib) closes a kept-alive connection after a few
+    # requests, and a request sent on it as it closes fails with "Server disconnected"; loopback connects are cheap.
+    # Limits come from the HTTP package the installed openai client is built on (httpx, or its fork httpx2).
+    limits = importlib.import_module(openai.DefaultAsyncHttpxClient.__mro__[1].__module__.split(".")[0]).Limits
+    http = openai.DefaultAsyncHttpxClient(limits=limits(max_keepalive_connections=0), timeout=timeout)
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=timeout,
+                                http_client=http)
     gate = asyncio.Semaphore(concurrency)
 
     async def bounded(p):
