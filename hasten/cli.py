@@ -288,18 +288,34 @@ def _read_result(path: str) -> dict:
                    "running streams keep flowing; drafts shrink as the batch fills it")
 @click.option("--prefix-cache-mb", type=click.FloatRange(min=0), default=256, show_default=True,
               help="MiB of KV kept for reuse by prompts sharing a prefix (a system prompt, an earlier turn); 0: off")
+@click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
+              help="above 1: that many replicas behind Ray Serve's router on a local Ray instance (the `ray` extra), "
+                   "each with --threads threads [default 1 there]")
 @corpus_option
 @threads_option
 @user_errors
-def serve(model, method, host, port, queue_size, max_batch, step_tokens, prefix_cache_mb, corpus, threads):
+def serve(model, method, host, port, queue_size, max_batch, step_tokens, prefix_cache_mb, replicas, corpus, threads):
     """Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models) and a chat page at /."""
     import uvicorn
 
     from . import methods as registry
     from .serve.app import create_app
     registry.parse(method)
-    set_threads(threads)
     check_corpus(corpus)  # a bad path fails before seconds of loading
+    if replicas > 1:
+        from .serve import ray_serve
+        meta = click.get_current_context().meta
+        options = ray_serve.ReplicaOptions(model, method, queue_size, max_batch, step_tokens, prefix_cache_mb,
+                                           threads or 1, corpus, meta.get("hasten.quantize"),
+                                           meta.get("hasten.activations"))
+        try:
+            ray_serve.require_ray()
+        except RuntimeError as e:
+            raise UsageError(str(e)) from None
+        ray_serve.run(options, replicas, host, port, ready=lambda: click.echo(
+            f"hasten: serving with {method} on {replicas} Ray Serve replicas at http://{host}:{port}", err=True))
+        return
+    set_threads(threads)
     engine = load_engine(model)
     use_corpus(engine, corpus)
     engine.drafter(method)  # build (and calibrate) the default method before taking requests

@@ -101,25 +101,55 @@ async def level(url: str, model: str, prompts: list[str], concurrency: int, max_
 
 
 def measure(server: str, url: str, model: str, prompts: list[str], levels: list[int], max_tokens: int,
-            extra: dict, timeout: float, repeat: bool) -> list[Row]:
-    rows, solo = [], None
-    plan = [(c, True, f"stream x{c}") for c in levels] + [(max(levels), False, f"no stream x{max(levels)}")]
+            extra: dict, timeout: float, repeat: bool) -> tuple[list[Row], list[str]]:
+    """→ (a row per pass, the solo answers). Every pass sends all prompts. With `repeat`, the first pass (at the highest level) is the cold one — the
+    server sees these prompts for the first time — and the last repeats it on a warm prefix cache; the passes
+    between see a warm cache too, so measure batching alone with the cache off. Answers are compared with the
+    concurrency-1 streamed pass (the solo answers)."""
+    top = max(levels)
+    plan = [(c, True, f"stream x{c}") for c in sorted(set(levels) | {1})] + [(top, False, f"no stream x{top}")]
     if repeat:
-        plan.append((max(levels), True, f"repeated x{max(levels)}"))
-    if 1 not in levels:
-        plan.insert(0, (1, True, "stream x1"))
+        plan = [(top, True, f"cold x{top}")] + plan + [(top, True, f"repeated x{top}")]
+    results = []
     for concurrency, stream, label in plan:
         answers, seconds = asyncio.run(level(url, model, prompts, concurrency, max_tokens, stream, extra, timeout))
-        if solo is None:
-            solo = [a.text for a in answers]
-        ttfts = [a.ttft for a in answers]
-        gaps = [g for a in answers for g in a.gaps]
-        rows.append(Row(server, label, concurrency, sum(a.tokens for a in answers) / seconds,
-                        statistics.median(ttfts), percentile(ttfts, 0.99),
-                        statistics.median(gaps) if gaps else 0.0, percentile(gaps, 0.99),
-                        sum(a.text == s for a, s in zip(answers, solo)), len(answers)))
-        print(format_row(rows[-1]), file=sys.stderr, flush=True)
-    return rows
+        results.append((concurrency, label, answers, seconds))
+        print(f"{server} {label}: {sum(a.tokens for a in answers) / seconds:.1f} tokens/s", file=sys.stderr,
+              flush=True)
+    solo = next(a for c, label, a, _ in results if label == "stream x1")
+    rows = [row(server, label, concurrency, answers, seconds, solo) for concurrency, label, answers, seconds in results]
+    return rows, [a.text for a in solo]
+
+
+def row(server: str, label: str, concurrency: int, answers: list[Answer], seconds: float, solo: list[Answer]) -> Row:
+    ttfts = [a.ttft for a in answers]
+    gaps = [g for a in answers for g in a.gaps]
+    return Row(server, label, concurrency, sum(a.tokens for a in answers) / seconds, statistics.median(ttfts),
+               percentile(ttfts, 0.99), statistics.median(gaps) if gaps else 0.0, percentile(gaps, 0.99),
+               sum(a.text == s.text for a, s in zip(answers, solo)), len(answers))
+
+
+def engine_row(model, prompts: list[str], max_tokens: int, method: str, threads: int | None,
+               solo: list[str]) -> Row:
+    """hasten's engine called back to back on the same chats in this process (no server, no HTTP): the figure a
+    one-stream server is held to; its answers are compared with the server's solo answers. `model`: a path (None:
+    the default model) or a loaded Engine."""
+    import torch
+
+    import hasten
+    if threads:
+        torch.set_num_threads(threads)
+    engine = model if isinstance(model, hasten.Engine) else hasten.load(model)
+    engine.generate([{"role": "user", "content": prompts[0]}], max_new_tokens=8, method=method)  # warm-up
+    answers, t0 = [], time.perf_counter()
+    for p in prompts:
+        t = time.perf_counter()
+        r = engine.generate([{"role": "user", "content": p}], max_new_tokens=max_tokens, method=method)
+        answers.append(Answer(r.text, r.tokens, time.perf_counter() - t))
+    seconds = time.perf_counter() - t0
+    return Row("hasten engine", "in-process x1", 1, sum(a.tokens for a in answers) / seconds,
+               statistics.median(a.ttft for a in answers), percentile([a.ttft for a in answers], 0.99), 0.0, 0.0,
+               sum(a.text == t for a, t in zip(answers, solo)), len(answers))
 
 
 def format_row(r: Row) -> str:
@@ -166,18 +196,34 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def short_chats(count: int) -> list[str]:
+DOC_CHARS = 2800  # "docs": a held-out document cut to about 700 tokens, then a question about it
+
+
+def chats(count: int, workload: str = "short") -> list[str]:
+    """`count` prompts: "short" = the first 160 characters of each suite prompt, "full" = whole suite prompts,
+    "docs" = a held-out document of the installed corpus (about 700 tokens) and a request to summarize it — the
+    prefill-heavy workload (RAG, summaries) that a prefix cache is for."""
+    if workload == "docs":
+        from ..sparsity import corpus
+        texts = [t for t in corpus.load().texts("heldout") if len(t) >= DOC_CHARS][:count]
+        if len(texts) < count:
+            raise ValueError(f"the corpus has {len(texts)} held-out documents of {DOC_CHARS} characters; "
+                             f"ask for at most that many prompts")
+        cut = [t[:t.rfind("\n", 0, DOC_CHARS)] if "\n" in t[:DOC_CHARS] else t[:DOC_CHARS] for t in texts]
+        return [c.strip() + "\n\nSummarize the text above in three sentences." for c in cut]
     from .suite import load_questions
-    questions = load_questions()
-    return [q.prompt[:SHORT_CHARS] for q in questions[:count]]
+    questions = load_questions()[:count]
+    return [q.prompt[:SHORT_CHARS] if workload == "short" else q.prompt for q in questions]
 
 
 def run(model: str | None, url: str | None, method: str, levels: list[int], prompts: int, max_tokens: int,
         max_batch: int, step_tokens: int, prefix_cache_mb: float, threads: int | None, llama_server: str | None,
-        gguf: str | None, timeout: float, repeat: bool = True) -> list[Row]:
+        gguf: str | None, timeout: float, repeat: bool = True, workload: str = "short",
+        engine: bool = False) -> list[Row]:
     """Run the load test against hasten serve (started here unless `url`) and, with `llama_server`, against
-    llama-server on `gguf`; print the table and a JSON line; return the rows."""
-    chats = short_chats(prompts)
+    llama-server on `gguf`; with `engine`, hasten's engine in this process on the same chats too; print the
+    table and a JSON line; return the rows."""
+    texts = chats(prompts, workload)
     rows, procs = [], []
     try:
         if url is None:
@@ -190,7 +236,11 @@ def run(model: str | None, url: str | None, method: str, levels: list[int], prom
             procs.append(start(cmd, url, "/tmp/hasten-load-serve.log"))
         import httpx
         name = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
-        rows += measure("hasten", url, name, chats, levels, max_tokens, {}, timeout, repeat)
+        hasten_rows, solo = measure("hasten", url, name, texts, levels, max_tokens, {}, timeout, repeat)
+        rows += hasten_rows
+        if engine:
+            rows.append(engine_row(model, texts, max_tokens, method, threads, solo))
+            print(format_row(rows[-1]), file=sys.stderr, flush=True)
         if llama_server:
             if not gguf:
                 raise ValueError("--llama-server needs --gguf FILE, the model file it serves")
@@ -201,7 +251,7 @@ def run(model: str | None, url: str | None, method: str, levels: list[int], prom
             procs.append(start(cmd, lurl, "/tmp/hasten-load-llama-server.log"))
             # llama-server's prompt cache off when hasten's is: the same work for both
             extra = {} if prefix_cache_mb > 0 else {"cache_prompt": False}
-            rows += measure("llama-server", lurl, "model", chats, levels, max_tokens, extra, timeout, repeat)
+            rows += measure("llama-server", lurl, "model", texts, levels, max_tokens, extra, timeout, repeat)[0]
     finally:
         for proc in procs:
             stop(proc)
@@ -226,7 +276,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--llama-server", default=None, help="path of a llama-server binary to measure beside hasten")
     p.add_argument("--gguf", default=None, help="the GGUF file llama-server serves (hasten's --model should match)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds each pass may take at most")
-    p.add_argument("--no-repeat", action="store_true", help="skip the repeated (warm prefix cache) pass")
+    p.add_argument("--no-repeat", action="store_true",
+                   help="skip the cold and repeated passes (the prefix cache's gain on prompts seen before)")
+    p.add_argument("--workload", choices=("short", "full", "docs"), default="short",
+                   help="short chats (first 160 characters of each suite prompt), full suite prompts, or held-out "
+                        "documents of ~700 tokens to summarize (prefill-heavy: what a prefix cache is for)")
+    p.add_argument("--engine", action="store_true",
+                   help="also time hasten's engine in this process on the same chats, one after another")
     a = p.parse_args(argv)
     try:
         levels = sorted({int(x) for x in a.levels.split(",") if x.strip()})
@@ -235,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     if not levels or min(levels) < 1 or a.prompts < 1:
         p.error("--levels must be ≥ 1 and --prompts ≥ 1")
     run(a.model, a.url, a.method, levels, a.prompts, a.max_tokens, a.max_batch, a.step_tokens, a.prefix_cache_mb,
-        a.threads, a.llama_server, a.gguf, a.timeout, not a.no_repeat)
+        a.threads, a.llama_server, a.gguf, a.timeout, not a.no_repeat, a.workload, a.engine)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 import uuid
 from pathlib import Path
@@ -67,7 +68,8 @@ def create_app(engine, method: str = "baseline", queue_size: int = 16, max_batch
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": engine.name, "waiting": metrics.waiting, "running": metrics.running}
+        return {"status": "ok", "model": engine.name, "waiting": metrics.waiting, "running": metrics.running,
+                "pid": os.getpid()}  # which process answered: replicas behind a router differ
 
     @app.get("/metrics")
     async def prometheus():
@@ -285,7 +287,8 @@ def _usage(result) -> dict:
 def _stats(result, job: Job | None = None) -> dict:
     s = result.stats()
     out = {"method": s["method"], "mean_accepted": s["mean_accepted"], "tokens_per_s": s["tokens_per_s"],
-           "target_passes": s["target_passes"], "draft_share": s["draft_share"]}
+           "target_passes": s["target_passes"], "draft_share": s["draft_share"],
+           "pid": os.getpid()}  # the process that answered: replicas behind a router differ
     if job is not None:
         out["queue_s"] = round(job.queue_seconds or 0.0, 4)
         out["time_to_first_token_s"] = round(job.ttft_seconds or 0.0, 4)

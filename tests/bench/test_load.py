@@ -12,10 +12,22 @@ pytest.importorskip("uvicorn")
 def test_load_test_rows_check_every_answer_against_its_solo_answer(default_engine, capsys):
     from tests.serve.test_serving import serving
     with serving(default_engine, queue_size=8, max_batch=4, step_tokens=64) as (url, _):
-        rows = load.measure("hasten", url, default_engine.name, load.short_chats(4), [1, 4], 8, {}, 300, True)
-    assert [r.label for r in rows] == ["stream x1", "stream x4", "no stream x4", "repeated x4"]
+        rows, solo = load.measure("hasten", url, default_engine.name, load.chats(4), [1, 4], 8, {}, 300, True)
+    assert [r.label for r in rows] == ["cold x4", "stream x1", "stream x4", "no stream x4", "repeated x4"]
     assert all(r.equal == r.total == 4 and r.tokens_per_s > 0 and r.ttft_p50 > 0 for r in rows)
-    assert load.table(rows).count("| hasten |") == 4
+    assert load.table(rows).count("| hasten |") == 5
+    assert len(solo) == 4 and all(solo)
+    # the server's solo answers are the engine's own
+    engine = load.engine_row(default_engine, load.chats(4), 8, "baseline", None, solo)
+    assert engine.equal == engine.total == 4
+
+
+def test_full_prompts_are_the_whole_prompts():
+    short, full = load.chats(18, "short"), load.chats(18, "full")
+    assert all(len(s) <= load.SHORT_CHARS and f.startswith(s) for s, f in zip(short, full))
+    assert max(map(len, full)) > load.SHORT_CHARS
+    docs = load.chats(4, "docs")
+    assert len(set(docs)) == 4 and all(1000 < len(d) <= load.DOC_CHARS + 60 for d in docs)
 
 
 def test_percentile():
