@@ -123,6 +123,25 @@ class Engine:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
+    def grammar(self, response_format: dict | None):
+        """A fresh grammar state for one generation (None for no constraint / {"type": "text"}); the grammar
+        library's view of the tokenizer is built once per engine. Bad formats raise GenerationError."""
+        if response_format is None or (isinstance(response_format, dict) and response_format.get("type") == "text"):
+            return None
+        from .decoding.grammar import Grammar, GrammarError, compile_grammar
+        try:
+            import llguidance.hf
+        except ImportError:
+            raise GenerationError("structured output needs llguidance: pip install llguidance") from None
+        try:
+            text = compile_grammar(response_format)
+            if getattr(self, "_grammar_tokenizer", None) is None:
+                self._grammar_tokenizer = llguidance.hf.from_tokenizer(
+                    self.tokenizer, n_vocab=self.model.config.vocab_size, eos_token=sorted(self.eos_ids))
+            return Grammar(self._grammar_tokenizer, text, self.model.config.vocab_size)
+        except GrammarError as e:
+            raise GenerationError(str(e)) from None
+
     def drafter(self, method: str):
         if method not in self._drafters:
             self._drafters[method] = methods.build(method, self)
@@ -142,14 +161,17 @@ class Engine:
     def run(self, prompt: str | Messages | list[int], max_new_tokens: int = 256, method: str = "baseline",
             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
             stop: Sequence[str] | None = None, chat: bool | None = None, logprobs: int | None = None,
-            batch: Scheduler | None = None) -> Generation:
+            batch: Scheduler | None = None, response_format: dict | None = None) -> Generation:
         """Validate everything up front (errors raise here, before any token), then decode lazily.
 
         logprobs=k attaches to every token its log-probability and the k most likely tokens, from the logits the
         target scored it with (raw, before temperature/top-k/top-p), so they do not depend on the method.
         batch: a scheduler (`Engine.scheduler`) that steps this generation together with others; whoever runs
         `batch.step()` drives them, and the generation yields IDLE while its sequence waits. Without it the
-        generation is a scheduler of one, stepped as it is iterated."""
+        generation is a scheduler of one, stepped as it is iterated.
+        response_format: structured output, as OpenAI's ({"type": "json_object"}, {"type": "json_schema",
+        "json_schema": {"schema": ...}}; also {"type": "regex", "regex": ...}, {"type": "lark", "lark": ...}):
+        every token is chosen among those the grammar allows (decoding/grammar.py); {"type": "text"}: none."""
         validate_options(max_new_tokens, temperature, top_k, top_p)
         if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int) or logprobs < 0):
             raise GenerationError(f"logprobs must be an integer ≥ 0 or None (got {logprobs!r})")
@@ -160,6 +182,7 @@ class Engine:
         if len(ids) >= context:
             raise GenerationError(f"the prompt has {len(ids)} tokens but {self.name}'s context is {context}; "
                                   "shorten the prompt")
+        grammar = self.grammar(response_format)
         drafter = fork(self.drafter(method))  # this sequence's own draft state; learned tables stay shared
         sampling = SamplingConfig(float(temperature), int(top_k), float(top_p), seed)
         stops = [s for s in (stop or []) if s]
@@ -171,7 +194,7 @@ class Engine:
             cache = self._cache
         else:
             cache = batch.cache(target, needed)
-        seq = Seq(target, ids, drafter, sampling, max_new_tokens, self.eos_ids, cache)
+        seq = Seq(target, ids, drafter, sampling, max_new_tokens, self.eos_ids, cache, grammar=grammar)
         steps = (batch or Scheduler()).steps(seq, pump=batch is None)
         return Generation(self._chunks(seq, steps, method, stops, logprobs))
 

@@ -21,6 +21,7 @@ from ..models.kv_cache import ContextOverflowError, KVCache, Segment
 from ..models.transformer import Transformer
 from .controller import DraftSizeController, StepCost
 from .drafters.base import DecodeState, Drafter
+from .grammar import Grammar, constrain
 from .sampling import SamplingConfig, probabilities, sample
 from .tree import Draft, depths, flatten, path_tokens
 from .verify import Verifier, verifier_for
@@ -67,7 +68,7 @@ class Sequence:
 
     def __init__(self, model: Transformer, prompt: list[int], drafter: Drafter, sampling: SamplingConfig,
                  max_new_tokens: int, eos_ids: set[int], cache: KVCache | None = None,
-                 verifier: Verifier | None = None, stats: DecodeStats | None = None):
+                 verifier: Verifier | None = None, stats: DecodeStats | None = None, grammar: Grammar | None = None):
         context = model.config.max_position_embeddings
         if len(prompt) >= context:
             raise ContextOverflowError(f"the prompt has {len(prompt)} tokens but the model's context is {context}; "
@@ -88,6 +89,8 @@ class Sequence:
         self.wants_hidden = getattr(drafter, "wants_hidden", False)
         # How often this sequence's drafts are accepted, depth by depth: what the scheduler weighs its nodes by.
         self.acceptance = DraftSizeController(StepCost.default(), 0, prior=0.5)
+        self.grammar = grammar  # structured output: every emitted token keeps it valid (grammar.py)
+        self.masks: torch.Tensor | None = None  # [1+n, V]: the grammar's allowed tokens per row of this step
         self.state: DecodeState | None = None  # set once the prompt is scored
         self.out: deque[Step] = deque()
         self.finished = False
@@ -121,11 +124,16 @@ class Sequence:
         draft = self.drafter.propose(state) if state.budget > 0 else None
         self.stats.draft_seconds += time.perf_counter() - t0
         draft = draft if draft is not None else Draft()
-        return truncate(draft, state.budget) if len(draft) > state.budget else draft
+        draft = truncate(draft, state.budget) if len(draft) > state.budget else draft
+        if self.grammar is not None:  # nodes the grammar forbids could never be accepted
+            draft = self.grammar.prune(draft)
+        return draft
 
     def decode(self, draft: Draft) -> Work:
         start = self.cache.length
         tokens, positions, mask = flatten(self.state.tokens[-1], draft, start, self.model.device)
+        if self.grammar is not None:  # the draft as the scheduler trimmed it
+            self.masks = self.grammar.masks(draft)
         return Work(tokens.tolist(), positions, [Segment(self.cache, start, len(tokens), mask)],
                     list(range(len(tokens))), draft)
 
@@ -137,7 +145,8 @@ class Sequence:
                 self._first(logits, hidden)
             return
         draft, start, stats = work.draft, self.cache.length, self.stats
-        path, bonus = self.verifier.verify(logits, draft, self.sampling, self.generator)
+        scored = constrain(logits, self.masks) if self.grammar is not None else logits  # p under the grammar
+        path, bonus = self.verifier.verify(scored, draft, self.sampling, self.generator)
         if len(draft):
             keep = torch.tensor([0] + path, device=self.model.device)
             self.cache.keep(start, keep)
@@ -148,6 +157,8 @@ class Sequence:
             kept, self.state.hidden = logits, hidden
         stats.target_passes += 1
         emitted = path_tokens(draft, path) + [bonus]
+        if self.grammar is not None:
+            self.grammar.commit(emitted)
         sources = [(draft.sources[i - 1] if draft.sources else self.drafter.name) for i in path] + ["target"]
         t0 = time.perf_counter()
         if len(draft) and hasattr(self.drafter, "observe"):  # drafters that learn from every scored node (Jacobi)
@@ -170,8 +181,10 @@ class Sequence:
     def _first(self, logits, hidden) -> None:
         """The prompt is scored: the first token comes from its last row; the drafter starts."""
         sampling = self.sampling
-        first = int(logits[-1].argmax()) if sampling.greedy else sample(probabilities(logits[-1], sampling),
-                                                                        self.generator)
+        last = logits[-1] if self.grammar is None else constrain(logits[-1:], self.grammar.allowed()[None])[0]
+        first = int(last.argmax()) if sampling.greedy else sample(probabilities(last, sampling), self.generator)
+        if self.grammar is not None:
+            self.grammar.commit([first])
         self.state = DecodeState(list(self.prompt), len(self.prompt), sampling, self.generator, budget=0,
                                  hidden=hidden if self.wants_hidden else None)
         self.stats.target_passes += 1
@@ -196,11 +209,11 @@ class Sequence:
 
 def decode(model: Transformer, prompt: list[int], drafter: Drafter, sampling: SamplingConfig,
            max_new_tokens: int, eos_ids: set[int], stats: DecodeStats, cache=None,
-           verifier: Verifier | None = None) -> Iterator[Step]:
+           verifier: Verifier | None = None, grammar: Grammar | None = None) -> Iterator[Step]:
     """Yield the emitted tokens step by step; `stats` is filled in as it goes. Closing the generator stops it.
     This is the scheduler with one sequence."""
     from .scheduler import Scheduler
-    seq = Sequence(model, prompt, drafter, sampling, max_new_tokens, eos_ids, cache, verifier, stats)
+    seq = Sequence(model, prompt, drafter, sampling, max_new_tokens, eos_ids, cache, verifier, stats, grammar)
     yield from Scheduler().steps(seq)
 
 

@@ -113,13 +113,19 @@ def create_app(engine, method: str = "baseline", queue_size: int = 16, max_batch
         except Exception as e:  # the chat template refused the messages (jinja raises its own errors)
             raise APIError(400, f"messages: the model's chat template cannot format them ({_first_line(e)})",
                            param="messages", code="invalid_value") from None
+        if req.response_format is not None and req.response_format.get("type") != "text":
+            from ..decoding.grammar import GrammarError, compile_grammar
+            try:  # a bad schema is this request's 400, before it is queued
+                compile_grammar(req.response_format)
+            except GrammarError as e:
+                raise APIError(400, str(e), param="response_format", code="invalid_value") from None
         if len(ids) >= context:
             raise APIError(400, f"the prompt has {len(ids)} tokens but the model's context is {context}; "
                            "shorten the prompt", param="messages" if chat else "prompt", code="context_length_exceeded")
         stop = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
         kwargs = dict(prompt=list(ids), max_new_tokens=limit or context - len(ids), method=name,
                       temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, seed=req.seed, stop=stop,
-                      logprobs=logprobs)
+                      logprobs=logprobs, response_format=req.response_format)
         job = Job(kwargs, asyncio.get_running_loop(), prompt_logprobs=logprobs if echo and logprobs is not None else None)
         worker.submit(job)
         watcher = asyncio.ensure_future(_watch_disconnect(request, job))

@@ -1,7 +1,7 @@
 """The request shapes of the OpenAI API that hasten honours, and a 400 naming every field it does not.
 
 Clients send many optional fields. A field hasten would ignore is refused (400, naming it) unless it is null or
-has the value that means "off" (`presence_penalty: 0`, `tools: []`, `response_format: {"type": "text"}`, …), so
+has the value that means "off" (`presence_penalty: 0`, `tools: []`, `tool_choice: "none"`, …), so
 a client never gets a 200 that silently dropped what it asked for.
 """
 from __future__ import annotations
@@ -40,6 +40,8 @@ class _Common(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None  # identifies the end user to the provider; changes no output
     method: str | None = None  # hasten: decoding method for this request (default: the server's --method)
+    # structured output: {"type": "json_object" | "json_schema" | "text"} as OpenAI's (regex/lark: hasten's own)
+    response_format: dict | None = None
 
 
 class Message(BaseModel):
@@ -64,12 +66,11 @@ class CompletionRequest(_Common):
 # A field outside the models above is accepted only when it asks for nothing: null or its "off" value.
 _OFF = {"presence_penalty": [0], "frequency_penalty": [0], "repetition_penalty": [1], "logit_bias": [{}],
         "tools": [[]], "functions": [[]], "tool_choice": ["none"], "function_call": ["none"],
-        "response_format": [{"type": "text"}], "best_of": [1], "suffix": [""], "modalities": [["text"]],
+        "best_of": [1], "suffix": [""], "modalities": [["text"]],
         "store": [False], "min_p": [0], "min_tokens": [0]}
 _WHY = {"tools": "tool calling is not supported", "functions": "function calling is not supported",
         "tool_choice": "tool calling is not supported", "function_call": "function calling is not supported",
         "parallel_tool_calls": "tool calling is not supported",
-        "response_format": "structured output (JSON mode / JSON schema) is not supported",
         "logit_bias": "logit biases are not applied", "best_of": "hasten returns one sequence per request",
         "presence_penalty": "penalties are not applied", "frequency_penalty": "penalties are not applied",
         "repetition_penalty": "penalties are not applied"}

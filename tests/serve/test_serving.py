@@ -146,7 +146,9 @@ def sse(response) -> list:
 @pytest.mark.parametrize("path,extra,field", [
     ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
     ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice"),
-    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", {"response_format": {"type": "xml"}}, "response_format"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "foo"}}}},
+     "response_format"),
     ("/v1/chat/completions", {"functions": [{"name": "f", "parameters": {}}]}, "functions"),
     ("/v1/chat/completions", {"logit_bias": {"42": 5}}, "logit_bias"),
     ("/v1/chat/completions", {"presence_penalty": 0.5}, "presence_penalty"),
@@ -408,3 +410,25 @@ def test_a_new_method_is_built_off_the_event_loop_and_not_beside_a_generation(ur
         release.set()
         registry._REGISTRY.pop("probe-slow-build", None)
         probe._engine._drafters.pop("probe-slow-build", None)
+
+
+def test_response_format_json_schema_streamed_or_not_is_valid_json(url):
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": schema}}
+    whole = chat(url, "Give a person as JSON.", max_tokens=120, response_format=fmt)
+    assert whole.status_code == 200, whole.text
+    assert whole.json()["choices"][0]["finish_reason"] == "stop"
+    text = whole.json()["choices"][0]["message"]["content"]
+    value = json.loads(text)
+    assert isinstance(value["name"], str) and isinstance(value["age"], int)
+    body = {"messages": [{"role": "user", "content": "Give a person as JSON."}], "temperature": 0, "max_tokens": 120,
+            "response_format": fmt, "stream": True}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=300) as r:
+        events = sse(r)
+    streamed = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e != "[DONE]" and e["choices"])
+    assert streamed == text
+    anything = chat(url, "Give a person as JSON.", max_tokens=200, response_format={"type": "json_object"})
+    if anything.json()["choices"][0]["finish_reason"] == "stop":
+        assert isinstance(json.loads(anything.json()["choices"][0]["message"]["content"]), dict)
+    assert anything.json()["choices"][0]["message"]["content"].lstrip().startswith("{")
