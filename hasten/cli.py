@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -147,11 +149,15 @@ def main():
 @click.option("--seed", type=int, default=None, help="sampling seed (reproducible output)")
 @click.option("--stop", multiple=True, help="stop string (repeatable)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object (text + statistics) instead of streaming")
+@click.option("--json-schema", default=None, metavar="FILE|JSON",
+              help="structured output: every token keeps the output valid for this JSON schema (a file or inline "
+                   "JSON; '{}' = any JSON object)")
+@click.option("--regex", default=None, help="structured output: the output matches this regular expression")
 @corpus_option
 @threads_option
 @user_errors
-def generate(prompt, model, method, chat, max_new_tokens, temperature, top_k, top_p, seed, stop, as_json, corpus,
-             threads):
+def generate(prompt, model, method, chat, max_new_tokens, temperature, top_k, top_p, seed, stop, as_json, json_schema,
+             regex, corpus, threads):
     """Generate a continuation of PROMPT (or stdin), streaming text to stdout and statistics to stderr."""
     if prompt is None:
         if sys.stdin is None or sys.stdin.isatty():
@@ -161,12 +167,13 @@ def generate(prompt, model, method, chat, max_new_tokens, temperature, top_k, to
     from .engine import validate_options
     methods.parse(method)  # fail on a typo before spending seconds on loading
     validate_options(max_new_tokens, temperature, top_k, top_p)
+    response_format = _response_format(json_schema, regex)
     set_threads(threads)
     check_corpus(corpus)  # a bad path fails before seconds of loading
     engine = load_engine(model)
     use_corpus(engine, corpus)
     run = engine.run(prompt, max_new_tokens=max_new_tokens, method=method, temperature=temperature, top_k=top_k,
-                     top_p=top_p, seed=seed, stop=list(stop), chat=chat)
+                     top_p=top_p, seed=seed, stop=list(stop), chat=chat, response_format=response_format)
     for chunk in run:
         if chunk.text and not as_json:
             click.echo(chunk.text, nl=False)
@@ -272,6 +279,29 @@ def _read_result(path: str) -> dict:
         return result
     except (OSError, ValueError, KeyError, TypeError):
         raise UsageError(f"{path} is not a `hasten bench --json` result; pass files written by --json") from None
+
+
+def _response_format(json_schema: str | None, regex: str | None) -> dict | None:
+    """--json-schema / --regex → an OpenAI-style response_format, checked before the model loads."""
+    if json_schema is not None and regex is not None:
+        raise UsageError("--json-schema and --regex both constrain the output; pass one of them")
+    if json_schema is None and regex is None:
+        return None
+    if regex is not None:
+        fmt = {"type": "regex", "regex": regex}
+    else:
+        text = Path(json_schema).read_text() if os.path.isfile(json_schema) else json_schema
+        try:
+            schema = json.loads(text)
+        except ValueError:
+            raise UsageError(f"--json-schema: {json_schema[:60]!r} is neither a file nor valid JSON") from None
+        fmt = {"type": "json_object"} if schema == {} else {"type": "json_schema", "json_schema": {"schema": schema}}
+    from .decoding.grammar import GrammarError, compile_grammar
+    try:
+        compile_grammar(fmt)
+    except GrammarError as e:
+        raise UsageError(f"--{'regex' if regex is not None else 'json-schema'}: {str(e).split(': ', 1)[-1]}") from None
+    return fmt
 
 
 @main.command()

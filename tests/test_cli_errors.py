@@ -131,3 +131,15 @@ def test_click_validation_is_one_line(args, needle):
     command = "" if args[0] == "no-such-command" else f" {args[0]}"
     assert lines[0].endswith(f"(see `hasten{command} --help`)")
     assert "Usage:" not in result.output
+
+
+@pytest.mark.parametrize("args,says", [
+    (["--json-schema", '{"type": "foo"}'], "--json-schema: Invalid type: foo"),
+    (["--json-schema", "nope"], "neither a file nor valid JSON"),
+    (["--regex", "["], "--regex:"),
+    (["--regex", "a", "--json-schema", "{}"], "pass one of them"),
+])
+def test_structured_output_options_are_checked_before_loading(args, says):
+    r = CliRunner().invoke(main, ["generate", "hi", *args])
+    assert r.exit_code == 2 and says in r.output and "Traceback" not in r.output
+    assert r.output.count("\n") == 1

@@ -48,7 +48,7 @@ def compile_grammar(response_format: dict) -> str:
     except Exception as e:  # llguidance's own message says what is wrong with the schema/grammar
         problem = str(e) or type(e).__name__
     if problem:
-        raise GrammarError(f"response_format: {problem.strip().splitlines()[0]}")
+        raise GrammarError(f"response_format: {' '.join(problem.split())[:240]}")  # one line, however long
     if grammar is None:
         raise GrammarError("response_format: must be {'type': 'json_object'}, {'type': 'json_schema', 'json_schema': "
                            "{'schema': ...}}, {'type': 'regex', 'regex': ...} or {'type': 'lark', 'lark': ...}")
