@@ -519,21 +519,30 @@ def models():
 @click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--llama-bench", "llama_bench_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="llama.cpp's llama-bench binary: measured on the same file in the same rounds")
+@click.option("--step-sizes", default="1,2,4,8", show_default=True,
+              help="tokens scored in one forward for the step-cost curve (comma-separated; e.g. 1,2,4,8,16,32,64,128 "
+                   "to see where batching stops paying)")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), default=None)
 @threads_option
 @user_errors
-def speed(model, prefill, decode, rounds, llama_bench_path, json_path, threads):
+def speed(model, prefill, decode, rounds, llama_bench_path, step_sizes, json_path, threads):
     """Prefill and decode tokens/s, step cost and peak RSS of a model file here, beside llama-bench's."""
     from pathlib import Path
 
     from .bench import speed as speed_bench
     from .bench.context import collect
+    try:
+        sizes = tuple(sorted({int(x) for x in step_sizes.split(",") if x.strip()} | {1}))
+    except ValueError:
+        raise UsageError(f"--step-sizes must be integers separated by commas, e.g. 1,2,4,8 (got {step_sizes!r})") from None
+    if sizes[0] < 1:
+        raise UsageError(f"--step-sizes must be ≥ 1 (got {step_sizes!r})")
     threads = set_threads(threads)
     engine = load_engine(model)
     if llama_bench_path and not engine.loaded.source.endswith(".gguf"):
         raise UsageError("--llama-bench needs a GGUF model file (--model FILE.gguf)")
     result = speed_bench.run(engine, engine.loaded.source, threads, prefill, decode, rounds, llama_bench_path,
-                             progress=lambda line: click.echo(line, err=True))
+                             progress=lambda line: click.echo(line, err=True), step_sizes=sizes)
     result["context"] = collect(engine, threads, "speed", 0, decode, rounds)
     size = Path(engine.loaded.source).stat().st_size / 2**20 if Path(engine.loaded.source).is_file() else None
     from .models.quantized import activation_summary

@@ -3,8 +3,8 @@
 - prefill: one forward over P random prompt tokens (tokens/s), like `llama-bench -p P -n 0`;
 - decode: N tokens one at a time after a one-token prompt, each the argmax of the last (tokens/s), like
   `llama-bench -p 0 -n N` (no sampling, no detokenizing: the model's step time alone);
-- step cost: one forward over T = 1, 2, 4, 8 new tokens after 256 cached ones, relative to T = 1 (what draft
-  trees and batches pay; hasten's own measurement, decoding/controller.py);
+- step cost: one forward over T new tokens (`step_sizes`, default 1, 2, 4, 8) after 256 cached ones, relative to
+  T = 1 (what draft trees and batches pay; hasten's own measurement, decoding/controller.py);
 - peak RSS of this process (one model per run, so it is this model's).
 With `--llama-bench PATH`, each round runs hasten, then llama-bench on the same file with the same thread
 count, so a slow minute of the machine hurts both (MEASURING.md); medians over rounds, min–max beside them.
@@ -53,7 +53,7 @@ def llama_bench(binary: str, path: str, threads: int, prefill: int, decode: int)
 
 
 def run(engine, path: str | None, threads: int, prefill: int, decode: int, rounds: int,
-        llama_bench_path: str | None, progress=print) -> dict:
+        llama_bench_path: str | None, progress=print, step_sizes: tuple[int, ...] = (1, 2, 4, 8)) -> dict:
     from ..decoding.controller import measure_step_cost
     model = engine.model
     hasten_prefill(model, min(prefill, 32))  # warm-up: first calls pay for allocation
@@ -67,7 +67,7 @@ def run(engine, path: str | None, threads: int, prefill: int, decode: int, round
             rows["llama.cpp prefill"].append(pp)
             rows["llama.cpp decode"].append(tg)
         progress(f"round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rows.items() if v))
-    costs = measure_step_cost(model, sizes=(1, 2, 4, 8))
+    costs = measure_step_cost(model, sizes=step_sizes)
     summary = {k: {"median": statistics.median(v), "min": min(v), "max": max(v)} for k, v in rows.items() if v}
     return {"tokens_per_s": summary, "step_cost": {t: c / costs[1] for t, c in costs.items()},
             "step_ms": {t: 1e3 * c for t, c in costs.items()},
