@@ -397,22 +397,29 @@ def tune(model, questions, per_category, budget, max_new_tokens, threads):
 @click.option("--vocab", type=click.IntRange(min=16), default=4096, show_default=True,
               help="how many of the most frequent output tokens the head can draft")
 @click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=3, show_default=True,
+              help="HASS context alignment: train this many draft steps in a row on the head's own features "
+                   "(1 = EAGLE's training)")
+@click.option("--top-k", type=click.IntRange(min=0), default=10, show_default=True,
+              help="HASS objective distillation: also learn the target's distribution over its top-K tokens (0: off)")
 @threads_option
 @user_errors
-def train_head(model, corpus, tokens, chat_samples, hidden, vocab, epochs, threads):
+def train_head(model, corpus, tokens, chat_samples, hidden, vocab, epochs, steps, top_k, threads):
     """Train the draft head behind `--method eagle` once for a model (cached).
 
     EAGLE-style: a small MLP learns to predict the target's next final-layer feature from its current one and the
     next token, and so the token after next. It learns from the target's own predictions over corpus text and over
     answers the target writes to questions it writes itself, so nothing is downloaded. Takes ~30 minutes for the
     default model on a 2-core CPU, most of it writing the chats (cached: a second run with other --hidden or
-    --epochs takes minutes); prints the held-out top-1 agreement with the target at the end.
+    --epochs takes minutes); prints the held-out top-1 agreement with the target, per draft depth, at the end.
+    Trained the HASS way by default (--steps 3 --top-k 10); --steps 1 --top-k 0 is EAGLE's original training.
     """
-    from .decoding.drafters.eagle import head_path, train
+    from .decoding.drafters.eagle import head_path
+    from .decoding.drafters.head_training import train
     check_corpus(corpus)
     set_threads(threads)
     engine = load_engine(model)
-    summary = train(engine, tokens, chat_samples, hidden, vocab, epochs, corpus=corpus)
+    summary = train(engine, tokens, chat_samples, hidden, vocab, epochs, corpus=corpus, steps=steps, top_k=top_k)
     for key, value in summary.items():
         click.echo(f"  {key:20s} {value}")
     click.echo(f"saved {head_path(engine)} (use --method eagle, or 'prompt-lookup|eagle')")

@@ -28,7 +28,8 @@ def expected(steady_engine):
 def eagle_head(steady_engine, expected):
     """A small head for the default model, trained in a few seconds on corpus text and on the target's own
     answer to PROMPT (so that its drafts are accepted there), saved where `eagle` looks; removed afterwards."""
-    from hasten.decoding.drafters.eagle import fit, head_path, save_head
+    from hasten.decoding.drafters.eagle import head_path, save_head
+    from hasten.decoding.drafters.head_training import fit
     from hasten.sparsity.corpus import load
     engine = steady_engine
     prompt = engine.encode(PROMPT, chat=True)

@@ -7,8 +7,9 @@ from scipy.stats import chisquare
 
 from hasten.decoding.drafters.base import NoDraft
 from hasten.decoding.drafters.compose import Fallback
-from hasten.decoding.drafters.eagle import (EagleDrafter, chat_features, fit, load_head, save_head, text_features,
-                                            top1_agreement)
+from hasten.decoding.drafters.eagle import EagleDrafter, load_head, save_head
+from hasten.decoding.drafters.head_training import (agreement_by_depth, chained, chat_features, fit, text_features,
+                                                    top1_agreement)
 from hasten.decoding.drafters.prompt_lookup import PromptLookup
 from hasten.decoding.loop import DecodeStats, decode
 from hasten.decoding.sampling import SamplingConfig
@@ -50,7 +51,7 @@ _cache = {}
 def trained(which):
     if which not in _cache:
         m = bigram_model() if which == "bigram" else tiny_model(1, vocab_size=VOCAB, scale=1.0)
-        head, _ = fit(m, own_outputs(m), hidden=64, vocab=VOCAB, epochs=30)
+        head, _ = fit(m, own_outputs(m), hidden=64, vocab=VOCAB, epochs=30, top_k=0)
         _cache[which] = (m, head)
     return _cache[which]
 
@@ -59,6 +60,60 @@ def test_the_head_learns_the_targets_choices():
     m, head = trained("bigram")
     agreement, positions = top1_agreement(head, text_features(m, own_outputs(m, count=6, seed=1)))
     assert positions > 100 and agreement > 0.9
+
+
+def test_features_know_which_pairs_continue_the_same_text():
+    m = bigram_model()
+    features = text_features(m, [([1, 2, 3, 4, 5], 0), ([6, 7, 8, 9], 1)])
+    # pairs t = 0, 1, 2 of the first text, t = 1 of the second: each but the last of a text is followed
+    assert chained(features[0], features[3]).tolist() == [True, True, False, False]
+
+
+def test_training_is_deterministic_for_a_seed():
+    m = tiny_model(1, vocab_size=VOCAB, scale=1.0)
+    data = own_outputs(m, count=4, n=12)
+    a, _ = fit(m, data, hidden=32, vocab=VOCAB, epochs=2, seed=7)
+    b, _ = fit(m, data, hidden=32, vocab=VOCAB, epochs=2, seed=7)
+    c, _ = fit(m, data, hidden=32, vocab=VOCAB, epochs=2, seed=8)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not torch.equal(a.fc1.weight, c.fc1.weight)
+
+
+def test_agreement_by_depth_follows_drafting():
+    m, head = trained("random")
+    features = text_features(m, own_outputs(m, count=6, seed=1))
+    by_depth = agreement_by_depth(head, features, depth=3)
+    top1, _ = top1_agreement(head, features)
+    assert len(by_depth["depth"]) == 3 and all(0 <= a <= 1 for a in by_depth["depth"])
+    # depth 1 is top-1 agreement (over the positions that have 3 more after them)
+    assert abs(by_depth["depth"][0] - top1) < 0.1
+    assert by_depth["tau"] == pytest.approx(1 + by_depth["depth"][0] * (1 + by_depth["depth"][1] * (1 + by_depth["depth"][2])), abs=0.05)
+
+
+def test_context_alignment_drafts_deeper():
+    """HASS's context alignment on the bigram target: trained on the target's features only, the head's second
+    draft (from its own feature) is nearly always wrong; trained on its own features, nearly always right."""
+    m = bigram_model()
+    data, held = own_outputs(m), text_features(m, own_outputs(m, count=6, seed=1))
+    before = agreement_by_depth(fit(m, data, hidden=64, vocab=VOCAB, epochs=30, steps=1, top_k=0)[0], held)
+    after = agreement_by_depth(fit(m, data, hidden=64, vocab=VOCAB, epochs=30, steps=3, top_k=0)[0], held)
+    assert after["depth"][0] > 0.85 and before["depth"][0] > 0.85
+    assert after["depth"][1] > 0.9 > 0.5 > before["depth"][1]
+    assert after["tau"] > before["tau"] + 1
+
+
+def test_context_alignment_unrolls_only_within_a_text():
+    """HASS's steps 2.. continue a text with the head's own feature: texts of one pair each have nothing to unroll
+    (training equals single-step training exactly), longer ones do."""
+    m = tiny_model(1, vocab_size=VOCAB, scale=1.0)
+    single_pairs = [([a, b, c], 0) for a, b, c in torch.randint(0, VOCAB, (40, 3)).tolist()]
+    one, _ = fit(m, single_pairs, hidden=32, vocab=VOCAB, epochs=2, steps=1, top_k=0)
+    three, _ = fit(m, single_pairs, hidden=32, vocab=VOCAB, epochs=2, steps=3, top_k=0)
+    assert torch.equal(one.fc1.weight, three.fc1.weight)
+    texts = own_outputs(m, count=4, n=12)
+    one, _ = fit(m, texts, hidden=32, vocab=VOCAB, epochs=2, steps=1, top_k=0)
+    three, _ = fit(m, texts, hidden=32, vocab=VOCAB, epochs=2, steps=3, top_k=0)
+    assert not torch.equal(one.fc1.weight, three.fc1.weight)
 
 
 @pytest.mark.parametrize("which", ["bigram", "random"])
@@ -165,7 +220,7 @@ def test_an_unreadable_head_is_a_one_line_error(tmp_path, monkeypatch):
 def test_self_distilled_chats_are_the_targets_own_greedy_answers(default_engine):
     """Batched, left-padded generation gives each question the answer the engine gives it alone, and the features
     recorded on the way are the target's teacher-forced ones, so they train the head like text features do."""
-    from hasten.decoding.drafters.eagle import self_distilled_chats
+    from hasten.decoding.drafters.head_training import self_distilled_chats
     chats = self_distilled_chats(default_engine, 6, max_new_tokens=8, batch=3, seed=1)
     assert len(chats) >= 3
     assert len({start for _, start, _ in chats}) > 1  # questions of different lengths shared a batch
@@ -183,24 +238,24 @@ def test_self_distilled_chats_are_the_targets_own_greedy_answers(default_engine)
 
 
 def test_self_written_chats_are_cached_for_the_next_train_head(tmp_path, monkeypatch):
-    from hasten.decoding.drafters import eagle
+    from hasten.decoding.drafters import eagle, head_training
     monkeypatch.setattr(eagle, "head_path", lambda engine: tmp_path / "model.pt")
     written = []
 
     def write(engine, samples, progress=None):
         written.append(samples)
-        return [eagle.Chat(([1, 2, 3, 4], 1, torch.randn(2, 8, dtype=torch.bfloat16)))]
+        return [head_training.Chat(([1, 2, 3, 4], 1, torch.randn(2, 8, dtype=torch.bfloat16)))]
 
-    monkeypatch.setattr(eagle, "self_distilled_chats", write)
+    monkeypatch.setattr(head_training, "self_distilled_chats", write)
 
     class FakeEngine:
         model_hash = "tinyhash"
 
-    first = eagle._cached_chats(FakeEngine, 5, None)
-    again = eagle._cached_chats(FakeEngine, 5, None)
+    first = head_training._cached_chats(FakeEngine, 5, None)
+    again = head_training._cached_chats(FakeEngine, 5, None)
     assert written == [5] and (tmp_path / "tinyhash-chats-5.pt").exists()
     assert again[0][:2] == first[0][:2] and torch.equal(again[0][2], first[0][2])
-    features = eagle.chat_features(again)
+    features = head_training.chat_features(again)
     assert features[1].tolist() == [3] and features[2].tolist() == [4]  # x_{t+1}, the choice after it
-    eagle._cached_chats(FakeEngine, 7, None)  # another sample count writes its own chats
+    head_training._cached_chats(FakeEngine, 7, None)  # another sample count writes its own chats
     assert written == [5, 7]

@@ -1,6 +1,5 @@
 """Model drafters (a separate draft model, or the target with layers skipped) are lossless under greedy decoding."""
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from hasten.decoding.drafters.base import NoDraft

@@ -1,7 +1,6 @@
 """The real server in a subprocess, on loopback, driven by the official `openai` client."""
 import concurrent.futures
 import json
-import os
 import signal
 import socket
 import subprocess

@@ -13,7 +13,7 @@ import json
 
 import torch
 
-from ..controller import DraftSizeController, StepCost
+from ..controller import DraftSizeController
 from .draft_model import ModelDrafter
 
 CALIBRATION_PROMPTS = (
