@@ -402,9 +402,11 @@ def tune(model, questions, per_category, budget, max_new_tokens, threads):
                    "(1 = EAGLE's training)")
 @click.option("--top-k", type=click.IntRange(min=0), default=10, show_default=True,
               help="HASS objective distillation: also learn the target's distribution over its top-K tokens (0: off)")
+@click.option("--heads", type=click.IntRange(min=0), default=3, show_default=True,
+              help="blockwise heads to train on the same data (`--method blockwise`: k tokens drafted at once; 0: none)")
 @threads_option
 @user_errors
-def train_head(model, corpus, tokens, chat_samples, hidden, vocab, epochs, steps, top_k, threads):
+def train_head(model, corpus, tokens, chat_samples, hidden, vocab, epochs, steps, top_k, heads, threads):
     """Train the draft head behind `--method eagle` once for a model (cached).
 
     EAGLE-style: a small MLP learns to predict the target's next final-layer feature from its current one and the
@@ -419,10 +421,12 @@ def train_head(model, corpus, tokens, chat_samples, hidden, vocab, epochs, steps
     check_corpus(corpus)
     set_threads(threads)
     engine = load_engine(model)
-    summary = train(engine, tokens, chat_samples, hidden, vocab, epochs, corpus=corpus, steps=steps, top_k=top_k)
+    summary = train(engine, tokens, chat_samples, hidden, vocab, epochs, corpus=corpus, steps=steps, top_k=top_k,
+                    heads=heads)
     for key, value in summary.items():
         click.echo(f"  {key:20s} {value}")
-    click.echo(f"saved {head_path(engine)} (use --method eagle, or 'prompt-lookup|eagle')")
+    click.echo(f"saved {head_path(engine)} (use --method eagle, or 'prompt-lookup|eagle')"
+               + (", and blockwise heads (--method blockwise)" if heads else ""))
 
 
 @main.command()

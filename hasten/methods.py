@@ -149,6 +149,15 @@ def _eagle(engine, k=4, threshold=0.25, width=1, nodes=None):
         raise UnknownMethodError(str(e)) from None
 
 
+def _blockwise(engine, k=None, width=1, threshold=0.1, nodes=16):
+    from .decoding.drafters.blockwise import blockwise
+    from .decoding.drafters.eagle import HeadNotTrainedError
+    try:
+        return blockwise(engine, k, width, float(threshold), nodes)
+    except HeadNotTrainedError as e:
+        raise UnknownMethodError(str(e)) from None
+
+
 def _number(value: str):
     for cast in (int, float):
         try:
@@ -190,5 +199,8 @@ def _load_builtin() -> None:
     register("eagle", _eagle,
              help="EAGLE-style head on the target's features (needs `hasten train-head` once; k=4 depth, threshold=0.25, "
                   "width=1 nodes extended per depth (>1: an EAGLE-2 tree), nodes=k at most)")
+    register("blockwise", _blockwise,
+             help="blockwise parallel decoding: k heads on the target's feature draft k tokens at once (needs "
+                  "`hasten train-head` once; k=all trained heads, width=1 candidates per head, threshold=0.1, nodes=16)")
     from .sparsity import registry as sparsity_methods
     sparsity_methods.register_all(register)

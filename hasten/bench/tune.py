@@ -42,14 +42,31 @@ EAGLE_SPACE = (
     "prompt-lookup|eagle:width=2,nodes=4,threshold=0.2", "prompt-lookup|eagle:width=3,nodes=6,threshold=0.15",
     "prompt-lookup:n=2,k=5|eagle", "prompt-lookup+eagle",
 )
+# Tried where this model has trained blockwise heads (`hasten train-head --heads K`).
+BLOCKWISE_SPACE = (
+    "blockwise", "blockwise:width=2,threshold=0.2", "blockwise:k=2", "prompt-lookup|blockwise",
+    "prompt-lookup+blockwise:width=2,threshold=0.2",
+)
 
 
 def search_space(engine) -> tuple[tuple[str, ...], str | None]:
     """→ (configurations to try, a note on what was left out and why, or None)."""
+    from ..decoding.drafters.blockwise import heads_path
     from ..decoding.drafters.eagle import head_path
+    space, missing = SEARCH_SPACE, []
     if head_path(engine).exists():
-        return SEARCH_SPACE + EAGLE_SPACE, None
-    return SEARCH_SPACE, "eagle configurations left out: no draft head for this model (run `hasten train-head` first)"
+        space += EAGLE_SPACE
+    else:
+        missing.append("eagle")
+    if heads_path(engine).exists():
+        space += BLOCKWISE_SPACE
+    else:
+        missing.append("blockwise")
+    if not missing:
+        return space, None
+    return space, (f"{' and '.join(missing)} configurations left out: no trained "
+                   f"{'draft head' if missing == ['eagle'] else 'heads'} for this model (run `hasten train-head` "
+                   "first; a few minutes of training, most of a first run writing its chats)")
 
 
 def tune(engine, questions, budget_s: float = 600.0, max_new_tokens: int = 64, space=None,

@@ -90,11 +90,16 @@ def test_tune_stops_at_its_budget():
 
 
 def test_eagle_configurations_join_the_space_once_a_head_is_trained(tmp_path, monkeypatch):
-    from hasten.decoding.drafters import eagle
-    head = tmp_path / "head.pt"
+    from hasten.decoding.drafters import blockwise, eagle
+    head, heads = tmp_path / "head.pt", tmp_path / "heads.pt"
     monkeypatch.setattr(eagle, "head_path", lambda engine: head)
+    monkeypatch.setattr(blockwise, "heads_path", lambda engine: heads)
     space, note = tune.search_space(object())
-    assert space == tune.SEARCH_SPACE and "hasten train-head" in note
+    assert space == tune.SEARCH_SPACE and "hasten train-head" in note and "eagle and blockwise" in note
     head.write_bytes(b"")
     space, note = tune.search_space(object())
-    assert note is None and set(tune.EAGLE_SPACE) <= set(space) and "prompt-lookup|eagle" in space
+    assert set(tune.EAGLE_SPACE) <= set(space) and "prompt-lookup|eagle" in space
+    assert not set(tune.BLOCKWISE_SPACE) & set(space) and note.startswith("blockwise configurations left out")
+    heads.write_bytes(b"")
+    space, note = tune.search_space(object())
+    assert note is None and set(tune.EAGLE_SPACE) | set(tune.BLOCKWISE_SPACE) <= set(space)

@@ -26,20 +26,26 @@ def expected(steady_engine):
 
 @pytest.fixture(scope="module")
 def eagle_head(steady_engine, expected):
-    """A small head for the default model, trained in a few seconds on corpus text and on the target's own
-    answer to PROMPT (so that its drafts are accepted there), saved where `eagle` looks; removed afterwards."""
+    """A small eagle head and blockwise heads for the default model, trained in seconds on corpus text and on the
+    target's own answer to PROMPT (so that their drafts are accepted there), saved where the methods look;
+    removed afterwards."""
     from hasten.decoding.drafters.eagle import head_path, save_head
-    from hasten.decoding.drafters.head_training import fit
+    from hasten.decoding.drafters.blockwise import heads_path, save_heads
+    from hasten.decoding.drafters.head_training import fit, fit_blockwise
     from hasten.sparsity.corpus import load
     engine = steady_engine
     prompt = engine.encode(PROMPT, chat=True)
     texts = [(c, 0) for c in load().token_chunks(engine.tokenizer, "calibration", 1024, 256)]
-    head, _ = fit(engine.model, texts + [(prompt + expected, len(prompt) - 1)] * 8, hidden=256, vocab=2048, epochs=4)
-    path = head_path(engine)
+    data = texts + [(prompt + expected, len(prompt) - 1)] * 8
+    head, _ = fit(engine.model, data, hidden=256, vocab=2048, epochs=4)
+    heads, _ = fit_blockwise(engine.model, data, heads=3, hidden=256, vocab=2048, epochs=4)
+    path, blockwise_path = head_path(engine), heads_path(engine)
     save_head(head, path, {"model": engine.name})
+    save_heads(heads, blockwise_path, {"model": engine.name})
     yield path
-    path.unlink()
-    path.with_suffix(".json").unlink()
+    for p in (path, blockwise_path):
+        p.unlink()
+        p.with_suffix(".json").unlink()
 
 
 def accepted(result) -> int:
@@ -51,7 +57,7 @@ def test_every_configuration_auto_can_pick_is_greedy_identical(steady_engine, ex
     # a sparse draft's price is measured by timing when it is built: fixed here, like the step cost
     monkeypatch.setattr(sparse_draft, "relative_cost", lambda dense, sparse: 0.6)
     space, note = tune.search_space(steady_engine)
-    assert note is None and set(tune.SEARCH_SPACE) | set(tune.EAGLE_SPACE) == set(space)
+    assert note is None and set(tune.SEARCH_SPACE) | set(tune.EAGLE_SPACE) | set(tune.BLOCKWISE_SPACE) == set(space)
     for name in ("prompt-lookup+eagle", "prompt-lookup|layer-skip", "sparse-draft:0.5,method=cats"):
         assert name in space
     undrafted = []

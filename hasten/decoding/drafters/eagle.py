@@ -177,9 +177,11 @@ def load_head(engine) -> FeatureHead:
         head = FeatureHead(model.config.hidden_size, saved["hidden"], saved["vocab_ids"], saved["lm_rows"],
                            model.embed_tokens)
         head.load_state_dict(saved["state"], strict=False)
+        if head.lm_rows.shape[1] != model.config.hidden_size or int(head.vocab_ids.max()) >= model.config.vocab_size:
+            raise RuntimeError("shape mismatch")
     except (OSError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as e:
-        raise HeadNotTrainedError(f"the eagle head {path} is unreadable ({type(e).__name__}); run `hasten "
-                                  "train-head` again") from None
+        raise HeadNotTrainedError(f"the eagle head {path} is unreadable or for another model ({type(e).__name__}); "
+                                  "run `hasten train-head` again") from None
     head.quantize_for_drafting(model.lm_head)
     return head.to(model.device).eval()
 

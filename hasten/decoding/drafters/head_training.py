@@ -133,13 +133,7 @@ def fit(model, sequences: list[tuple[list[int], int]], hidden: int = 1024, vocab
     torch.manual_seed(seed)
     parts = ([text_features(model, sequences, progress or iter)] if sequences else []) + ([chat_features(chats)] if chats else [])
     H, X, Y, HN = (torch.cat(t) for t in zip(*parts))
-    V = model.config.vocab_size
-    counts = torch.bincount(Y, minlength=V)
-    vocab_ids = counts.argsort(descending=True)[:min(vocab, V)].sort().values  # [V'] the most frequent choices
-    coverage = float(counts[vocab_ids].sum() / counts.sum())
-    remap = torch.full((V,), -100, dtype=torch.long)  # -100: a choice outside the head's vocabulary (ignored)
-    remap[vocab_ids] = torch.arange(len(vocab_ids))
-    lm_rows = _rows(model.lm_head, vocab_ids)  # [V', D]
+    vocab_ids, remap, lm_rows, coverage = vocabulary(model, Y, vocab)
     D = model.config.hidden_size
     head = FeatureHead(D, hidden, vocab_ids, lm_rows, model.embed_tokens)
     following = chained(H, HN)
@@ -176,6 +170,17 @@ def fit(model, sequences: list[tuple[list[int], int]], hidden: int = 1024, vocab
             bar.set_postfix_str(f"epoch {epoch + 1} loss {loss.item():.2f}")
     bar.close()
     return head.eval(), {"positions": len(Y), "vocab_coverage": round(coverage, 4)}
+
+
+def vocabulary(model, Y: torch.Tensor, vocab: int):
+    """The `vocab` most frequent target choices in Y → (vocab_ids [V'], remap [V] (-100 outside), the target's
+    LM-head rows for them [V', D], the share of Y they cover)."""
+    V = model.config.vocab_size
+    counts = torch.bincount(Y, minlength=V)
+    vocab_ids = counts.argsort(descending=True)[:min(vocab, V)].sort().values  # [V'] the most frequent choices
+    remap = torch.full((V,), -100, dtype=torch.long)  # -100: a choice outside the head's vocabulary (ignored)
+    remap[vocab_ids] = torch.arange(len(vocab_ids))
+    return vocab_ids, remap, _rows(model.lm_head, vocab_ids), float(counts[vocab_ids].sum() / counts.sum())
 
 
 def chained(H: torch.Tensor, HN: torch.Tensor) -> torch.Tensor:
@@ -215,10 +220,79 @@ def agreement_by_depth(head: FeatureHead, features: Features, depth: int = 4) ->
     return {"depth": hits, "tau": round(tau, 3)}
 
 
+def ahead(Y: torch.Tensor, following: torch.Tensor, k: int, remap: torch.Tensor | None = None) -> torch.Tensor:
+    """[N, k]: the target's choice j+1 tokens after each pair's token (Y[i + j], remapped), or -100 where the text
+    ends before it — what blockwise head j learns to predict from pair i's feature."""
+    N = len(Y)
+    out = torch.full((N, k), -100, dtype=torch.long)
+    ok = torch.ones(N, dtype=torch.bool)
+    ids = remap[Y] if remap is not None else Y
+    for j in range(k):
+        out[:N - j, j] = torch.where(ok[:N - j], ids[j:], -100)
+        ok[:N - j - 1] &= following[j:N - 1]  # the text goes on past pair i + j
+        ok[N - j - 1:] = False
+    return out
+
+
+def fit_blockwise(model, sequences: list[tuple[list[int], int]], heads: int = 3, hidden: int = 1024,
+                  vocab: int = 4096, epochs: int = 3, progress=None, seed: int = 0, chats: list[Chat] = ()):
+    """Fit `heads` blockwise heads (blockwise.py) on the same data as `fit`: head j learns the target's choice j+1
+    tokens after each position's token, from that position's feature (cross-entropy, Medusa-1 style, the target
+    frozen). Deterministic for a seed. → (heads, {"positions", "vocab_coverage"})."""
+    from tqdm import tqdm
+
+    from .blockwise import BlockwiseHeads
+    torch.manual_seed(seed)
+    parts = ([text_features(model, sequences, progress or iter)] if sequences else []) + ([chat_features(chats)] if chats else [])
+    H, X, Y, HN = (torch.cat(t) for t in zip(*parts))
+    vocab_ids, remap, lm_rows, coverage = vocabulary(model, Y, vocab)
+    targets = ahead(Y, chained(H, HN), heads, remap)  # [N, k]
+    module = BlockwiseHeads(model.config.hidden_size, hidden, heads, vocab_ids, lm_rows)
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-3, weight_decay=0.05)
+    batch = 512
+    total = epochs * math.ceil(len(Y) / batch)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps=total)
+    bar = tqdm(total=total, desc="train-head: blockwise heads", disable=progress is None, leave=False)
+    for epoch in range(epochs):
+        order = torch.randperm(len(Y))
+        for i in range(0, len(Y), batch):
+            rows = order[i:i + batch]
+            logits = module(H[rows])  # [n, k, V']
+            loss = F.cross_entropy(logits.flatten(0, 1), targets[rows].flatten(), ignore_index=-100)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            schedule.step()
+            bar.update()
+            bar.set_postfix_str(f"epoch {epoch + 1} loss {loss.item():.2f}")
+    bar.close()
+    return module.eval(), {"positions": len(Y), "vocab_coverage": round(coverage, 4)}
+
+
+def blockwise_agreement(module, features: Features) -> dict:
+    """A chain of the heads' first choices, from every position of `features`: → {"depth": [P(head j is the
+    target's choice | heads before it were)], "tau": expected tokens per target pass, bonus included}."""
+    H, X, Y, HN = features
+    k = module.heads
+    truth = ahead(Y, chained(H, HN), k)  # [N, k]
+    with torch.no_grad():
+        drafted = module.vocab_ids[module(H).argmax(-1)]  # [N, k]
+    alive = truth[:, 0] != -100
+    hits, tau, n = [], 1.0, max(1, int(alive.sum()))
+    for j in range(k):
+        ok = alive & (drafted[:, j] == truth[:, j])
+        hits.append(round(float(ok.sum()) / max(1, int(alive.sum())), 4))
+        tau += float(ok.sum()) / n
+        alive = ok & (truth[:, j + 1] != -100) if j + 1 < k else ok
+    return {"depth": hits, "tau": round(tau, 3)}
+
+
 def train(engine, corpus_tokens: int = 65_536, chat_samples: int = 2048, hidden: int = 1024, vocab: int = 4096,
-          epochs: int = 3, corpus=None, progress: bool = True, steps: int = 3, top_k: int = 10) -> dict:
+          epochs: int = 3, corpus=None, progress: bool = True, steps: int = 3, top_k: int = 10,
+          heads: int = 3) -> dict:
     """Train the head for `engine`'s model on corpus text and self-distilled chats (`fit`: EAGLE's objective with
-    HASS's `steps` and `top_k`); save it to the cache. → a summary (sizes, held-out top-1 agreement with the
+    HASS's `steps` and `top_k`), and `heads` blockwise heads on the same data (`fit_blockwise`; 0: none); save
+    them to the cache. → a summary (sizes, held-out top-1 agreement with the
     target, agreement per draft depth and τ of a 4-token chain on held-out chats, seconds)."""
     from tqdm import tqdm
 
@@ -243,6 +317,15 @@ def train(engine, corpus_tokens: int = 65_536, chat_samples: int = 2048, hidden:
         summary["heldout_top1"] = round(summary["heldout_top1"], 4)
         by_depth = agreement_by_depth(head, heldout)
         summary["heldout_by_depth"], summary["heldout_tau"] = by_depth["depth"], by_depth["tau"]
+    if heads:
+        from .blockwise import heads_path, save_heads
+        module, _ = fit_blockwise(engine.model, sequences, heads, hidden, vocab, epochs,
+                                  progress=bar("train-head: corpus features"), chats=chats[held:])
+        summary["blockwise_heads"] = heads
+        if held:
+            by_head = blockwise_agreement(module, heldout)
+            summary["blockwise_heldout_by_depth"], summary["blockwise_heldout_tau"] = by_head["depth"], by_head["tau"]
+        save_heads(module, heads_path(engine), summary)
     summary["seconds"] = round(time.perf_counter() - started, 1)
     save_head(head, eagle.head_path(engine), summary)
     return summary
