@@ -81,8 +81,7 @@ class Sequence:
         self.verifier = verifier
         self.generator = None if sampling.greedy else sampling.generator(model.device)
         needed = min(context + 64, len(prompt) + self.max_new_tokens + 64)
-        if cache is None or not cache.fits(model.kv_layout(), model.config.num_kv_heads, model.config.head_dim,
-                                           model.dtype, needed):
+        if cache is None or cache.max_len < needed:  # a cache passed in keeps its own KV policy
             cache = model.new_cache(needed)
         cache.length = 0
         self.cache = cache

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..kernels import cpu as cpu_kernels
 from .attention import SMALL_ATTENTION, attend, attend_packed
-from .kv_cache import RING_SLACK, ContextOverflowError, KVCache, Segment, layer_segments
+from .kv_cache import ContextOverflowError, KVCache, Segment, layer_segments
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "gemma3_text")
 
@@ -332,10 +332,13 @@ class Transformer(nn.Module):
         from .kv import parse
         return parse(policy if policy is not None else self.kv_policy).layers(self.config)
 
-    def new_cache(self, max_len: int, batch: int = 1, policy=None, slack: int = RING_SLACK) -> KVCache:
-        """A cache for max_len positions laid out by `policy` (default: this model's kv_policy, else native)."""
+    def new_cache(self, max_len: int, batch: int = 1, policy=None, slack: int | None = None) -> KVCache:
+        """A cache for max_len positions laid out by `policy` (default: this model's kv_policy, else native);
+        slack: a ring's room for new entries per forward (default kv_cache.RING_SLACK)."""
+        from . import kv_cache
         from .kv import parse
         c, policy = self.config, parse(policy if policy is not None else self.kv_policy)
+        slack = slack if slack is not None else kv_cache.RING_SLACK
         return KVCache(c.num_layers, batch, c.num_kv_heads, max_len, c.head_dim, self.dtype, self.device,
                        policy.layers(c), slack, policy.name)
 
