@@ -131,3 +131,9 @@ def test_click_validation_is_one_line(args, needle):
     command = "" if args[0] == "no-such-command" else f" {args[0]}"
     assert lines[0].endswith(f"(see `hasten{command} --help`)")
     assert "Usage:" not in result.output
+
+
+@pytest.mark.parametrize("command", ["generate", "bench", "serve"])
+def test_bad_kv_policy(command):
+    args = [command, "hi"] if command == "generate" else [command]
+    assert_one_line_error(*run(*args, "--kv-policy", "window:0,sinks:4"), "--kv-policy", "window must be an integer")
