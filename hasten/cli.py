@@ -395,6 +395,42 @@ def train_head(model, corpus, tokens, chat_samples, hidden, vocab, epochs, threa
     click.echo(f"saved {head_path(engine)} (use --method eagle, or 'prompt-lookup|eagle')")
 
 
+@main.command("kv-quality")
+@model_option
+@click.option("--windows", default="256,512,1024", show_default=True, help="comma-separated windows W to measure")
+@click.option("--sinks", type=click.IntRange(min=0), default=4, show_default=True, help="attention sinks S")
+@click.option("--context", type=click.IntRange(min=16), default=4096, show_default=True,
+              help="tokens per held-out stream (documents concatenated)")
+@click.option("--samples", type=click.IntRange(min=1), default=1, show_default=True, help="streams to score")
+@corpus_option
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), default=None)
+@threads_option
+@user_errors
+def kv_quality(model, windows, sinks, context, samples, corpus, json_path, threads):
+    """What lossy KV policies cost: perplexity, top-1 agreement and KL vs the full cache on long held-out
+    documents, next to KV memory and decode speed, for window:W,sinks:S and hybrid:global=every3,window=W,sinks=S
+    at each W (bench/kv_quality.py)."""
+    from .bench.kv_quality import run
+    try:
+        ws = [int(w) for w in windows.split(",") if w.strip()]
+    except ValueError:
+        ws = []
+    if not ws or min(ws) < 1:
+        raise UsageError(f"--windows {windows!r}: give positive integers, e.g. --windows 256,512,1024")
+    set_threads(threads)
+    check_corpus(corpus)
+    engine = load_engine(model)
+    if context >= engine.model.config.max_position_embeddings:
+        raise UsageError(f"--context {context}: {engine.name} serves {engine.model.config.max_position_embeddings} "
+                         "positions; pass a smaller --context")
+    text, record = run(engine, ws, context, sinks, samples, corpus)
+    click.echo(text)
+    click.echo(json.dumps(record))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(record, f)
+
+
 @main.command()
 @model_option
 @click.option("--methods", default="teal:0.25,teal:0.4,teal:0.5,teal:0.65,cats:0.5,ffsplit:0.5,dejavu:0.5",
