@@ -70,9 +70,8 @@ class Scheduler:
             seq.cache = None
 
     def cache(self, model, length: int) -> KVCache | None:
-        """A cache of at least `length` positions shaped and laid out (KV policy) for `model` that a sequence left
-        behind, or None
-        (allocating one per request would write hundreds of MB at long contexts)."""
+        """A cache of at least `length` positions shaped and laid out (KV policy) for `model` that a sequence
+        left behind, or None (allocating one per request would write hundreds of MB at long contexts)."""
         c, layout = model.config, model.kv_layout()
         for cache in self.free:
             if cache.fits(layout, c.num_kv_heads, c.head_dim, model.dtype, length):

@@ -352,8 +352,8 @@ class Transformer(nn.Module):
         over the cached entries plus the new ones (default: causal). With a cache (B = 1) this is `packed` with
         one segment: the new keys/values are appended and the cache's length advances by T; the caller keeps or
         rolls back what verification rejects; a cache with rings (a KV policy's windows) compacts first and
-        scores a chain longer than its slack in pieces. `layers` runs a subset of the layers (layer-skip self-speculation
-        uses the same weights, with a cache of its own).
+        scores a chain longer than its slack in pieces. `layers` runs a subset of the layers (layer-skip
+        self-speculation uses the same weights, with a cache of its own).
         """
         B, T = tokens.shape
         if cache is None:
