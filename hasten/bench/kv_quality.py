@@ -2,8 +2,8 @@
 
 `hasten kv-quality --windows 256,512,1024 --context 4096` (or `python -m hasten.bench.kv_quality …`): held-out
 documents of the corpus (sparsity/corpus.py; the longest first, concatenated) make token streams of `context`
-tokens. Every policy — full (the reference), window:W,sinks:S and LongGen's hybrid:global=every3,window=W,sinks=S
-for each W — scores the same stream teacher-forced through its own cache, in the same pieces, lockstep with the
+tokens. Every policy — full (the reference), native where it differs (Gemma 3), window:W,sinks:S and LongGen's
+hybrid:global=every3,window=W,sinks=S for each W — scores the same stream teacher-forced through its own cache, in the same pieces, lockstep with the
 full cache, so nothing holds more than one piece's logits. Per policy:
 - perplexity on the stream, top-1 agreement with the full cache and mean KL(full ‖ policy) per token, in nats
   (p = the full cache's next-token distribution, q = the policy's);
@@ -22,7 +22,12 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-PIECE = 256  # tokens scored per forward (a piece's logits are all that is held)
+from ..models.attention import SMALL_ATTENTION
+
+# Tokens scored per forward (a piece's logits are all that is held): at most SMALL_ATTENTION, so every policy runs
+# the attention kernel the decode loop runs, whose result for a token depends only on the keys it sees; longer
+# pieces take SDPA, whose rounding depends on the buffer's layout, and q8 activations can magnify that.
+PIECE = SMALL_ATTENTION
 
 
 @dataclass(frozen=True)
@@ -118,7 +123,11 @@ def table(results: list[PolicyQuality], context: int) -> str:
 def run(engine, windows: list[int], context: int, sinks: int = 4, samples: int = 1, corpus: str | None = None,
         every: int = 3) -> tuple[str, dict]:
     """→ (the table, the JSON record) for `engine`'s model."""
+    from ..models.kv import parse
     policies = policies_for(windows, sinks, every)
+    config = engine.model.config
+    if parse("native").layers(config) != parse("full").layers(config):  # Gemma 3: its own rings, exact
+        policies.insert(1, "native")
     results = measure(engine.model, policies, streams(engine.tokenizer, corpus, context, samples))
     record = {"model": engine.name, "model_hash": engine.model_hash, "context": context, "samples": samples,
               "threads": torch.get_num_threads(), "results": [asdict(r) for r in results]}
