@@ -15,13 +15,14 @@ import click
 from .bench.suite import QuestionsFileError
 from .engine import GenerationError
 from .methods import UnknownMethodError
+from .models.kv import KVPolicyError
 from .models.kv_cache import ContextOverflowError
 from .models.loading import ModelLoadError
 from .models.transformer import UnsupportedModelError
 from .sparsity.corpus import CorpusError
 
 USER_ERRORS = (ModelLoadError, UnsupportedModelError, GenerationError, UnknownMethodError, ContextOverflowError,
-               QuestionsFileError, CorpusError)
+               QuestionsFileError, CorpusError, KVPolicyError)
 
 
 class UsageError(ValueError):
@@ -67,7 +68,21 @@ class _Group(click.Group):
             raise _OneLineUsageError(f"{e.format_message()} (see `{see}`)") from None
 
 
+def _kv_policy(ctx, _, value):
+    from .models.kv import KVPolicyError, parse
+    try:
+        parse(value)
+    except KVPolicyError as e:
+        raise click.BadParameter(str(e)) from None
+    ctx.meta["hasten.kv_policy"] = value
+    return value
+
+
 def model_option(fn):
+    fn = click.option("--kv-policy", default=None, metavar="POLICY", expose_value=False, callback=_kv_policy,
+                      help="which positions each layer's KV cache keeps: native (the model's own: Gemma 3's sliding "
+                           "layers keep only their window), full, window:W,sinks:S, hybrid:global=every3,window=W,"
+                           "sinks=S (LongGen); a window on full-attention layers is lossy [default: native]")(fn)
     fn = click.option("--activations", type=click.Choice(["q8", "f32"]), default=None, expose_value=False,
                       callback=lambda ctx, _, value: ctx.meta.__setitem__("hasten.activations", value),
                       help="block kernels' activations: q8 (int8 per 32 values, integer dot products) or f32 "
@@ -85,7 +100,8 @@ def load_engine(model):
     """The engine for --model (and --quantize) of the running command."""
     from .engine import load
     meta = click.get_current_context().meta
-    return load(model, quantize=meta.get("hasten.quantize"), activations=meta.get("hasten.activations"))
+    return load(model, quantize=meta.get("hasten.quantize"), activations=meta.get("hasten.activations"),
+                kv_policy=meta.get("hasten.kv_policy"))
 
 
 def threads_option(fn):
@@ -185,7 +201,14 @@ def generate(prompt, model, method, chat, max_new_tokens, temperature, top_k, to
     s = result.stats()
     click.echo(f"[{s['method']}] {s['tokens']} tokens in {s['seconds']:.2f} s = {s['tokens_per_s']:.1f} tokens/s · "
                f"{s['target_passes']} target passes · mean accepted {s['mean_accepted']:.2f} · "
-               f"draft {100 * s['draft_share']:.1f}% · {s['finish_reason']}", err=True)
+               f"draft {100 * s['draft_share']:.1f}% · {s['finish_reason']}"
+               f"{_kv_note(s['kv_policy'], s['kv_lossy'])}", err=True)
+
+
+def _kv_note(policy: str, lossy: bool) -> str:
+    if policy == "native" and not lossy:
+        return ""
+    return f" · KV {policy}" + (" (lossy: a window on full-attention layers)" if lossy else "")
 
 
 @main.command()
@@ -427,6 +450,42 @@ def train_head(model, corpus, tokens, chat_samples, hidden, vocab, epochs, steps
         click.echo(f"  {key:20s} {value}")
     click.echo(f"saved {head_path(engine)} (use --method eagle, or 'prompt-lookup|eagle')"
                + (", and blockwise heads (--method blockwise)" if heads else ""))
+
+
+@main.command("kv-quality")
+@model_option
+@click.option("--windows", default="256,512,1024", show_default=True, help="comma-separated windows W to measure")
+@click.option("--sinks", type=click.IntRange(min=0), default=4, show_default=True, help="attention sinks S")
+@click.option("--context", type=click.IntRange(min=16), default=4096, show_default=True,
+              help="tokens per held-out stream (documents concatenated)")
+@click.option("--samples", type=click.IntRange(min=1), default=1, show_default=True, help="streams to score")
+@corpus_option
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), default=None)
+@threads_option
+@user_errors
+def kv_quality(model, windows, sinks, context, samples, corpus, json_path, threads):
+    """What lossy KV policies cost: perplexity, top-1 agreement and KL vs the full cache on long held-out
+    documents, next to KV memory and decode speed, for window:W,sinks:S and hybrid:global=every3,window=W,sinks=S
+    at each W (bench/kv_quality.py)."""
+    from .bench.kv_quality import run
+    try:
+        ws = [int(w) for w in windows.split(",") if w.strip()]
+    except ValueError:
+        ws = []
+    if not ws or min(ws) < 1:
+        raise UsageError(f"--windows {windows!r}: give positive integers, e.g. --windows 256,512,1024")
+    set_threads(threads)
+    check_corpus(corpus)
+    engine = load_engine(model)
+    if context >= engine.model.config.max_position_embeddings:
+        raise UsageError(f"--context {context}: {engine.name} serves {engine.model.config.max_position_embeddings} "
+                         "positions; pass a smaller --context")
+    text, record = run(engine, ws, context, sinks, samples, corpus)
+    click.echo(text)
+    click.echo(json.dumps(record))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(record, f)
 
 
 @main.command()

@@ -51,6 +51,8 @@ class GenerationResult:
     accepted_per_step: list[int] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
+    kv_policy: str = "native"  # the KV policy it was generated under (models/kv)
+    kv_lossy: bool = False  # that policy windows layers the model trained with full attention
 
     @property
     def tokens(self) -> int:
@@ -72,7 +74,8 @@ class GenerationResult:
         return {"method": self.method, "tokens": self.tokens, "prompt_tokens": self.prompt_tokens,
                 "seconds": round(self.seconds, 4), "tokens_per_s": round(self.tokens_per_s, 2),
                 "target_passes": self.target_passes, "mean_accepted": round(self.mean_accepted, 3),
-                "draft_share": round(self.draft_share, 4), "finish_reason": self.finish_reason}
+                "draft_share": round(self.draft_share, 4), "finish_reason": self.finish_reason,
+                "kv_policy": self.kv_policy, "kv_lossy": self.kv_lossy}
 
 
 IDLE = Chunk("", [], [])  # what a generation in a shared scheduler yields while it waits for the next step
@@ -100,9 +103,20 @@ class Generation:
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel):
+    def __init__(self, loaded: LoadedModel, kv_policy=None):
+        """kv_policy: the KV policy every generation's cache follows (models/kv: "native" by default — the
+        model's own pattern; "full", "window:W,sinks:S", "hybrid:global=everyK,window=W,sinks=S")."""
+        import copy
+
+        from .models.kv import parse
         self.loaded = loaded
+        self.kv_policy = parse(kv_policy)
         self.model = loaded.model
+        if self.kv_policy.name != "native":
+            # Caches are made by the model (new_cache), drafters' included, so the policy is the model's: on a
+            # shallow copy sharing every weight, so that other engines over the same loaded model keep theirs.
+            self.model = copy.copy(loaded.model)
+            self.model.kv_policy = self.kv_policy
         self.tokenizer = loaded.tokenizer
         self.name = loaded.name
         self.model_hash = loaded.model_hash
@@ -141,6 +155,12 @@ class Engine:
             return Grammar(self._grammar_tokenizer, text, self.model.config.vocab_size)
         except GrammarError as e:
             raise GenerationError(str(e)) from None
+
+    @property
+    def kv_lossy(self) -> bool:
+        """True when the KV policy lets some layer see less than the model was trained to (a window on a
+        full-attention layer): every method's output may then differ from the full cache's."""
+        return self.kv_policy.lossy(self.model.config)
 
     def drafter(self, method: str):
         if method not in self._drafters:
@@ -249,7 +269,8 @@ class Engine:
             last.text = text[sent:]
             yield last
         return GenerationResult(text, out_ids, len(seq.prompt), stats.finish_reason, method, seconds,
-                                stats.target_passes, stats.draft_seconds, stats.accepted_per_step, sources, all_lp)
+                                stats.target_passes, stats.draft_seconds, stats.accepted_per_step, sources, all_lp,
+                                self.kv_policy.name, self.kv_lossy)
 
     def generate(self, prompt, max_new_tokens: int = 256, method: str = "baseline", **kw) -> GenerationResult:
         gen = self.run(prompt, max_new_tokens, method, **kw)
@@ -302,11 +323,14 @@ def validate_options(max_new_tokens, temperature, top_k, top_p) -> None:
 
 
 def load(model: str | None = None, dtype=None, device=None, quantize: str | None = None,
-         activations: str | None = None) -> Engine:
+         activations: str | None = None, kv_policy: str | None = None) -> Engine:
     """Load a model (default: the embedded SmolLM2-135M-Instruct) and return an Engine; `quantize` turns a Hugging
     Face checkpoint's linear layers into a GGUF block format (cached); `activations` "q8" / "f32" picks the
-    block kernels' activation path (None: each format's default; see models/quantized.py)."""
-    return Engine(load_model(model, dtype=dtype, device=device, quantize=quantize, activations=activations))
+    block kernels' activation path (None: each format's default; see models/quantized.py); `kv_policy` the KV
+    cache's policy (models/kv; None: "native", the model's own)."""
+    from .models.kv import parse
+    policy = parse(kv_policy)  # a typo fails before seconds of loading
+    return Engine(load_model(model, dtype=dtype, device=device, quantize=quantize, activations=activations), policy)
 
 
 def _eos_ids(loaded: LoadedModel) -> set[int]:

@@ -143,3 +143,8 @@ def test_structured_output_options_are_checked_before_loading(args, says):
     r = CliRunner().invoke(main, ["generate", "hi", *args])
     assert r.exit_code == 2 and says in r.output and "Traceback" not in r.output
     assert r.output.count("\n") == 1
+
+@pytest.mark.parametrize("command", ["generate", "bench", "serve"])
+def test_bad_kv_policy(command):
+    args = [command, "hi"] if command == "generate" else [command]
+    assert_one_line_error(*run(*args, "--kv-policy", "window:0,sinks:4"), "--kv-policy", "window must be an integer")

@@ -55,3 +55,19 @@ def test_logits_are_the_models_next_token_scores(default_engine):
     alone = default_engine.logits(ids + greedy[:2])
     assert torch.allclose(alone[0], logits[0], atol=1e-4)
     assert not torch.allclose(logits[0], logits[1], atol=1e-2)
+
+
+def test_a_kv_policy_is_the_engines_own(default_engine):
+    """An engine with a window policy over the same loaded model: its caches are rings; the original engine keeps
+    the full cache and its answer; the window is lossy on this full-attention model and says so."""
+    from hasten.engine import Engine
+    windowed = Engine(default_engine.loaded, "window:16,sinks:4")
+    assert windowed.kv_lossy and not default_engine.kv_lossy
+    prompt = "Write a long list of fruits, one per line."
+    full = default_engine.generate(prompt, max_new_tokens=64, chat=True)
+    got = windowed.generate(prompt, max_new_tokens=64, chat=True)
+    again = windowed.generate(prompt, max_new_tokens=64, chat=True, method="prompt-lookup")
+    assert got.stats()["kv_policy"] == "window:16,sinks:4" and got.kv_lossy
+    assert windowed._cache.rings and windowed._cache.dropped and not default_engine._cache.rings
+    assert again.token_ids == got.token_ids  # lossless against the same policy's baseline
+    assert default_engine.generate(prompt, max_new_tokens=64, chat=True).token_ids == full.token_ids

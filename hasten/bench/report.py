@@ -64,7 +64,17 @@ def _context_line(ctx: dict) -> str:
     return (f"{ctx['date']} · {ctx['cpu']} ({ctx['cores']} cores{', ' + ctx['gpu'] if ctx.get('gpu') else ''}) · "
             f"torch {ctx['torch']} · transformers {ctx['transformers']} · {ctx['dtype']} · {ctx['threads']} threads · "
             f"{ctx['model']} [{ctx['model_hash']}] {ctx['weights']} · {ctx['suite']} ({ctx['prompts']} prompts) · "
-            f"max_new_tokens {ctx['max_new_tokens']} · {ctx['rounds']} rounds · commit {ctx['git_commit']}")
+            f"max_new_tokens {ctx['max_new_tokens']} · {ctx['rounds']} rounds · commit {ctx['git_commit']}"
+            + _kv_line(ctx))
+
+
+def _kv_line(ctx: dict) -> str:
+    """The KV policy when it is not the model's own; a lossy one marks every hasten method lossy (vs full
+    attention; the peers keep the full cache)."""
+    policy = ctx.get("kv_policy")
+    if not policy or (policy == "native" and not ctx.get("kv_lossy")):
+        return ""
+    return f" · KV {policy}" + (" (LOSSY: every hasten method, vs full attention)" if ctx.get("kv_lossy") else "")
 
 
 def terminal(result: dict) -> str:

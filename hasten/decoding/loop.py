@@ -81,8 +81,9 @@ class Sequence:
             verifier = verifier or verifier_for(sampling)
         self.verifier = verifier
         self.generator = None if sampling.greedy else sampling.generator(model.device)
-        if cache is None or cache.max_len < len(prompt) + self.max_new_tokens + 64:
-            cache = model.new_cache(min(context + 64, len(prompt) + self.max_new_tokens + 64))
+        needed = min(context + 64, len(prompt) + self.max_new_tokens + 64)
+        if cache is None or cache.max_len < needed:  # a cache passed in keeps its own KV policy
+            cache = model.new_cache(needed)
         cache.length = 0
         self.cache = cache
         self.stats = stats if stats is not None else DecodeStats()
@@ -109,6 +110,7 @@ class Sequence:
         """The next n prompt tokens (fewer if fewer are left); the last chunk asks for its last row's logits."""
         start = self.cache.length
         n = min(n, self.prompt_left)
+        n = min(n, self.cache.make_room(n))  # a ring (a windowed KV policy) takes at most its slack per step
         segments = [Segment(self.cache, s, min(SMALL_ATTENTION, start + n - s))
                     for s in range(start, start + n, SMALL_ATTENTION)]
         rows = [n - 1] if start + n == len(self.prompt) else []
@@ -119,7 +121,10 @@ class Sequence:
         """This step's draft tree, cut to what is worth scoring (tokens left, cache left)."""
         state = self.state
         # Leave room so that accepted tokens never run past max_new_tokens or the cache.
-        state.budget = min(self.max_new_tokens - self.stats.generated - 1, self.cache.max_len - self.cache.length - 2)
+        # make_room: nothing uncommitted is in the cache yet, so a ring may compact here; root + draft must fit.
+        room = self.cache.make_room(self.cache.slack)
+        state.budget = min(self.max_new_tokens - self.stats.generated - 1, self.cache.max_len - self.cache.length - 2,
+                           room - 1)
         t0 = time.perf_counter()
         draft = self.drafter.propose(state) if state.budget > 0 else None
         self.stats.draft_seconds += time.perf_counter() - t0

@@ -33,9 +33,11 @@ class PrefixCache:
         self.evicted = 0  # blocks dropped to stay within capacity
         self.lock = threading.Lock()  # /metrics reads the counters from another thread
 
-    def _keys(self, model, tokens: list[int], n: int) -> list[bytes]:
-        """Digests of the first n blocks: each covers the model and every token up to the block's end."""
-        keys, digest = [], hashlib.blake2b(str(id(model)).encode(), digest_size=20).digest()
+    def _keys(self, model, cache: KVCache, tokens: list[int], n: int) -> list[bytes]:
+        """Digests of the first n blocks: each covers the model, the cache's KV policy (a window changes every
+        later layer's entries) and every token up to the block's end."""
+        keys = []
+        digest = hashlib.blake2b(f"{id(model)} {cache.layout}".encode(), digest_size=20).digest()
         for i in range(n):
             block = array("q", tokens[i * self.block:(i + 1) * self.block]).tobytes()
             digest = hashlib.blake2b(digest + block, digest_size=20).digest()
@@ -49,18 +51,22 @@ class PrefixCache:
             self.blocks.move_to_end(key)
 
     def load(self, model, tokens: list[int], cache: KVCache) -> int:
-        """Copy the longest cached prefix of `tokens` (whole blocks, leaving at least the last token to score)
-        into `cache`, set its length, and return how many tokens it holds."""
+        """Copy the longest cached prefix of `tokens` (whole blocks, leaving at least the last token to score, and
+        no more than every group of `cache` holds before a ring would compact) into `cache`, set its length, and
+        return how many tokens it holds."""
         found = []
+        cache.length = 0
+        fits = min(g.capacity for g in cache.groups) - 1
         with self.lock:
             self.lookups += 1
-            for i, key in enumerate(self._keys(model, tokens, (len(tokens) - 1) // self.block)):
+            for i, key in enumerate(self._keys(model, cache, tokens, min(len(tokens) - 1, fits) // self.block)):
                 entry = self.blocks.get(key)
                 if entry is None:
                     break
                 s = i * self.block
-                cache.k[:, 0, :, s:s + self.block].copy_(entry[0])
-                cache.v[:, 0, :, s:s + self.block].copy_(entry[1])
+                for g, (k, v) in zip(cache.groups, entry):
+                    g.k[:, 0, :, s:s + self.block].copy_(k)
+                    g.v[:, 0, :, s:s + self.block].copy_(v)
                 found.append(key)
             self._touch(found)
             n = len(found) * self.block
@@ -71,18 +77,27 @@ class PrefixCache:
         return n
 
     def store(self, model, tokens: list[int], cache: KVCache) -> None:
-        """Keep the whole blocks of `tokens` whose entries `cache` holds (positions 0 … cache.length-1)."""
+        """Keep the whole blocks of `tokens` whose entries `cache` holds (positions 0 … cache.length-1). A cache
+        whose rings (a windowed KV policy) already let positions go holds no whole prefix: nothing is stored
+        from it (correctness over reuse)."""
+        if cache.dropped:
+            return
         n = min(len(tokens), cache.length) // self.block
-        keys = self._keys(model, tokens, n)
+        keys = self._keys(model, cache, tokens, n)
         with self.lock:
             for i, key in enumerate(keys):
                 if key not in self.blocks:
                     s = i * self.block
-                    k, v = cache.k[:, 0, :, s:s + self.block].clone(), cache.v[:, 0, :, s:s + self.block].clone()
-                    self.blocks[key] = (k, v)  # [layers, Hkv, block, d] each
-                    self.bytes += 2 * k.numel() * k.element_size()
+                    entry = tuple((g.k[:, 0, :, s:s + self.block].clone(), g.v[:, 0, :, s:s + self.block].clone())
+                                  for g in cache.groups)  # per group: [layers in group, Hkv, block, d] each
+                    self.blocks[key] = entry
+                    self.bytes += _nbytes(entry)
             self._touch(keys)
             while self.bytes > self.capacity and self.blocks:
-                _, (k, v) = self.blocks.popitem(last=False)
-                self.bytes -= 2 * k.numel() * k.element_size()
+                _, entry = self.blocks.popitem(last=False)
+                self.bytes -= _nbytes(entry)
                 self.evicted += 1
+
+
+def _nbytes(entry) -> int:
+    return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in entry)

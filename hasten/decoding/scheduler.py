@@ -70,13 +70,11 @@ class Scheduler:
             seq.cache = None
 
     def cache(self, model, length: int) -> KVCache | None:
-        """A cache of at least `length` positions shaped for `model` that a sequence left behind, or None
-        (allocating one per request would write hundreds of MB at long contexts)."""
-        c = model.config
+        """A cache of at least `length` positions shaped and laid out (KV policy) for `model` that a sequence
+        left behind, or None (allocating one per request would write hundreds of MB at long contexts)."""
+        c, layout = model.config, model.kv_layout()
         for cache in self.free:
-            L, _, heads, size, d = cache.k.shape
-            if (L, heads, d, cache.k.dtype) == (c.num_layers, c.num_kv_heads, c.head_dim, model.dtype) \
-                    and size >= length:
+            if cache.fits(layout, c.num_kv_heads, c.head_dim, model.dtype, length):
                 self.free.remove(cache)
                 return cache
         return None

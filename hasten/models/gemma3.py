@@ -8,8 +8,9 @@ What differs from Llama, in the order a block runs:
 - q and k are RMS-normed per head before RoPE; scores are scaled by query_pre_attn_scalar ** -0.5.
 - the MLP is GeGLU: gelu_tanh(gate) * up.
 - "sliding_attention" layers (5 of every 6) see only the last `sliding_window` positions and use their own RoPE
-  base; "full_attention" layers see everything. The KV cache stays full: a sliding layer's window is a mask
-  (window_mask) cut on top of the caller's mask, by position, so decode, prefill and draft trees all get it.
+  base; "full_attention" layers see everything. Over a KV cache the window is the cache's business
+  (models/kv: the native policy keeps a ring of the window for these layers, the full policy every position,
+  both cut by position in Segment.view); without a cache, window_mask cuts it on top of the caller's mask.
 Module names match transformers' (Gemma3DecoderLayer, Gemma3Attention, Gemma3MLP) so state dicts load by name.
 The linears are whatever the loader put there (nn.Linear or a block-quantized module): only forward(x) is used.
 These blocks do not run the fused C++ decode_block (`_fused()` is None); attention and norms use the small
@@ -45,8 +46,8 @@ def window_mask(mask: torch.Tensor | None, positions: torch.Tensor, start: int, 
     """A sliding layer's mask: `mask` (the caller's [T, L+T] over the L cached entries and the T new tokens, True =
     may attend; None = causal) with every key at position ≤ p - window cut for the query at position p.
 
-    Keys are at their positions: cache slot j holds position j (the cache holds exactly the accepted prefix), new
-    token i is at positions[..., i]. Returns `mask` itself when no key is that far back (short contexts keep the
+    Used for forwards without a cache: key j is at position j below `start`, new token i at positions[..., i]
+    (with a cache, Segment.view cuts the window over the cache's slots). Returns `mask` itself when no key is that far back (short contexts keep the
     causal fast paths), else [T, L+T] for positions [T], or [B, 1, T, L+T] for positions [B, T].
     """
     T = positions.shape[-1]

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..kernels import cpu as cpu_kernels
 from .attention import SMALL_ATTENTION, attend, attend_packed
-from .kv_cache import KVCache, Segment
+from .kv_cache import ContextOverflowError, KVCache, Segment, layer_segments
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "gemma3_text")
 
@@ -325,9 +325,22 @@ class Transformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.norm.weight.dtype
 
-    def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
-        c = self.config
-        return KVCache(c.num_layers, batch, c.num_kv_heads, max_len, c.head_dim, self.dtype, self.device)
+    kv_policy = None  # the policy new caches follow (kv/policy.py; None: "native"); hasten.load(kv_policy=...) sets it
+
+    def kv_layout(self, policy=None) -> tuple:
+        """A LayerKV per layer under `policy` (a policy or its string; default: this model's kv_policy)."""
+        from .kv import parse
+        return parse(policy if policy is not None else self.kv_policy).layers(self.config)
+
+    def new_cache(self, max_len: int, batch: int = 1, policy=None, slack: int | None = None) -> KVCache:
+        """A cache for max_len positions laid out by `policy` (default: this model's kv_policy, else native);
+        slack: a ring's room for new entries per forward (default kv_cache.RING_SLACK)."""
+        from . import kv_cache
+        from .kv import parse
+        c, policy = self.config, parse(policy if policy is not None else self.kv_policy)
+        slack = slack if slack is not None else kv_cache.RING_SLACK
+        return KVCache(c.num_layers, batch, c.num_kv_heads, max_len, c.head_dim, self.dtype, self.device,
+                       policy.layers(c), slack, policy.name)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
                 mask: torch.Tensor | None = None, layers: tuple[int, ...] | None = None,
@@ -338,8 +351,9 @@ class Transformer(nn.Module):
         positions [T] or [B, T] (default: cache length + arange(T)); mask [T, L+T] bool, True = may attend,
         over the cached entries plus the new ones (default: causal). With a cache (B = 1) this is `packed` with
         one segment: the new keys/values are appended and the cache's length advances by T; the caller keeps or
-        rolls back what verification rejects. `layers` runs a subset of the layers (layer-skip self-speculation
-        uses the same weights, with a cache of its own).
+        rolls back what verification rejects; a cache with rings (a KV policy's windows) compacts first and
+        scores a chain longer than its slack in pieces. `layers` runs a subset of the layers (layer-skip
+        self-speculation uses the same weights, with a cache of its own).
         """
         B, T = tokens.shape
         if cache is None:
@@ -351,6 +365,22 @@ class Transformer(nn.Module):
         start = cache.length
         if positions is None:
             positions = torch.arange(start, start + T, device=tokens.device)
+        room = cache.make_room(T)
+        if room < T and cache.rings:  # a ring takes at most its slack per forward: score a long chain in pieces
+            if mask is not None:
+                raise ContextOverflowError(f"{T} tree tokens do not fit a ring with room for {room}; draft fewer")
+            outs, a, flat = [], 0, positions.reshape(-1)
+            while a < T:
+                b = a + min(room, T - a)
+                outs.append(self.forward(tokens[:, a:b], flat[a:b], cache, None, layers, last_only, return_hidden))
+                a, room = b, cache.make_room(T - b)
+                if a < T and room <= 0:
+                    cache.check_room(T - a)
+            if last_only:
+                return outs[-1]
+            if return_hidden:
+                return torch.cat([o[0] for o in outs], 1), torch.cat([o[1] for o in outs], 1)
+            return torch.cat(outs, 1)
         out = self.packed(tokens[0], positions.reshape(-1), [Segment(cache, start, T, mask)], layers,
                           [T - 1] if last_only else None, return_hidden)
         cache.advance(T)
@@ -372,26 +402,22 @@ class Transformer(nn.Module):
         if c.embed_scale is not None:  # transformers multiplies by the scale rounded to the model's dtype
             x = x * torch.tensor(c.embed_scale, dtype=torch.float32).to(x.dtype)
         order = layers if layers is not None else range(len(self.layers))
+        # With caches, each layer sees the segments as its group of the cache holds them (kv_cache.py): a window
+        # (Gemma 3's sliding layers, or a KV policy's) is a mask over that group's slots.
+        per_layer = layer_segments(segments, positions, len(self.layers)) if segments is not None else None
         if c.layer_types is None:
             for i in order:
-                x = self.layers[i](x, cos, sin, i, segments, mask)
-        else:  # sliding-window layers: their own RoPE tables, and the masks cut to the window
+                x = self.layers[i](x, cos, sin, i, per_layer[i] if per_layer else None, mask)
+        else:  # sliding-window layers: their own RoPE tables; without a cache, the mask cut to the window
             from .gemma3 import window_mask
             local_cos, local_sin = self._rope(positions, local=True) if c.rope_local_theta is not None else (cos, sin)
-            if segments is None:
-                local_segments, local_mask = None, window_mask(mask, positions, 0, c.sliding_window)
-            else:
-                local_segments, local_mask, offset = [], None, 0
-                for seg in segments:
-                    pos = positions[offset:offset + seg.length]
-                    cut = window_mask(seg.mask, pos, seg.start, c.sliding_window)
-                    local_segments.append(seg if cut is seg.mask else Segment(seg.cache, seg.start, seg.length, cut))
-                    offset += seg.length
+            local_mask = window_mask(mask, positions, 0, c.sliding_window) if segments is None else None
             for i in order:
+                segs = per_layer[i] if per_layer else None
                 if c.layer_types[i] == "sliding_attention":
-                    x = self.layers[i](x, local_cos, local_sin, i, local_segments, local_mask)
+                    x = self.layers[i](x, local_cos, local_sin, i, segs, local_mask)
                 else:
-                    x = self.layers[i](x, cos, sin, i, segments, mask)
+                    x = self.layers[i](x, cos, sin, i, segs, mask)
         if rows is not None:
             x = x[:, rows]
         if x.shape[1]:

@@ -7,7 +7,6 @@ from hasten.decoding.drafters.base import NoDraft
 from hasten.decoding.drafters.blockwise import BlockwiseDrafter, heads_path, load_heads, save_heads
 from hasten.decoding.drafters.eagle import HeadNotTrainedError
 from hasten.decoding.drafters.head_training import ahead, blockwise_agreement, fit_blockwise, text_features
-from hasten.decoding.sampling import SamplingConfig
 from tests.conftest import tiny_model
 from tests.decoding import test_sampling_through_the_loop as loop_tests
 from tests.decoding.test_eagle import VOCAB, bigram_model, generate, own_outputs

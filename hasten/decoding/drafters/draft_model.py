@@ -61,6 +61,9 @@ class ModelDrafter:
             pending = self.tokens[base:]  # committed tokens the draft has not seen (always ≥ the root)
             first = self._logits(pending)
             synced = self.cache.length
+            # A ring (a windowed KV policy) compacts only now, while it holds committed entries alone: the k
+            # drafted entries then fit without compaction, and rolling back to `synced` stays inside the ring.
+            k = self.last_proposed = min(k, self.cache.make_room(k))  # each chain writes k - 1 entries
             if state.sampling.greedy:
                 chain = []
                 logits = first
