@@ -15,7 +15,6 @@ speculative sampling its distribution.
 from __future__ import annotations
 
 import json
-import pickle
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..tree import Draft
-from .eagle import HeadNotTrainedError
+from .eagle import load_trained
 
 
 class BlockwiseHeads(nn.Module):
@@ -115,21 +114,11 @@ def save_heads(heads: BlockwiseHeads, path: Path, summary: dict) -> None:
 
 
 def load_heads(engine) -> BlockwiseHeads:
-    path = heads_path(engine)
-    if not path.exists():
-        raise HeadNotTrainedError(f"blockwise needs heads trained for {engine.name}; run `hasten train-head "
-                                  "--heads 3` once (minutes on a CPU, cached)")
     model = engine.model
-    try:
-        saved = torch.load(path, map_location=model.device, weights_only=True)
-        heads = BlockwiseHeads(model.config.hidden_size, saved["hidden"], saved["heads"], saved["vocab_ids"],
-                               saved["lm_rows"])
-        heads.load_state_dict(saved["state"], strict=False)
-        if heads.lm_rows.shape[1] != model.config.hidden_size or int(heads.vocab_ids.max()) >= model.config.vocab_size:
-            raise RuntimeError("shape mismatch")
-    except (OSError, RuntimeError, KeyError, EOFError, ValueError, pickle.UnpicklingError) as e:
-        raise HeadNotTrainedError(f"the blockwise heads {path} are unreadable or for another model "
-                                  f"({type(e).__name__}); run `hasten train-head --heads 3` again") from None
+    heads = load_trained(heads_path(engine), engine, "blockwise needs heads", "the blockwise heads",
+                         "`hasten train-head --heads 3`",
+                         lambda saved: BlockwiseHeads(model.config.hidden_size, saved["hidden"], saved["heads"],
+                                                      saved["vocab_ids"], saved["lm_rows"]))
     return heads.to(model.device).eval()
 
 

@@ -167,23 +167,31 @@ def head_path(engine) -> Path:
 
 
 def load_head(engine) -> FeatureHead:
-    path = head_path(engine)
+    model = engine.model
+    head = load_trained(head_path(engine), engine, "eagle needs a draft head", "the eagle head", "`hasten train-head`",
+                        lambda saved: FeatureHead(model.config.hidden_size, saved["hidden"], saved["vocab_ids"],
+                                                  saved["lm_rows"], model.embed_tokens))
+    head.quantize_for_drafting(model.lm_head)
+    return head.to(model.device).eval()
+
+
+def load_trained(path: Path, engine, missing: str, what: str, command: str, build):
+    """A trained drafter module saved by `save_head`/`save_heads`: build(saved) makes it, its state loads into it,
+    and its LM-head rows must fit this model. A missing, unreadable or mismatched file is a one-line
+    HeadNotTrainedError naming `command`."""
     if not path.exists():
-        raise HeadNotTrainedError(f"eagle needs a draft head trained for {engine.name}; run `hasten train-head` "
-                                  "once (minutes on a CPU, cached)")
+        raise HeadNotTrainedError(f"{missing} trained for {engine.name}; run {command} once (minutes on a CPU, cached)")
     model = engine.model
     try:
         saved = torch.load(path, map_location=model.device, weights_only=True)
-        head = FeatureHead(model.config.hidden_size, saved["hidden"], saved["vocab_ids"], saved["lm_rows"],
-                           model.embed_tokens)
-        head.load_state_dict(saved["state"], strict=False)
-        if head.lm_rows.shape[1] != model.config.hidden_size or int(head.vocab_ids.max()) >= model.config.vocab_size:
+        module = build(saved)
+        module.load_state_dict(saved["state"], strict=False)
+        if module.lm_rows.shape[1] != model.config.hidden_size or int(module.vocab_ids.max()) >= model.config.vocab_size:
             raise RuntimeError("shape mismatch")
-    except (OSError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as e:
-        raise HeadNotTrainedError(f"the eagle head {path} is unreadable or for another model ({type(e).__name__}); "
-                                  "run `hasten train-head` again") from None
-    head.quantize_for_drafting(model.lm_head)
-    return head.to(model.device).eval()
+    except (OSError, RuntimeError, KeyError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        raise HeadNotTrainedError(f"{what} {path} is unreadable or for another model ({type(e).__name__}); run "
+                                  f"{command} again") from None
+    return module
 
 
 def eagle(engine, k: int = 4, threshold: float = 0.25, width: int = 1, nodes: int | None = None) -> EagleDrafter:

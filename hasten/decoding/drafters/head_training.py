@@ -129,39 +129,54 @@ def fit(model, sequences: list[tuple[list[int], int]], hidden: int = 1024, vocab
       feature was, for `steps` consecutive positions of a text or chat — and the head learns to draft from
       what it will actually see.
     steps=1, top_k=0 is EAGLE's original training. Deterministic for a seed."""
-    from tqdm import tqdm
     torch.manual_seed(seed)
-    parts = ([text_features(model, sequences, progress or iter)] if sequences else []) + ([chat_features(chats)] if chats else [])
-    H, X, Y, HN = (torch.cat(t) for t in zip(*parts))
+    H, X, Y, HN = training_features(model, sequences, chats, progress)
     vocab_ids, remap, lm_rows, coverage = vocabulary(model, Y, vocab)
     D = model.config.hidden_size
     head = FeatureHead(D, hidden, vocab_ids, lm_rows, model.embed_tokens)
     following = chained(H, HN)
-    opt = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=0.05)
-    batch = 512
-    total = epochs * math.ceil(len(Y) / batch)
+
+    def batch_loss(rows):
+        h, loss = H[rows], 0.0
+        for step in range(steps):
+            predicted = head(h, X[rows])  # [n, D]
+            logits = head.logits(predicted)  # [n, V']
+            # EAGLE's two losses: the target's choice (classification) and its feature (regression)
+            step_loss = F.cross_entropy(logits, remap[Y[rows]], ignore_index=-100) \
+                + 0.1 * D * F.smooth_l1_loss(predicted, HN[rows])
+            if top_k:
+                with torch.no_grad():
+                    p, ids = (HN[rows] @ lm_rows.T).softmax(-1).topk(top_k, -1)  # [n, K] the target's top-K
+                step_loss = step_loss - (p * logits.log_softmax(-1).gather(1, ids)).sum(-1).mean()
+            loss = loss + STEP_WEIGHT ** step * step_loss
+            more = following[rows]  # positions whose next one continues the same text
+            if step + 1 == steps or not bool(more.any()):
+                return loss
+            rows, h = rows[more] + 1, predicted[more].detach()  # the head's own feature, as drafting feeds it
+        return loss
+
+    optimise(head, len(Y), batch_loss, epochs, "train-head: training", progress)
+    return head.eval(), {"positions": len(Y), "vocab_coverage": round(coverage, 4)}
+
+
+def training_features(model, sequences, chats, progress=None) -> Features:
+    """`text_features` of the sequences and `chat_features` of the chats, concatenated."""
+    parts = ([text_features(model, sequences, progress or iter)] if sequences else []) + ([chat_features(chats)] if chats else [])
+    return tuple(torch.cat(t) for t in zip(*parts))
+
+
+def optimise(module, n: int, batch_loss, epochs: int, desc: str, progress=None, batch: int = 512) -> None:
+    """AdamW with a one-cycle schedule over `epochs` passes of shuffled batches of the n training rows;
+    batch_loss(rows) → the loss of those rows. A progress bar when `progress` is given."""
+    from tqdm import tqdm
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-3, weight_decay=0.05)
+    total = epochs * math.ceil(n / batch)
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps=total)
-    bar = tqdm(total=total, desc="train-head: training", disable=progress is None, leave=False)
+    bar = tqdm(total=total, desc=desc, disable=progress is None, leave=False)
     for epoch in range(epochs):
-        order = torch.randperm(len(Y))
-        for i in range(0, len(Y), batch):
-            rows = order[i:i + batch]
-            h, loss = H[rows], 0.0
-            for step in range(steps):
-                predicted = head(h, X[rows])  # [n, D]
-                logits = head.logits(predicted)  # [n, V']
-                # EAGLE's two losses: the target's choice (classification) and its feature (regression)
-                step_loss = F.cross_entropy(logits, remap[Y[rows]], ignore_index=-100) \
-                    + 0.1 * D * F.smooth_l1_loss(predicted, HN[rows])
-                if top_k:
-                    with torch.no_grad():
-                        p, ids = (HN[rows] @ lm_rows.T).softmax(-1).topk(top_k, -1)  # [n, K] the target's top-K
-                    step_loss = step_loss - (p * logits.log_softmax(-1).gather(1, ids)).sum(-1).mean()
-                loss = loss + STEP_WEIGHT ** step * step_loss
-                more = following[rows]  # positions whose next one continues the same text
-                if step + 1 == steps or not bool(more.any()):
-                    break
-                rows, h = rows[more] + 1, predicted[more].detach()  # the head's own feature, as drafting feeds it
+        order = torch.randperm(n)
+        for i in range(0, n, batch):
+            loss = batch_loss(order[i:i + batch])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -169,7 +184,6 @@ def fit(model, sequences: list[tuple[list[int], int]], hidden: int = 1024, vocab
             bar.update()
             bar.set_postfix_str(f"epoch {epoch + 1} loss {loss.item():.2f}")
     bar.close()
-    return head.eval(), {"positions": len(Y), "vocab_coverage": round(coverage, 4)}
 
 
 def vocabulary(model, Y: torch.Tensor, vocab: int):
@@ -239,33 +253,19 @@ def fit_blockwise(model, sequences: list[tuple[list[int], int]], heads: int = 3,
     """Fit `heads` blockwise heads (blockwise.py) on the same data as `fit`: head j learns the target's choice j+1
     tokens after each position's token, from that position's feature (cross-entropy, Medusa-1 style, the target
     frozen). Deterministic for a seed. → (heads, {"positions", "vocab_coverage"})."""
-    from tqdm import tqdm
 
     from .blockwise import BlockwiseHeads
     torch.manual_seed(seed)
-    parts = ([text_features(model, sequences, progress or iter)] if sequences else []) + ([chat_features(chats)] if chats else [])
-    H, X, Y, HN = (torch.cat(t) for t in zip(*parts))
+    H, X, Y, HN = training_features(model, sequences, chats, progress)
     vocab_ids, remap, lm_rows, coverage = vocabulary(model, Y, vocab)
     targets = ahead(Y, chained(H, HN), heads, remap)  # [N, k]
     module = BlockwiseHeads(model.config.hidden_size, hidden, heads, vocab_ids, lm_rows)
-    opt = torch.optim.AdamW(module.parameters(), lr=1e-3, weight_decay=0.05)
-    batch = 512
-    total = epochs * math.ceil(len(Y) / batch)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps=total)
-    bar = tqdm(total=total, desc="train-head: blockwise heads", disable=progress is None, leave=False)
-    for epoch in range(epochs):
-        order = torch.randperm(len(Y))
-        for i in range(0, len(Y), batch):
-            rows = order[i:i + batch]
-            logits = module(H[rows])  # [n, k, V']
-            loss = F.cross_entropy(logits.flatten(0, 1), targets[rows].flatten(), ignore_index=-100)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            schedule.step()
-            bar.update()
-            bar.set_postfix_str(f"epoch {epoch + 1} loss {loss.item():.2f}")
-    bar.close()
+
+    def batch_loss(rows):
+        logits = module(H[rows])  # [n, k, V']
+        return F.cross_entropy(logits.flatten(0, 1), targets[rows].flatten(), ignore_index=-100)
+
+    optimise(module, len(Y), batch_loss, epochs, "train-head: blockwise heads", progress)
     return module.eval(), {"positions": len(Y), "vocab_coverage": round(coverage, 4)}
 
 
