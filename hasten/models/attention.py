@@ -39,7 +39,7 @@ def attend_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
         cv[0, :, start:start + n].copy_(v[0, offset:offset + n].transpose(0, 1))
         qs = q[0, offset:offset + n]  # [n, H, d]
         if kernels is not None and n <= SMALL_ATTENTION:
-            outs.append(kernels.attend_small(qs.contiguous(), ck[0], cv[0], start + n, seg.mask, scale))  # [n, H*d]
+            outs.append(kernels.attend(qs.contiguous(), ck[0], cv[0], start + n, seg.mask, scale))  # [n, H*d]
         else:
             mask = seg.mask
             if mask is None and start > 0 and n > 1:  # causal, bottom-right aligned after the cached entries

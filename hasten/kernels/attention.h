@@ -1,0 +1,300 @@
+// Streamed attention of T new tokens over a KV cache (decode, draft trees, prefill chunks, packed batches):
+// one kernel for every T, included by cpu.cpp.
+//
+// Work is split into tasks of (KV head g, query tile): up to kTokenTile tokens x the group's H/Hkv query heads.
+// A task streams the keys in tiles of kKeyTile keys aligned at absolute key 0; each K/V tile is read once for
+// all the task's queries (GQA-aware, and a draft tree's nodes share one pass over the prefix). Per query it keeps
+// an online softmax: running max m, running sum l, an accumulator rescaled by exp(m_old - m_new), and ends with
+// acc / l. Scores: the K tile transposed to [d, kKeyTile] once per task, then per query a chain of fmas over the
+// d dims with keys in the lanes (no horizontal sums).
+//
+// Exactness (the one kernel contract, DESIGN.md): a query's arithmetic depends only on its own q, the keys it may
+// see and the fixed key tiling. Keys it may not see (mask, causal, past S) get score -inf and p = 0 exactly; a
+// tile with none it may see leaves its m, l and acc untouched (acc += 0 * v is exact). So a token's output has
+// the same bits whether it is scored alone, in a tree, in a 300-token chunk or in any query tile.
+#pragma once
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "formats/common.h"
+
+namespace hasten {
+namespace attn {
+
+constexpr int64_t kKeyTile = 64;    // keys per tile: 16 KB of K (d = 64) stays in L1 beside its transpose
+constexpr int64_t kTokenTile = 16;  // query tokens per task (x the group's heads: 48 queries for SmolLM2)
+
+// The SIMD level of this build; A lanes per vector.
+#if defined(HASTEN_AVX512)
+using A = __m512;
+constexpr int kLanes = 16, kRows = 4;  // kRows queries' accumulators (4 x 4 vectors) in registers
+inline A load(const float* p) { return _mm512_loadu_ps(p); }
+inline void store(float* p, A a) { _mm512_storeu_ps(p, a); }
+inline A set1(float x) { return _mm512_set1_ps(x); }
+inline A fma(A a, A b, A c) { return _mm512_fmadd_ps(a, b, c); }
+inline A fnma(A a, A b, A c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a * b
+inline A mul(A a, A b) { return _mm512_mul_ps(a, b); }
+inline A add(A a, A b) { return _mm512_add_ps(a, b); }
+inline A sub(A a, A b) { return _mm512_sub_ps(a, b); }
+inline A vmax(A a, A b) { return _mm512_max_ps(a, b); }
+inline float hmax(A a) { return _mm512_reduce_max_ps(a); }
+inline float hsum(A a) { return _mm512_reduce_add_ps(a); }
+inline float first(A a) { return _mm512_cvtss_f32(a); }
+inline A round_nearest(A a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline A scale2(A p, A n) { return _mm512_scalef_ps(p, n); }  // p * 2^n
+inline A keep_above(A x, A y, float lo) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, set1(lo), _CMP_GE_OQ), y); }
+#elif defined(HASTEN_AVX2)
+using A = __m256;
+constexpr int kLanes = 8, kRows = 2;
+inline A load(const float* p) { return _mm256_loadu_ps(p); }
+inline void store(float* p, A a) { _mm256_storeu_ps(p, a); }
+inline A set1(float x) { return _mm256_set1_ps(x); }
+inline A fma(A a, A b, A c) { return _mm256_fmadd_ps(a, b, c); }
+inline A fnma(A a, A b, A c) { return _mm256_fnmadd_ps(a, b, c); }
+inline A mul(A a, A b) { return _mm256_mul_ps(a, b); }
+inline A add(A a, A b) { return _mm256_add_ps(a, b); }
+inline A sub(A a, A b) { return _mm256_sub_ps(a, b); }
+inline A vmax(A a, A b) { return _mm256_max_ps(a, b); }
+inline float hmax(A a) {
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+}
+inline float hsum(A a) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+inline float first(A a) { return _mm256_cvtss_f32(a); }
+inline A round_nearest(A a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline A scale2(A p, A n) {  // n is an integer in [-127, 127] here (x >= -87.5)
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+inline A keep_above(A x, A y, float lo) { return _mm256_and_ps(_mm256_cmp_ps(x, set1(lo), _CMP_GE_OQ), y); }
+#else
+using A = float;
+constexpr int kLanes = 1, kRows = 4;
+inline A load(const float* p) { return *p; }
+inline void store(float* p, A a) { *p = a; }
+inline A set1(float x) { return x; }
+inline A fma(A a, A b, A c) { return a * b + c; }  // -ffp-contract=off: a multiply, then an add
+inline A fnma(A a, A b, A c) { return c - a * b; }
+inline A mul(A a, A b) { return a * b; }
+inline A add(A a, A b) { return a + b; }
+inline A sub(A a, A b) { return a - b; }
+inline A vmax(A a, A b) { return std::max(a, b); }
+inline float hmax(A a) { return a; }
+inline float hsum(A a) { return a; }
+inline float first(A a) { return a; }
+inline A round_nearest(A a) { return std::nearbyint(a); }
+inline A scale2(A p, A n) { return std::ldexp(p, int(n)); }
+inline A keep_above(A x, A y, float lo) { return x >= lo ? y : 0.f; }
+#endif
+constexpr int kTileVectors = kKeyTile / kLanes;
+
+// e^x lane by lane (Cephes' expf: x = n ln2 + r, |r| <= ln2/2, a degree-7 polynomial), x <= 0 here (a score
+// minus its running max). 0 below -87 (and for -inf: masked keys). exp(0) is exactly 1, so a running max that
+// does not move rescales by exactly 1.
+inline A vexp(A x) {
+  const A xc = vmax(x, set1(-87.5f));
+  const A n = round_nearest(mul(xc, set1(1.44269504088896341f)));
+  A r = fnma(n, set1(0.693359375f), xc);
+  r = fnma(n, set1(-2.12194440e-4f), r);
+  A y = set1(1.9875691500e-4f);
+  y = fma(y, r, set1(1.3981999507e-3f));
+  y = fma(y, r, set1(8.3334519073e-3f));
+  y = fma(y, r, set1(4.1665795894e-2f));
+  y = fma(y, r, set1(1.6666665459e-1f));
+  y = fma(y, r, set1(5.0000001201e-1f));
+  y = fma(y, mul(r, r), add(r, set1(1.f)));
+  return keep_above(x, scale2(y, n), -87.f);
+}
+
+// kt [d, kKeyTile] = the keys j0 .. j0+nk (rows of kr, stride d), zero past nk.
+inline void transpose_keys(const float* kr, int64_t nk, int64_t d, float* kt) {
+#if defined(HASTEN_AVX512)
+  if (nk == kKeyTile && d % 16 == 0) {  // 16 x 16 blocks through registers
+    for (int64_t jb = 0; jb < kKeyTile; jb += 16)
+      for (int64_t cb = 0; cb < d; cb += 16) {
+        __m512 r[16], t[16];
+        for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(kr + (jb + i) * d + cb);
+        for (int i = 0; i < 8; ++i) {
+          t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+          t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+        }
+        for (int i = 0; i < 4; ++i) {
+          const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+          const __m512d c = _mm512_castps_pd(t[4 * i + 2]), e = _mm512_castps_pd(t[4 * i + 3]);
+          r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+          r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+          r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, e));
+          r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, e));
+        }
+        // r[4i + k], 128-bit lane L: column 4L + k of rows 4i .. 4i+3
+        for (int k = 0; k < 4; ++k) {
+          t[k] = _mm512_shuffle_f32x4(r[k], r[4 + k], 0x88);       // lanes 0, 2 of rows 0-3 | 4-7
+          t[4 + k] = _mm512_shuffle_f32x4(r[k], r[4 + k], 0xdd);   // lanes 1, 3
+          t[8 + k] = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0x88);
+          t[12 + k] = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0xdd);
+        }
+        for (int k = 0; k < 4; ++k) {
+          r[k] = _mm512_shuffle_f32x4(t[k], t[8 + k], 0x88);        // column k
+          r[8 + k] = _mm512_shuffle_f32x4(t[k], t[8 + k], 0xdd);    // column 8 + k
+          r[4 + k] = _mm512_shuffle_f32x4(t[4 + k], t[12 + k], 0x88);  // column 4 + k
+          r[12 + k] = _mm512_shuffle_f32x4(t[4 + k], t[12 + k], 0xdd);  // column 12 + k
+        }
+        for (int i = 0; i < 16; ++i) _mm512_storeu_ps(kt + (cb + i) * kKeyTile + jb, r[i]);
+      }
+    return;
+  }
+#endif
+  for (int64_t c = 0; c < d; ++c) {
+    for (int64_t j = 0; j < nk; ++j) kt[c * kKeyTile + j] = kr[j * d + c];
+    for (int64_t j = nk; j < kKeyTile; ++j) kt[c * kKeyTile + j] = 0.f;
+  }
+}
+
+// acc[r] = acc[r] * alpha[r] + sum_j p[r][j] v[j] for R queries, the d dims in chunks of 4 vectors; per lane
+// the same operations in the same order for every R.
+template <int R>
+inline void accumulate(float* acc, int64_t dp, const float* alpha, const float* p, const float* vr, int64_t vs,
+                       int64_t nk) {
+  for (int64_t c0 = 0; c0 < dp; c0 += 4 * kLanes) {
+    const int nv = int(std::min<int64_t>(4, (dp - c0) / kLanes));
+    A a[R][4];
+    for (int r = 0; r < R; ++r)
+      for (int u = 0; u < nv; ++u) a[r][u] = mul(load(acc + r * dp + c0 + u * kLanes), set1(alpha[r]));
+    for (int64_t j = 0; j < nk; ++j) {
+      for (int u = 0; u < nv; ++u) {
+        const A vv = load(vr + j * vs + c0 + u * kLanes);
+        for (int r = 0; r < R; ++r) a[r][u] = fma(set1(p[r * kKeyTile + j]), vv, a[r][u]);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int u = 0; u < nv; ++u) store(acc + r * dp + c0 + u * kLanes, a[r][u]);
+  }
+}
+
+template <int R>
+inline void accumulate_rest(int n, float* acc, int64_t dp, const float* alpha, const float* p, const float* vr,
+                            int64_t vs, int64_t nk) {
+  if constexpr (R > 1) {
+    if (n == R - 1) return accumulate<R - 1>(acc, dp, alpha, p, vr, vs, nk);
+    return accumulate_rest<R - 1>(n, acc, dp, alpha, p, vr, vs, nk);
+  }
+}
+
+// One task: KV head g, tokens [t0, t1). Q [T, H, d]; kb, vb: head g's keys/values, rows of d; M [T, S] or null
+// (causal: token t sees keys 0 .. S-T+t); O [T, H*d].
+inline void attend_task(const float* Q, const float* kb, const float* vb, const bool* M, float* O, int64_t T,
+                        int64_t H, int64_t d, int64_t S, int64_t g, int64_t group, int64_t t0, int64_t t1, float sc) {
+  const int64_t nq = (t1 - t0) * group, dp = (d + kLanes - 1) / kLanes * kLanes;
+  std::vector<float> kt(d * kKeyTile), p(nq * kKeyTile), acc(nq * dp, 0.f), m(nq, -INFINITY), l(nq, 0.f),
+      alpha(nq), vpad(d % kLanes ? kKeyTile * dp : 0, 0.f);
+  const int64_t jend = M ? S : S - T + t1;  // one past the last key any query of the task may see
+  for (int64_t j0 = 0; j0 < jend; j0 += kKeyTile) {
+    const int64_t nk = std::min(kKeyTile, S - j0);
+    transpose_keys(kb + j0 * d, nk, d, kt.data());
+    for (int64_t r = 0; r < nq; ++r) {
+      const int64_t t = t0 + r / group, h = g * group + r % group, last = S - T + t;
+      float* pr = p.data() + r * kKeyTile;
+      alpha[r] = 1.f;
+      if (!M && j0 > last) {  // no key of this tile is visible: untouched (p = 0)
+        std::fill(pr, pr + kKeyTile, 0.f);
+        continue;
+      }
+      const float* qv = Q + (t * H + h) * d;
+      A s[kTileVectors];
+      for (int u = 0; u < kTileVectors; ++u) s[u] = set1(0.f);
+      for (int64_t c = 0; c < d; ++c) {
+        const A qc = set1(qv[c]);
+        const float* kc = kt.data() + c * kKeyTile;
+        for (int u = 0; u < kTileVectors; ++u) s[u] = fma(qc, load(kc + u * kLanes), s[u]);
+      }
+      for (int u = 0; u < kTileVectors; ++u) store(pr + u * kLanes, mul(s[u], set1(sc)));
+      const int64_t seen = M ? nk : std::min(nk, last - j0 + 1);  // keys of the tile before any causal cut
+      for (int64_t j = seen; j < kKeyTile; ++j) pr[j] = -INFINITY;
+      if (M)
+        for (int64_t j = 0; j < seen; ++j)
+          if (!M[t * S + j0 + j]) pr[j] = -INFINITY;
+      A mx = load(pr);
+      for (int u = 1; u < kTileVectors; ++u) mx = vmax(mx, load(pr + u * kLanes));
+      const float mt = hmax(mx);
+      if (mt == -INFINITY) {
+        std::fill(pr, pr + kKeyTile, 0.f);
+        continue;
+      }
+      const float mn = std::max(m[r], mt);
+      alpha[r] = first(vexp(set1(m[r] - mn)));  // 0 at the first visible tile (m = -inf), 1 if m stays
+      A sum = set1(0.f);
+      for (int u = 0; u < kTileVectors; ++u) {
+        const A e = vexp(sub(load(pr + u * kLanes), set1(mn)));
+        store(pr + u * kLanes, e);
+        sum = add(sum, e);
+      }
+      l[r] = l[r] * alpha[r] + hsum(sum);
+      m[r] = mn;
+    }
+    const float* vr = vb + j0 * d;
+    int64_t vs = d;
+    if (!vpad.empty()) {  // rows padded to whole vectors
+      for (int64_t j = 0; j < nk; ++j) std::copy(vr + j * d, vr + (j + 1) * d, vpad.data() + j * dp);
+      vr = vpad.data();
+      vs = dp;
+    }
+    int64_t r = 0;
+    for (; r + kRows <= nq; r += kRows)
+      accumulate<kRows>(acc.data() + r * dp, dp, alpha.data() + r, p.data() + r * kKeyTile, vr, vs, nk);
+    if (r < nq)
+      accumulate_rest<kRows>(int(nq - r), acc.data() + r * dp, dp, alpha.data() + r, p.data() + r * kKeyTile, vr, vs, nk);
+  }
+  for (int64_t r = 0; r < nq; ++r) {
+    const int64_t t = t0 + r / group, h = g * group + r % group;
+    float* o = O + t * H * d + h * d;
+    const float inv = 1.f / l[r];
+    for (int64_t c = 0; c < d; ++c) o[c] = acc[r * dp + c] * inv;
+  }
+}
+
+}  // namespace attn
+}  // namespace hasten
+
+// q [T, H, d] (token-major, as projected); k, v [Hkv, max_len, d] (one layer's cache, batch 0), the first S rows
+// valid; mask [T, S] bool (True = may attend) or undefined for causal (token t sees keys 0 .. S-T+t) → [T, H*d].
+inline torch::Tensor attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64_t S, c10::optional<torch::Tensor> mask,
+                            double scale) {
+  using namespace hasten::attn;
+  TORCH_CHECK(q.dim() == 3 && q.is_contiguous() && q.scalar_type() == torch::kFloat32, "q must be contiguous f32 [T, H, d]");
+  TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.scalar_type() == torch::kFloat32 && v.scalar_type() == torch::kFloat32 &&
+              k.stride(2) == 1 && v.stride(2) == 1 && k.stride(1) == k.size(2) && v.stride(1) == v.size(2),
+              "k, v must be f32 [Hkv, max_len, d] with contiguous rows");
+  const int64_t T = q.size(0), H = q.size(1), d = q.size(2), Hkv = k.size(0);
+  TORCH_CHECK(H % Hkv == 0 && k.size(2) == d && v.size(2) == d && S <= k.size(1) && S <= v.size(1) && S >= T,
+              "bad attention shapes");
+  const bool* M = nullptr;
+  torch::Tensor m;
+  if (mask.has_value() && mask->defined()) {
+    m = mask->contiguous();
+    TORCH_CHECK(m.scalar_type() == torch::kBool && m.size(0) == T && m.size(1) == S, "mask must be bool [T, S]");
+    M = m.data_ptr<bool>();
+  }
+  auto out = torch::empty({T, H * d}, q.options());
+  if (T == 0) return out;
+  const float *Q = q.data_ptr<float>(), *K = k.data_ptr<float>(), *V = v.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  const int64_t ks = k.stride(0), vs = v.stride(0), group = H / Hkv, tiles = (T + kTokenTile - 1) / kTokenTile;
+  const float sc = float(scale);
+  at::parallel_for(0, Hkv * tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      // Token tiles in the order 0, n-1, 1, n-2, …: under a causal mask later tiles see more keys, and
+      // parallel_for hands each thread a contiguous range, so this balances the threads.
+      const int64_t g = w % Hkv, i = w / Hkv, tile = i % 2 == 0 ? i / 2 : tiles - 1 - i / 2, t0 = tile * kTokenTile;
+      attend_task(Q, K + g * ks, V + g * vs, M, O, T, H, d, S, g, group, t0, std::min(T, t0 + kTokenTile), sc);
+    }
+  });
+  return out;
+}
