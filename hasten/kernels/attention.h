@@ -30,7 +30,8 @@ constexpr int64_t kTokenTile = 16;  // query tokens per task (x the group's head
 // The SIMD level of this build; A lanes per vector.
 #if defined(HASTEN_AVX512)
 using A = __m512;
-constexpr int kLanes = 16, kRows = 4;  // kRows queries' accumulators (4 x 4 vectors) in registers
+// kScoreRows queries' scores (3 x 4 vectors), kRows queries' accumulators (4 x 4 vectors) in registers
+constexpr int kLanes = 16, kScoreRows = 3, kRows = 4;
 inline A load(const float* p) { return _mm512_loadu_ps(p); }
 inline void store(float* p, A a) { _mm512_storeu_ps(p, a); }
 inline A set1(float x) { return _mm512_set1_ps(x); }
@@ -48,7 +49,7 @@ inline A scale2(A p, A n) { return _mm512_scalef_ps(p, n); }  // p * 2^n
 inline A keep_above(A x, A y, float lo) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, set1(lo), _CMP_GE_OQ), y); }
 #elif defined(HASTEN_AVX2)
 using A = __m256;
-constexpr int kLanes = 8, kRows = 2;
+constexpr int kLanes = 8, kScoreRows = 1, kRows = 2;
 inline A load(const float* p) { return _mm256_loadu_ps(p); }
 inline void store(float* p, A a) { _mm256_storeu_ps(p, a); }
 inline A set1(float x) { return _mm256_set1_ps(x); }
@@ -77,7 +78,7 @@ inline A scale2(A p, A n) {  // n is an integer in [-127, 127] here (x >= -87.5)
 inline A keep_above(A x, A y, float lo) { return _mm256_and_ps(_mm256_cmp_ps(x, set1(lo), _CMP_GE_OQ), y); }
 #else
 using A = float;
-constexpr int kLanes = 1, kRows = 4;
+constexpr int kLanes = 1, kScoreRows = 1, kRows = 4;
 inline A load(const float* p) { return *p; }
 inline void store(float* p, A a) { *p = a; }
 inline A set1(float x) { return x; }
@@ -158,24 +159,63 @@ inline void transpose_keys(const float* kr, int64_t nk, int64_t d, float* kt) {
   }
 }
 
-// acc[r] = acc[r] * alpha[r] + sum_j p[r][j] v[j] for R queries, the d dims in chunks of 4 vectors; per lane
-// the same operations in the same order for every R.
-template <int R>
-inline void accumulate(float* acc, int64_t dp, const float* alpha, const float* p, const float* vr, int64_t vs,
-                       int64_t nk) {
-  for (int64_t c0 = 0; c0 < dp; c0 += 4 * kLanes) {
-    const int nv = int(std::min<int64_t>(4, (dp - c0) / kLanes));
-    A a[R][4];
-    for (int r = 0; r < R; ++r)
-      for (int u = 0; u < nv; ++u) a[r][u] = mul(load(acc + r * dp + c0 + u * kLanes), set1(alpha[r]));
-    for (int64_t j = 0; j < nk; ++j) {
-      for (int u = 0; u < nv; ++u) {
-        const A vv = load(vr + j * vs + c0 + u * kLanes);
-        for (int r = 0; r < R; ++r) a[r][u] = fma(set1(p[r * kKeyTile + j]), vv, a[r][u]);
-      }
+// p[i] = scale * (q_i . k_j) for the kKeyTile keys of kt [d, kKeyTile], QN queries at once (QN x kTileVectors
+// independent fma chains, each over the d dims in order: the same per lane for every QN).
+template <int QN>
+inline void scores(const float* const* qv, const float* kt, int64_t d, float sc, float* p) {
+  A s[QN][kTileVectors];
+  for (int i = 0; i < QN; ++i)
+    for (int u = 0; u < kTileVectors; ++u) s[i][u] = set1(0.f);
+  for (int64_t c = 0; c < d; ++c) {
+    A qc[QN];
+    for (int i = 0; i < QN; ++i) qc[i] = set1(qv[i][c]);
+    const float* kc = kt + c * kKeyTile;
+    for (int u = 0; u < kTileVectors; ++u) {
+      const A kv = load(kc + u * kLanes);
+      for (int i = 0; i < QN; ++i) s[i][u] = fma(qc[i], kv, s[i][u]);
     }
-    for (int r = 0; r < R; ++r)
-      for (int u = 0; u < nv; ++u) store(acc + r * dp + c0 + u * kLanes, a[r][u]);
+  }
+  for (int i = 0; i < QN; ++i)
+    for (int u = 0; u < kTileVectors; ++u) store(p + i * kKeyTile + u * kLanes, mul(s[i][u], set1(sc)));
+}
+
+template <int QN>
+inline void scores_rest(int n, const float* const* qv, const float* kt, int64_t d, float sc, float* p) {
+  if constexpr (QN > 1) {
+    if (n == QN - 1) return scores<QN - 1>(qv, kt, d, sc, p);
+    return scores_rest<QN - 1>(n, qv, kt, d, sc, p);
+  }
+}
+
+// acc[r] = acc[r] * alpha[r] + sum_j p[r][j] v[j] for R queries over NV vectors of dims from c0; per lane the
+// same operations in the same order for every R and NV.
+template <int R, int NV>
+inline void accumulate(float* acc, int64_t dp, int64_t c0, const float* alpha, const float* p, const float* vr,
+                       int64_t vs, int64_t nk) {
+  A a[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < NV; ++u) a[r][u] = mul(load(acc + r * dp + c0 + u * kLanes), set1(alpha[r]));
+  for (int64_t j = 0; j < nk; ++j) {
+    A pj[R];
+    for (int r = 0; r < R; ++r) pj[r] = set1(p[r * kKeyTile + j]);
+    for (int u = 0; u < NV; ++u) {
+      const A vv = load(vr + j * vs + c0 + u * kLanes);
+      for (int r = 0; r < R; ++r) a[r][u] = fma(pj[r], vv, a[r][u]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < NV; ++u) store(acc + r * dp + c0 + u * kLanes, a[r][u]);
+}
+
+template <int R>
+inline void accumulate_rows(float* acc, int64_t dp, const float* alpha, const float* p, const float* vr, int64_t vs,
+                            int64_t nk) {
+  int64_t c0 = 0;
+  for (; c0 + 4 * kLanes <= dp; c0 += 4 * kLanes) accumulate<R, 4>(acc, dp, c0, alpha, p, vr, vs, nk);
+  switch ((dp - c0) / kLanes) {
+    case 3: return accumulate<R, 3>(acc, dp, c0, alpha, p, vr, vs, nk);
+    case 2: return accumulate<R, 2>(acc, dp, c0, alpha, p, vr, vs, nk);
+    case 1: return accumulate<R, 1>(acc, dp, c0, alpha, p, vr, vs, nk);
   }
 }
 
@@ -183,7 +223,7 @@ template <int R>
 inline void accumulate_rest(int n, float* acc, int64_t dp, const float* alpha, const float* p, const float* vr,
                             int64_t vs, int64_t nk) {
   if constexpr (R > 1) {
-    if (n == R - 1) return accumulate<R - 1>(acc, dp, alpha, p, vr, vs, nk);
+    if (n == R - 1) return accumulate_rows<R - 1>(acc, dp, alpha, p, vr, vs, nk);
     return accumulate_rest<R - 1>(n, acc, dp, alpha, p, vr, vs, nk);
   }
 }
@@ -195,27 +235,41 @@ inline void attend_task(const float* Q, const float* kb, const float* vb, const 
   const int64_t nq = (t1 - t0) * group, dp = (d + kLanes - 1) / kLanes * kLanes;
   std::vector<float> kt(d * kKeyTile), p(nq * kKeyTile), acc(nq * dp, 0.f), m(nq, -INFINITY), l(nq, 0.f),
       alpha(nq), vpad(d % kLanes ? kKeyTile * dp : 0, 0.f);
+  std::vector<char> visible(nq);
   const int64_t jend = M ? S : S - T + t1;  // one past the last key any query of the task may see
   for (int64_t j0 = 0; j0 < jend; j0 += kKeyTile) {
     const int64_t nk = std::min(kKeyTile, S - j0);
+    bool tile_seen = false;
+    for (int64_t r = 0; r < nq; ++r) {  // which queries see a key of this tile
+      const int64_t t = t0 + r / group;
+      bool any = !M && j0 <= S - T + t;
+      for (int64_t j = 0; M && j < nk && !any; ++j) any = M[t * S + j0 + j];
+      visible[r] = any;
+      tile_seen |= any;
+    }
+    if (!tile_seen) continue;  // a whole tile masked for every query (a sliding window): nothing changes
     transpose_keys(kb + j0 * d, nk, d, kt.data());
+    for (int64_t r = 0; r < nq; r += kScoreRows) {
+      const int n = int(std::min<int64_t>(kScoreRows, nq - r));
+      const float* qv[kScoreRows];
+      bool any = false;
+      for (int i = 0; i < n; ++i) {
+        const int64_t t = t0 + (r + i) / group, h = g * group + (r + i) % group;
+        qv[i] = Q + (t * H + h) * d;
+        any |= bool(visible[r + i]);
+      }
+      if (!any) continue;
+      if (n == kScoreRows) scores<kScoreRows>(qv, kt.data(), d, sc, p.data() + r * kKeyTile);
+      else scores_rest<kScoreRows>(n, qv, kt.data(), d, sc, p.data() + r * kKeyTile);
+    }
     for (int64_t r = 0; r < nq; ++r) {
-      const int64_t t = t0 + r / group, h = g * group + r % group, last = S - T + t;
+      const int64_t t = t0 + r / group, last = S - T + t;
       float* pr = p.data() + r * kKeyTile;
       alpha[r] = 1.f;
-      if (!M && j0 > last) {  // no key of this tile is visible: untouched (p = 0)
+      if (!visible[r]) {  // no key of this tile is visible: m, l, acc untouched (p = 0)
         std::fill(pr, pr + kKeyTile, 0.f);
         continue;
       }
-      const float* qv = Q + (t * H + h) * d;
-      A s[kTileVectors];
-      for (int u = 0; u < kTileVectors; ++u) s[u] = set1(0.f);
-      for (int64_t c = 0; c < d; ++c) {
-        const A qc = set1(qv[c]);
-        const float* kc = kt.data() + c * kKeyTile;
-        for (int u = 0; u < kTileVectors; ++u) s[u] = fma(qc, load(kc + u * kLanes), s[u]);
-      }
-      for (int u = 0; u < kTileVectors; ++u) store(pr + u * kLanes, mul(s[u], set1(sc)));
       const int64_t seen = M ? nk : std::min(nk, last - j0 + 1);  // keys of the tile before any causal cut
       for (int64_t j = seen; j < kKeyTile; ++j) pr[j] = -INFINITY;
       if (M)
@@ -223,12 +277,7 @@ inline void attend_task(const float* Q, const float* kb, const float* vb, const 
           if (!M[t * S + j0 + j]) pr[j] = -INFINITY;
       A mx = load(pr);
       for (int u = 1; u < kTileVectors; ++u) mx = vmax(mx, load(pr + u * kLanes));
-      const float mt = hmax(mx);
-      if (mt == -INFINITY) {
-        std::fill(pr, pr + kKeyTile, 0.f);
-        continue;
-      }
-      const float mn = std::max(m[r], mt);
+      const float mt = hmax(mx), mn = std::max(m[r], mt);
       alpha[r] = first(vexp(set1(m[r] - mn)));  // 0 at the first visible tile (m = -inf), 1 if m stays
       A sum = set1(0.f);
       for (int u = 0; u < kTileVectors; ++u) {
@@ -248,7 +297,7 @@ inline void attend_task(const float* Q, const float* kb, const float* vb, const 
     }
     int64_t r = 0;
     for (; r + kRows <= nq; r += kRows)
-      accumulate<kRows>(acc.data() + r * dp, dp, alpha.data() + r, p.data() + r * kKeyTile, vr, vs, nk);
+      accumulate_rows<kRows>(acc.data() + r * dp, dp, alpha.data() + r, p.data() + r * kKeyTile, vr, vs, nk);
     if (r < nq)
       accumulate_rest<kRows>(int(nq - r), acc.data() + r * dp, dp, alpha.data() + r, p.data() + r * kKeyTile, vr, vs, nk);
   }
