@@ -6,10 +6,13 @@
 // all the task's queries (GQA-aware, and a draft tree's nodes share one pass over the prefix). Per query it keeps
 // an online softmax: running max m, running sum l, an accumulator rescaled by exp(m_old - m_new), and ends with
 // acc / l. Scores: the K tile transposed to [d, kKeyTile] once per task, then per query a chain of fmas over the
-// d dims with keys in the lanes (no horizontal sums).
+// d dims with keys in the lanes (no horizontal sums). The tiles are grouped into chunks of kKeyChunk keys, also
+// aligned at key 0: each chunk's state starts afresh and a query combines its chunks in order at the end, so a
+// decode step spreads one KV head's cache over all cores (tasks per chunk) while a prompt chunk's task walks its
+// chunks itself — the same arithmetic either way.
 //
 // Exactness (the one kernel contract, DESIGN.md): a query's arithmetic depends only on its own q, the keys it may
-// see and the fixed key tiling. Keys it may not see (mask, causal, past S) get score -inf and p = 0 exactly; a
+// see and the fixed key tiles and chunks. Keys it may not see (mask, causal, past S) get score -inf and p = 0 exactly; a
 // tile with none it may see leaves its m, l and acc untouched (acc += 0 * v is exact). So a token's output has
 // the same bits whether it is scored alone, in a tree, in a 300-token chunk or in any query tile.
 #pragma once
@@ -26,6 +29,7 @@ namespace attn {
 
 constexpr int64_t kKeyTile = 64;    // keys per tile: 16 KB of K (d = 64) stays in L1 beside its transpose
 constexpr int64_t kTokenTile = 16;  // query tokens per task (x the group's heads: 48 queries for SmolLM2)
+constexpr int64_t kKeyChunk = 512;  // keys per chunk: a query's softmax state restarts at every chunk
 
 // The SIMD level of this build; A lanes per vector.
 #if defined(HASTEN_AVX512)
@@ -228,16 +232,29 @@ inline void accumulate_rest(int n, float* acc, int64_t dp, const float* alpha, c
   }
 }
 
-// One task: KV head g, tokens [t0, t1). Q [T, H, d]; kb, vb: head g's keys/values, rows of d; M [T, S] or null
-// (causal: token t sees keys 0 .. S-T+t); O [T, H*d].
-inline void attend_task(const float* Q, const float* kb, const float* vb, const bool* M, float* O, int64_t T,
-                        int64_t H, int64_t d, int64_t S, int64_t g, int64_t group, int64_t t0, int64_t t1, float sc) {
+// Scratch buffers of one thread's tasks, sized for nq queries.
+struct Scratch {
+  std::vector<float> kt, p, acc, m, l, alpha, vpad;
+  std::vector<char> visible;
+  Scratch(int64_t nq, int64_t d, int64_t dp)
+      : kt(d * kKeyTile), p(nq * kKeyTile), acc(nq * dp), m(nq), l(nq), alpha(nq), vpad(d % kLanes ? kKeyTile * dp : 0, 0.f),
+        visible(nq) {}
+};
+
+// Queries of KV head g, tokens [t0, t1), over the keys [jb, je) of one key chunk: each query's softmax state
+// (m, l, unnormalised acc [dp]) into part[r * (dp + 2)], a fresh state at the chunk's start. Q [T, H, d]; kb, vb:
+// head g's keys/values, rows of d; M [T, S] or null (causal: token t sees keys 0 .. S-T+t).
+inline void attend_chunk(const float* Q, const float* kb, const float* vb, const bool* M, int64_t T, int64_t H,
+                         int64_t d, int64_t S, int64_t g, int64_t group, int64_t t0, int64_t t1, float sc, int64_t jb,
+                         int64_t je, Scratch& w, float* part) {
   const int64_t nq = (t1 - t0) * group, dp = (d + kLanes - 1) / kLanes * kLanes;
-  std::vector<float> kt(d * kKeyTile), p(nq * kKeyTile), acc(nq * dp, 0.f), m(nq, -INFINITY), l(nq, 0.f),
-      alpha(nq), vpad(d % kLanes ? kKeyTile * dp : 0, 0.f);
-  std::vector<char> visible(nq);
-  const int64_t jend = M ? S : S - T + t1;  // one past the last key any query of the task may see
-  for (int64_t j0 = 0; j0 < jend; j0 += kKeyTile) {
+  std::vector<float> &kt = w.kt, &p = w.p, &acc = w.acc, &m = w.m, &l = w.l, &alpha = w.alpha, &vpad = w.vpad;
+  std::vector<char>& visible = w.visible;
+  std::fill(acc.begin(), acc.begin() + nq * dp, 0.f);
+  std::fill(m.begin(), m.begin() + nq, -INFINITY);
+  std::fill(l.begin(), l.begin() + nq, 0.f);
+  const int64_t jend = std::min(je, M ? S : S - T + t1);  // one past the last key any query may see
+  for (int64_t j0 = jb; j0 < jend; j0 += kKeyTile) {
     const int64_t nk = std::min(kKeyTile, S - j0);
     bool tile_seen = false;
     for (int64_t r = 0; r < nq; ++r) {  // which queries see a key of this tile
@@ -302,11 +319,30 @@ inline void attend_task(const float* Q, const float* kb, const float* vb, const 
       accumulate_rest<kRows>(int(nq - r), acc.data() + r * dp, dp, alpha.data() + r, p.data() + r * kKeyTile, vr, vs, nk);
   }
   for (int64_t r = 0; r < nq; ++r) {
-    const int64_t t = t0 + r / group, h = g * group + r % group;
-    float* o = O + t * H * d + h * d;
-    const float inv = 1.f / l[r];
-    for (int64_t c = 0; c < d; ++c) o[c] = acc[r * dp + c] * inv;
+    float* st = part + r * (dp + 2);
+    st[0] = m[r];
+    st[1] = l[r];
+    std::copy(acc.begin() + r * dp, acc.begin() + (r + 1) * dp, st + 2);
   }
+}
+
+// One query's output o [d] from its states over nc key chunks (stride cs floats apart), in chunk order:
+// mx = the largest m of the chunks it saw, then l and acc summed with weights exp(m_c - mx). One chunk: weight 1.
+inline void combine(const float* part, int64_t nc, int64_t cs, int64_t d, float* o, float* acc) {
+  float mx = -INFINITY;
+  for (int64_t c = 0; c < nc; ++c)
+    if (part[c * cs + 1] > 0.f) mx = std::max(mx, part[c * cs]);
+  float l = 0.f;
+  std::fill(acc, acc + d, 0.f);
+  for (int64_t c = 0; c < nc; ++c) {
+    const float* st = part + c * cs;
+    if (!(st[1] > 0.f)) continue;
+    const float wgt = first(vexp(set1(st[0] - mx)));
+    l = l + st[1] * wgt;
+    for (int64_t k = 0; k < d; ++k) acc[k] = acc[k] + st[2 + k] * wgt;
+  }
+  const float inv = 1.f / l;
+  for (int64_t k = 0; k < d; ++k) o[k] = acc[k] * inv;
 }
 
 }  // namespace attn
@@ -336,13 +372,46 @@ inline torch::Tensor attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, i
   const float *Q = q.data_ptr<float>(), *K = k.data_ptr<float>(), *V = v.data_ptr<float>();
   float* O = out.data_ptr<float>();
   const int64_t ks = k.stride(0), vs = v.stride(0), group = H / Hkv, tiles = (T + kTokenTile - 1) / kTokenTile;
+  const int64_t dp = (d + kLanes - 1) / kLanes * kLanes, cs = dp + 2, nc = (S + kKeyChunk - 1) / kKeyChunk;
   const float sc = float(scale);
+  if (tiles == 1) {
+    // A few tokens (decode, a draft tree): tasks over (KV head, key chunk), so that every core streams part of
+    // the cache; then each query combines its chunks. part [Hkv][nc][T * group][cs].
+    const int64_t nq = T * group;
+    std::vector<float> part(Hkv * nc * nq * cs);
+    at::parallel_for(0, Hkv * nc, 1, [&](int64_t begin, int64_t end) {
+      Scratch w(nq, d, dp);
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t g = i / nc, c = i % nc;
+        attend_chunk(Q, K + g * ks, V + g * vs, M, T, H, d, S, g, group, 0, T, sc, c * kKeyChunk,
+                     (c + 1) * kKeyChunk, w, part.data() + i * nq * cs);
+      }
+    });
+    std::vector<float> acc(d);
+    for (int64_t g = 0; g < Hkv; ++g)
+      for (int64_t r = 0; r < nq; ++r) {
+        const int64_t t = r / group, h = g * group + r % group;
+        combine(part.data() + (g * nc * nq + r) * cs, nc, nq * cs, d, O + t * H * d + h * d, acc.data());
+      }
+    return out;
+  }
+  // Prompt chunks: tasks over (KV head, token tile), each walking its key chunks in order — the same arithmetic.
   at::parallel_for(0, Hkv * tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t w = begin; w < end; ++w) {
+    const int64_t nq = kTokenTile * group;
+    Scratch w(nq, d, dp);
+    std::vector<float> part(nc * nq * cs), acc(d);
+    for (int64_t i = begin; i < end; ++i) {
       // Token tiles in the order 0, n-1, 1, n-2, …: under a causal mask later tiles see more keys, and
       // parallel_for hands each thread a contiguous range, so this balances the threads.
-      const int64_t g = w % Hkv, i = w / Hkv, tile = i % 2 == 0 ? i / 2 : tiles - 1 - i / 2, t0 = tile * kTokenTile;
-      attend_task(Q, K + g * ks, V + g * vs, M, O, T, H, d, S, g, group, t0, std::min(T, t0 + kTokenTile), sc);
+      const int64_t g = i % Hkv, j = i / Hkv, tile = j % 2 == 0 ? j / 2 : tiles - 1 - j / 2, t0 = tile * kTokenTile;
+      const int64_t t1 = std::min(T, t0 + kTokenTile), n = (t1 - t0) * group;
+      for (int64_t c = 0; c < nc; ++c)
+        attend_chunk(Q, K + g * ks, V + g * vs, M, T, H, d, S, g, group, t0, t1, sc, c * kKeyChunk,
+                     (c + 1) * kKeyChunk, w, part.data() + c * n * cs);
+      for (int64_t r = 0; r < n; ++r) {
+        const int64_t t = t0 + r / group, h = g * group + r % group;
+        combine(part.data() + r * cs, nc, n * cs, d, O + t * H * d + h * d, acc.data());
+      }
     }
   });
   return out;

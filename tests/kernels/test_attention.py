@@ -98,3 +98,17 @@ def test_large_scores_do_not_overflow(ext):
     out = ext.attend(q, k, v, 200, None, D ** -0.5)
     assert torch.isfinite(out).all()
     assert torch.allclose(out.double(), reference(q, k, v, 200, causal(8, 200)), atol=1e-4)
+
+
+@pytest.mark.parametrize("T", [3, 40])  # decode-sized (tasks per key chunk) and prompt-sized (per token tile)
+def test_the_thread_count_changes_no_bit(ext, T):
+    q, k, v = data(8, T, 2100)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ext.attend(q, k, v, 2100, None, D ** -0.5)
+        torch.set_num_threads(2)
+        two = ext.attend(q, k, v, 2100, None, D ** -0.5)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
