@@ -97,8 +97,8 @@ def forward_code_hash() -> str:
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
     digest = hashlib.sha256()
-    for path in sorted([*root.glob("models/*.py"), *root.glob("kernels/*.cpp"), *root.glob("kernels/*.py"),
-                        *root.glob("kernels/formats/*.h")]):
+    for path in sorted([*root.glob("models/*.py"), *root.glob("kernels/*.cpp"), *root.glob("kernels/*.h"),
+                        *root.glob("kernels/*.py"), *root.glob("kernels/formats/*.h")]):
         digest.update(path.read_bytes())
     return digest.hexdigest()[:10]
 
