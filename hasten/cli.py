@@ -219,6 +219,11 @@ def _kv_note(policy: str, lossy: bool) -> str:
 @click.option("--questions", type=click.Path(dir_okay=False), default=None,
               help="Spec-Bench-format JSONL (question_id, category, turns) [default: hasten's suite]")
 @click.option("--per-category", type=int, default=None, help="use only the first N prompts of each category")
+@click.option("--suite", type=click.Choice(["default", "long"]), default="default", show_default=True,
+              help="long: 2k/4k/8k-token prompts from held-out corpus documents (summarize, question, continue); "
+                   "reports time to first token and decode tokens/s apart")
+@click.option("--lengths", default="2048,4096,8192", show_default=True,
+              help="--suite long: prompt lengths in tokens, comma-separated")
 @click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--max-new-tokens", "-n", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--temperature", "-t", type=float, default=0.0, show_default=True,
@@ -234,8 +239,8 @@ def _kv_note(policy: str, lossy: bool) -> str:
 @corpus_option
 @threads_option
 @user_errors
-def bench(model, methods, reference, questions, per_category, rounds, max_new_tokens, temperature, json_path,
-          markdown_path, report_dir, compare, corpus, threads):
+def bench(model, methods, reference, questions, per_category, suite, lengths, rounds, max_new_tokens, temperature,
+          json_path, markdown_path, report_dir, compare, corpus, threads):
     """Measure methods and peers side by side on the same weights and prompts (interleaved rounds, warm-up)."""
     from .bench import report, runner
     from .bench.context import collect
@@ -256,13 +261,21 @@ def bench(model, methods, reference, questions, per_category, rounds, max_new_to
             registry.parse(m)
     if reference not in names:
         raise UsageError(f"--reference {reference!r} is not among --methods ({', '.join(names)}); add it")
-    qs = load_questions(questions, per_category)
+    if suite == "long":
+        sizes = _lengths(lengths)
+        if questions or per_category or report_dir or temperature > 0:
+            raise UsageError("--suite long builds its own prompts and runs greedy: drop --questions, "
+                             "--per-category, --report and --temperature")
+    qs = load_questions(questions, per_category) if suite == "default" else []
     from .engine import validate_options
     validate_options(max_new_tokens, temperature, 0, 1.0)
     n_threads = set_threads(threads)
     check_corpus(corpus)  # a bad path fails before seconds of loading
     engine = load_engine(model)
     use_corpus(engine, corpus)
+    if suite == "long":
+        return _bench_long(engine, tuple(names), reference, sizes, rounds, max_new_tokens, corpus, n_threads,
+                           json_path, markdown_path)
     config = runner.BenchConfig(tuple(names), reference, rounds, max_new_tokens, temperature)
     records = runner.run(engine, qs, config)
     result = {"context": collect(engine, n_threads, questions or "hasten default suite", len(qs), max_new_tokens, rounds),
@@ -279,6 +292,37 @@ def bench(model, methods, reference, questions, per_category, rounds, max_new_to
     if report_dir:
         for path in report.write_all(result, report_dir):
             click.echo(f"wrote {path}")
+
+
+def _lengths(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 16:
+        raise UsageError(f"--lengths {text!r}: give prompt lengths in tokens (each ≥ 16), e.g. 2048,4096,8192")
+    return sizes
+
+
+def _bench_long(engine, names, reference, lengths, rounds, max_new_tokens, corpus, n_threads, json_path,
+                markdown_path):
+    """`hasten bench --suite long`: bench/long_suite.py's prompts, every method and peer, one table."""
+    from .bench import long_suite
+    from .bench.context import collect
+    prompts = long_suite.build_prompts(engine, lengths, max_new_tokens, corpus)
+    records = long_suite.run(engine, prompts, names, rounds, max_new_tokens)
+    summary = long_suite.summarize(records, reference)
+    result = {"context": collect(engine, n_threads, "hasten long-context suite " + ",".join(map(str, lengths)),
+                                 len(prompts), max_new_tokens, rounds), "summary": summary, "records": records}
+    table = long_suite.terminal(summary)
+    click.echo(table)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f)
+        click.echo(f"\nwrote {json_path}")
+    if markdown_path:
+        with open(markdown_path, "w") as f:
+            f.write("```\n" + table + "\n```\n")
 
 
 @main.command("report")

@@ -21,12 +21,12 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from ..models.attention import SMALL_ATTENTION
+from ..models.attention import FUSED_TOKENS
 
-# Tokens scored per forward (a piece's logits are all that is held): at most SMALL_ATTENTION, so every policy runs
+# Tokens scored per forward (a piece's logits are all that is held): at most FUSED_TOKENS, so every policy runs
 # the attention kernel the decode loop runs, whose result for a token depends only on the keys it sees; longer
 # pieces take SDPA, whose rounding depends on the buffer's layout, and q8 activations can magnify that.
-PIECE = SMALL_ATTENTION
+PIECE = FUSED_TOKENS
 
 
 @dataclass(frozen=True)

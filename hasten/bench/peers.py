@@ -45,18 +45,35 @@ class HFPeer:
         self.passes += 1
 
     def run(self, ids: list[int], max_new_tokens: int) -> dict:
-        """→ token_ids, seconds, target_passes (prefill included), precision."""
+        """→ token_ids, seconds, target_passes (prefill included), first_token_seconds, precision."""
         kwargs = {"prompt_lookup_num_tokens": DRAFT_TOKENS} if self.name == "hf-pld" else {}
         eos = sorted(self.engine.eos_ids)
         self.passes = 0
+        first = _FirstToken()
         with torch.inference_mode():
-            t0 = time.perf_counter()
+            t0 = first.t0 = time.perf_counter()
             out = self.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                       max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
-                                      pad_token_id=eos[0], **kwargs)
+                                      pad_token_id=eos[0], streamer=first, **kwargs)
             seconds = time.perf_counter() - t0
         return {"token_ids": out[0, len(ids):].tolist(), "seconds": seconds, "target_passes": self.passes,
-                "precision": self.precision}
+                "first_token_seconds": first.seconds or seconds, "precision": self.precision}
+
+
+class _FirstToken:
+    """A transformers streamer that only notes when the first generated token arrives (its first `put` is the
+    prompt)."""
+
+    def __init__(self):
+        self.t0, self.puts, self.seconds = 0.0, 0, None
+
+    def put(self, value):
+        self.puts += 1
+        if self.puts == 2:
+            self.seconds = time.perf_counter() - self.t0
+
+    def end(self):
+        pass
 
 
 # ---- llama.cpp ------------------------------------------------------------------------------------------
@@ -121,20 +138,24 @@ class LlamaCppPeer:
             draft_model=LlamaPromptLookupDecoding(num_pred_tokens=DRAFT_TOKENS) if pld else None)
 
     def run(self, ids: list[int], max_new_tokens: int) -> dict:
-        """→ token_ids (EOS included, as hasten's), seconds, target_passes (prefill included), precision."""
+        """→ token_ids (EOS included, as hasten's), seconds, target_passes (prefill included), first_token_seconds,
+        precision."""
         self._load(len(ids) + max_new_tokens + DRAFT_TOKENS + 1)
         llama, eos, out = self.llama, self.engine.eos_ids, []
         llama.reset()  # no KV reuse of a previous run's prompt prefix: every method prefills the whole prompt
         llama.passes = 0
         t0 = time.perf_counter()
+        first = None
         steps = llama.generate(ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0)
         for token in steps:
+            first = time.perf_counter() - t0 if first is None else first
             out.append(int(token))
             if token in eos or len(out) >= max_new_tokens:
                 break
         steps.close()
         seconds = time.perf_counter() - t0
-        return {"token_ids": out, "seconds": seconds, "target_passes": llama.passes, "precision": self.precision}
+        return {"token_ids": out, "seconds": seconds, "target_passes": llama.passes,
+                "first_token_seconds": first or seconds, "precision": self.precision}
 
 
 @functools.cache
@@ -159,4 +180,5 @@ class SkippedPeer:
         self.name, self.skipped = name, reason
 
     def run(self, ids: list[int], max_new_tokens: int) -> dict:
-        return {"token_ids": [], "seconds": 0.0, "target_passes": 0, "precision": "—", "skipped": self.skipped}
+        return {"token_ids": [], "seconds": 0.0, "target_passes": 0, "first_token_seconds": 0.0, "precision": "—",
+                "skipped": self.skipped}

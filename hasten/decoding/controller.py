@@ -3,9 +3,11 @@
 - DiffuSpec's adaptive draft-length (ADL) controller picks the next proposal size from recent acceptance and
   realised lengths; here recent acceptance feeds a geometric model (each drafted token is accepted with
   probability a, given its parent was) whose a is an exponentially decayed estimate.
-- The cost side is this machine's: the target's forward time as a function of tokens scored, measured once per
-  model and thread count and cached. On a 2-core CPU scoring 16 tokens costs well over one token, so the best
-  size is where expected tokens per step / step time peaks, not the largest draft that might be accepted.
+- The cost side is this machine's: the target's forward time as a function of tokens scored and of the keys
+  already cached, measured once per model and thread count and cached. On a 2-core CPU scoring 16 tokens costs
+  well over one token, so the best size is where expected tokens per step / step time peaks, not the largest
+  draft that might be accepted; deep in a long context every scored token also attends to every cached key, so
+  drafts shrink there.
 - Blockwise parallel decoding's rule (keep the longest verified prefix, then take the target's own token) is the
   greedy verifier in verify.py; this module only sizes the drafts.
 """
@@ -21,22 +23,31 @@ SIZES = (1, 2, 4, 8, 12, 16, 24, 32)
 
 
 class StepCost:
-    """Relative cost of one target forward over T tokens (cost(1) = 1), interpolated between measured sizes."""
+    """Relative cost of one target forward over T tokens after L cached keys (cost(1) = 1 at the table's
+    context): the table's sizes interpolated, plus an attention term per scored token and per cached key past
+    that context (`per_key`, relative to the one-token step), so verification at depth is priced as it costs."""
 
-    def __init__(self, table: dict[int, float]):
+    def __init__(self, table: dict[int, float], per_key: float = 0.0, context: int = 0):
         self.sizes = sorted(table)
         base = table[self.sizes[0]]
         self.rel = [table[s] / base for s in self.sizes]
+        self.per_key, self.context = max(per_key, 0.0), context
 
-    def __call__(self, tokens: int) -> float:
+    def __call__(self, tokens: int, context: int | None = None) -> float:
         s, r = self.sizes, self.rel
         if tokens <= s[0]:
-            return r[0]
-        for i in range(1, len(s)):
-            if tokens <= s[i]:
-                w = (tokens - s[i - 1]) / (s[i] - s[i - 1])
-                return r[i - 1] + w * (r[i] - r[i - 1])
-        return r[-1] * tokens / s[-1]
+            base = r[0]
+        else:
+            base = r[-1] * tokens / s[-1]
+            for i in range(1, len(s)):
+                if tokens <= s[i]:
+                    w = (tokens - s[i - 1]) / (s[i] - s[i - 1])
+                    base = r[i - 1] + w * (r[i] - r[i - 1])
+                    break
+        if context is None or not self.per_key:
+            return base
+        # shorter contexts than the table's save at most half of it (the rest is weights, not attention)
+        return max(base + self.per_key * tokens * (context - self.context), base / 2)
 
     @classmethod
     def default(cls) -> "StepCost":
@@ -46,20 +57,37 @@ class StepCost:
 
 def measure_step_cost(model, context: int = 256, sizes=SIZES, repeats: int = 5) -> dict[int, float]:
     """Median seconds of one target forward over T new tokens after `context` cached ones, sizes interleaved."""
-    cache = model.new_cache(context + max(sizes) + 1)
-    prompt = torch.randint(0, model.config.vocab_size, (1, context))
-    times = {s: [] for s in sizes}
+    return measure_contexts(model, (context,), sizes, repeats)[context]
+
+
+def measure_contexts(model, contexts, sizes, repeats: int = 5) -> dict[int, dict[int, float]]:
+    """Median seconds of one target forward over T new tokens after L cached ones, for each L in `contexts` and
+    T in `sizes`, all interleaved: {L: {T: seconds}}."""
+    caches = {L: model.new_cache(L + max(sizes) + 1) for L in contexts}
+    times = {L: {s: [] for s in sizes} for L in contexts}
     with torch.inference_mode():
-        model(prompt, cache=cache)
+        for L, cache in caches.items():
+            model(torch.randint(0, model.config.vocab_size, (1, L)), cache=cache)
         for r in range(repeats + 1):
             for s in sizes:
-                tokens = torch.randint(0, model.config.vocab_size, (1, s))
-                t0 = time.perf_counter()
-                model(tokens, cache=cache)
-                if r:  # the first pass warms up
-                    times[s].append(time.perf_counter() - t0)
-                cache.rollback(s)
-    return {s: statistics.median(v) for s, v in times.items()}
+                for L, cache in caches.items():
+                    tokens = torch.randint(0, model.config.vocab_size, (1, s))
+                    t0 = time.perf_counter()
+                    model(tokens, cache=cache)
+                    if r:  # the first pass warms up
+                        times[L][s].append(time.perf_counter() - t0)
+                    cache.rollback(s)
+    return {L: {s: statistics.median(v) for s, v in ts.items()} for L, ts in times.items()}
+
+
+def per_key_cost(near: dict[int, float], far: dict[int, float], keys: int, base: float) -> float:
+    """The attention term of StepCost from step times at two contexts `keys` apart: the extra seconds per scored
+    token per cached key (median over the sizes measured at both), relative to the one-token step `base`."""
+    slopes = [(far[s] - near[s]) / (s * keys) for s in sorted(set(near) & set(far))]
+    return max(statistics.median(slopes), 0.0) / base if slopes else 0.0
+
+
+CONTEXTS = (256, 2048)  # the table's context, and the far one that prices the attention term
 
 
 def forward_code_hash() -> str:
@@ -69,14 +97,15 @@ def forward_code_hash() -> str:
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
     digest = hashlib.sha256()
-    for path in sorted([*root.glob("models/*.py"), *root.glob("kernels/*.cpp"), *root.glob("kernels/*.py"),
-                        *root.glob("kernels/formats/*.h")]):
+    for path in sorted([*root.glob("models/*.py"), *root.glob("kernels/*.cpp"), *root.glob("kernels/*.h"),
+                        *root.glob("kernels/*.py"), *root.glob("kernels/formats/*.h")]):
         digest.update(path.read_bytes())
     return digest.hexdigest()[:10]
 
 
 def step_cost(engine) -> StepCost:
-    """The engine's measured step cost, from the cache or measured now (a few seconds, once per machine)."""
+    """The engine's measured step cost, from the cache or measured now (a few seconds, once per machine): the
+    table over SIZES at CONTEXTS[0] keys, and the attention term from sizes 1 and 8 at both CONTEXTS."""
     cached = getattr(engine, "_step_cost", None)
     if cached is not None:
         return cached
@@ -84,17 +113,23 @@ def step_cost(engine) -> StepCost:
     name = f"{engine.model_hash}-{forward_code_hash()}-{torch.get_num_threads()}threads.json"
     path = cache_dir() / "step_cost" / name
     try:
-        table = {int(k): v for k, v in json.loads(path.read_text()).items()}
-    except (OSError, ValueError):
-        table = measure_step_cost(engine.model)
+        saved = json.loads(path.read_text())
+        table, per_key = {int(k): v for k, v in saved["tokens"].items()}, float(saved["per_key"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        near, far = CONTEXTS[0], min(CONTEXTS[1], engine.model.config.max_position_embeddings - 64)
+        table = measure_step_cost(engine.model)  # at CONTEXTS[0] keys
+        per_key = 0.0
+        if far > near:
+            both = measure_contexts(engine.model, (near, far), (1, 8))
+            per_key = per_key_cost(both[near], both[far], far - near, both[near][1])
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(table))
-    engine._step_cost = StepCost(table)
+        path.write_text(json.dumps({"tokens": table, "context": near, "per_key": per_key}))
+    engine._step_cost = StepCost(table, per_key, CONTEXTS[0])
     return engine._step_cost
 
 
 class DraftSizeController:
-    """Chooses the next draft size k maximising (E[accepted | k] + 1) / (cost(k + 1) + k · draft cost)."""
+    """Chooses the next draft size k maximising (E[accepted | k] + 1) / (cost(k + 1, context) + k · draft cost)."""
 
     def __init__(self, cost: StepCost, k_max: int, decay: float = 0.9, prior: float = 0.5, draft_cost: float = 0.0):
         self.cost, self.k_max, self.decay = cost, k_max, decay
@@ -119,7 +154,9 @@ class DraftSizeController:
         a = min(self.acceptance, 0.999)
         return a * (1 - a ** k) / (1 - a)
 
-    def next(self, available: int | None = None) -> int:
-        """Best k in 0..k_max (0 = don't draft this step); `available` caps it (e.g. the match length)."""
+    def next(self, available: int | None = None, context: int | None = None) -> int:
+        """Best k in 0..k_max (0 = don't draft this step); `available` caps it (e.g. the match length); `context`
+        (tokens already cached) prices verification at that depth."""
         top = self.k_max if available is None else min(self.k_max, available)
-        return max(range(top + 1), key=lambda k: (self.expected(k) + 1) / (self.cost(k + 1) + k * self.draft_cost))
+        cost = lambda k: self.cost(k + 1, context) + k * self.draft_cost
+        return max(range(top + 1), key=lambda k: (self.expected(k) + 1) / cost(k))

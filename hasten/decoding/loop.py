@@ -16,7 +16,6 @@ from typing import Iterator
 
 import torch
 
-from ..models.attention import SMALL_ATTENTION
 from ..models.kv_cache import ContextOverflowError, KVCache, Segment
 from ..models.transformer import Transformer
 from .controller import DraftSizeController, StepCost
@@ -52,8 +51,8 @@ class DecodeStats:
 
 @dataclass
 class Work:
-    """What a sequence puts into one packed step: its tokens and positions [n], their segments (a prompt chunk is
-    cut into segments of at most SMALL_ATTENTION tokens), the rows whose logits it needs, and its draft."""
+    """What a sequence puts into one packed step: its tokens and positions [n], their segments (one per sequence:
+    a prompt chunk of any length is one segment), the rows whose logits it needs, and its draft."""
     tokens: list[int]
     positions: torch.Tensor
     segments: list[Segment]
@@ -111,8 +110,7 @@ class Sequence:
         start = self.cache.length
         n = min(n, self.prompt_left)
         n = min(n, self.cache.make_room(n))  # a ring (a windowed KV policy) takes at most its slack per step
-        segments = [Segment(self.cache, s, min(SMALL_ATTENTION, start + n - s))
-                    for s in range(start, start + n, SMALL_ATTENTION)]
+        segments = [Segment(self.cache, start, n)]
         rows = [n - 1] if start + n == len(self.prompt) else []
         return Work(self.prompt[start:start + n], torch.arange(start, start + n, device=self.model.device),
                     segments, rows)

@@ -23,7 +23,6 @@ from typing import Callable, Iterator
 
 import torch
 
-from ..models.attention import SMALL_ATTENTION
 from ..models.kv_cache import KVCache
 from .controller import StepCost
 from .loop import Sequence, Step, Work
@@ -131,8 +130,8 @@ class Scheduler:
                 drafts[seq] = seq.propose()
             except Exception as e:  # this request's drafter failed: it fails alone
                 seq.fail(e)
-        # Prompts always progress: at least a segment's worth (within half the budget) is kept for prefill.
-        reserve = min(SMALL_ATTENTION, prefilling[0].prompt_left, max(1, budget // 2)) if prefilling else 0
+        # Prompts always progress: up to half the budget is kept for prefill.
+        reserve = min(prefilling[0].prompt_left, max(1, budget // 2)) if prefilling else 0
         if len(drafts) + len(prefilling) > 1 and any(len(d) for d in drafts.values()):
             drafts = self._trim(drafts, cap=budget - reserve)
         works: list[tuple[Sequence, Work]] = [(seq, seq.decode(d)) for seq, d in drafts.items()]

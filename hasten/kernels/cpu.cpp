@@ -1,7 +1,8 @@
 // hasten's CPU kernels (see kernels/cpu.py for why they exist and how they are built).
 // 1. Y[T, N] = X[T, K] @ W^T computed straight from a GGUF tensor's bytes (the memory-mapped file), for every
 //    block format in formats/*.h: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K.
-// 2. RMSNorm, rotary embedding, and attention for a few tokens, and one whole decoder block in one call.
+// 2. RMSNorm, rotary embedding, streamed attention over the KV cache (attention.h), and one whole decoder block
+//    in one call.
 //
 // Exactness: every weight is rebuilt as gguf-py's dequantize does it (formats/common.h), so the weights are
 // bit-identical to the dense fp32 ones; the accumulation uses FMA, which only changes summation rounding.
@@ -15,6 +16,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "attention.h"
+#include "attention_window.h"
 #include "formats/bf16.h"
 #include "formats/f16.h"
 #include "formats/f32.h"
@@ -362,89 +365,6 @@ void rope_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
     }
 }
 
-// Attention for a few new tokens over the KV cache (decode and draft-tree verification): one call instead of
-// SDPA's CPU flash kernel, whose set-up costs ~0.2 ms per call at these sizes (6 ms of a 24 ms decode step).
-// q [T, H, d] (token-major, as projected); k, v [Hkv, max_len, d] (one layer's cache, batch 0), the first S rows
-// valid; mask [T, S] bool (True = may attend) or undefined for causal (token t sees keys 0 .. S-T+t).
-// Each (token, head) is computed by the same instruction sequence whatever T is, and keys a token may not see
-// are skipped, so a token scored inside a draft tree gets exactly the output it gets when scored alone.
-torch::Tensor attend_small(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64_t S, c10::optional<torch::Tensor> mask,
-                           double scale) {
-  TORCH_CHECK(q.dim() == 3 && q.is_contiguous() && q.scalar_type() == torch::kFloat32, "q must be contiguous f32 [T, H, d]");
-  TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.stride(2) == 1 && v.stride(2) == 1 && k.stride(1) == k.size(2) &&
-              v.stride(1) == v.size(2), "k, v must be [Hkv, max_len, d] with contiguous rows");
-  const int64_t T = q.size(0), H = q.size(1), d = q.size(2), Hkv = k.size(0);
-  TORCH_CHECK(H % Hkv == 0 && k.size(2) == d && S <= k.size(1) && S >= T, "bad attention shapes");
-  const bool* M = nullptr;
-  torch::Tensor m;
-  if (mask.has_value() && mask->defined()) {
-    m = mask->contiguous();
-    TORCH_CHECK(m.scalar_type() == torch::kBool && m.size(0) == T && m.size(1) == S, "mask must be bool [T, S]");
-    M = m.data_ptr<bool>();
-  }
-  auto out = torch::empty({T, H * d}, q.options());
-  const float *Q = q.data_ptr<float>(), *K = k.data_ptr<float>(), *V = v.data_ptr<float>();
-  float* O = out.data_ptr<float>();
-  const int64_t ks = k.stride(0), vs = v.stride(0), group = H / Hkv;
-  const float sc = float(scale);
-  at::parallel_for(0, T * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> p(S);
-    std::vector<float> acc(d);
-    for (int64_t th = begin; th < end; ++th) {
-      const int64_t t = th / H, h = th % H, g = h / group;
-      const float* qv = Q + (t * H + h) * d;
-      const float* kb = K + g * ks;
-      const float* vb = V + g * vs;
-      const int64_t last = S - T + t;  // causal limit when no mask is given
-      float mx = -INFINITY;
-      for (int64_t j = 0; j < S; ++j) {
-        const bool ok = M ? M[t * S + j] : j <= last;
-        if (!ok) { p[j] = -INFINITY; continue; }
-        const float* kr = kb + j * d;
-        float dot;
-#ifdef __AVX512F__
-        if (d % 16 == 0) {
-          __m512 a = _mm512_setzero_ps();
-          for (int64_t c = 0; c < d; c += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(qv + c), _mm512_loadu_ps(kr + c), a);
-          dot = _mm512_reduce_add_ps(a);
-        } else
-#endif
-        {
-          dot = 0.f;
-          for (int64_t c = 0; c < d; ++c) dot = std::fma(qv[c], kr[c], dot);
-        }
-        p[j] = dot * sc;
-        mx = std::max(mx, p[j]);
-      }
-      float sum = 0.f;
-      for (int64_t j = 0; j < S; ++j) {
-        const float e = p[j] == -INFINITY ? 0.f : std::exp(p[j] - mx);
-        p[j] = e;
-        sum += e;
-      }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t j = 0; j < S; ++j) {
-        if (p[j] == 0.f) continue;
-        const float w = p[j];
-        const float* vr = vb + j * d;
-#ifdef __AVX512F__
-        if (d % 16 == 0) {
-          const __m512 wv = _mm512_set1_ps(w);
-          for (int64_t c = 0; c < d; c += 16)
-            _mm512_storeu_ps(acc.data() + c, _mm512_fmadd_ps(wv, _mm512_loadu_ps(vr + c), _mm512_loadu_ps(acc.data() + c)));
-          continue;
-        }
-#endif
-        for (int64_t c = 0; c < d; ++c) acc[c] = std::fma(w, vr[c], acc[c]);
-      }
-      float* o = O + t * H * d + h * d;
-      const float inv = 1.f / sum;
-      for (int64_t c = 0; c < d; ++c) o[c] = acc[c] * inv;
-    }
-  });
-  return out;
-}
-
 // sparsity/kernels/cpu.cpp, built into this extension.
 torch::Tensor q4t_sparse_in(torch::Tensor x, double thr, torch::Tensor q, torch::Tensor d, torch::Tensor m, int64_t K, int64_t N);
 torch::Tensor q4_1_rows_gated(torch::Tensor x, torch::Tensor gate, double thr, torch::Tensor d, torch::Tensor m, torch::Tensor qs);
@@ -475,11 +395,12 @@ torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& w
 // x [1, T, D]; lin, fmt, thr, max_t = q, k, v, o, gate, up, down (see `linear`); cos, sin [T, d];
 // ck, cv = this layer's cache [1, Hkv, max_len, d], written at start..start+T; mask [T, start+T] or none.
 // gated_up_thr < 0: SwiGLU, silu(gate) * up; else CATS: up's rows only where |silu(gate)| > gated_up_thr.
+// windowed: a windowed layer's attention (attention_window.h), whose result does not depend on buffer slots.
 torch::Tensor decode_block(torch::Tensor x, torch::Tensor ln1, torch::Tensor ln2, double eps,
                            std::vector<std::vector<torch::Tensor>> lin, std::vector<double> thr,
                            std::vector<int64_t> max_t, std::vector<int64_t> fmt, torch::Tensor cos, torch::Tensor sin, torch::Tensor ck,
                            torch::Tensor cv, int64_t start, c10::optional<torch::Tensor> mask, double scale,
-                           int64_t H, int64_t Hkv, double gated_up_thr) {
+                           int64_t H, int64_t Hkv, double gated_up_thr, bool windowed) {
   TORCH_CHECK(x.dim() == 3 && x.size(0) == 1 && x.is_contiguous() && lin.size() == 7 && thr.size() == 7 &&
               max_t.size() == 7 && fmt.size() == 7, "decode_block: bad arguments");
   TORCH_CHECK(start + x.size(1) <= ck.size(2), "decode_block: KV cache overflow");
@@ -494,7 +415,8 @@ torch::Tensor decode_block(torch::Tensor x, torch::Tensor ln1, torch::Tensor ln2
   rope_(k, cos, sin);
   ck.narrow(2, start, T).copy_(k.view({1, T, Hkv, d}).transpose(1, 2));
   cv.narrow(2, start, T).copy_(v.view({1, T, Hkv, d}).transpose(1, 2));
-  const auto attn = attend_small(q, ck[0], cv[0], start + T, mask, scale);
+  const auto attn = windowed ? attend_window(q, ck[0], cv[0], start + T, mask, scale)
+                             : attend(q, ck[0], cv[0], start + T, mask, scale);
   x = x + lin_(3, attn).view({1, T, D});
   const auto h2 = rms_norm(x.view({T, D}), ln2, eps);
   const auto gate = at::silu(lin_(4, h2));
@@ -510,6 +432,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("isa", &isa, "the instruction set this build targets: avx512, avx2 or portable");
   mod.def("rms_norm", &rms_norm, "RMSNorm over the last dim of [T, D]");
   mod.def("rope_", &rope_, "rotary embedding in place on [T, H, d]");
-  mod.def("attend_small", &attend_small, "attention of a few tokens over the KV cache (causal or masked)");
+  mod.def("attend", &attend, "streamed attention of T tokens over the KV cache (causal or masked; attention.h)");
+  mod.def("attend_window", &attend_window,
+          "a windowed layer's attention: the same bits wherever its keys sit in the buffer (attention_window.h)");
   register_sparse_kernels(mod);
 }

@@ -1,5 +1,6 @@
 """hasten's CPU kernels (a small C++ extension): Y = X @ W^T straight from a GGUF tensor's bytes in any of the
-block formats of `formats.py`, RMSNorm, RoPE, attention for a few tokens, and a whole decoder block in one call.
+block formats of `formats.py`, RMSNorm, RoPE, streamed attention over the KV cache for any number of new tokens
+(attention.h: decode, draft trees and prompt chunks alike), and a whole decoder block in one call.
 
 Why: decoding reads every weight once per token, and this machine streams only ~16-22 GB/s. The dequantized
 fp32 weights of the default model are 540 MB (≤ 30 tokens/s); its Q4_1 blocks are 0.5625 bytes per weight. Each

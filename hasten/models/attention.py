@@ -1,4 +1,5 @@
-"""Attention over the KV cache: SDPA with causal or tree masks, and per-segment attention for packed forwards."""
+"""Attention over the KV cache: per-segment attention for packed forwards (the C++ streamed kernel on CPU f32,
+SDPA elsewhere), and SDPA with causal or tree masks."""
 from __future__ import annotations
 
 import torch
@@ -6,7 +7,7 @@ import torch.nn.functional as F
 
 from ..kernels import cpu as cpu_kernels
 
-SMALL_ATTENTION = 64  # segments up to this many tokens attend through the C++ kernel (decode, trees, prefill chunks)
+FUSED_TOKENS = 64  # one sequence's forward of up to this many tokens runs each decoder block in one C++ call
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None = None) -> torch.Tensor:
@@ -25,8 +26,9 @@ def attend_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
     """q [1, N, H, d], k, v [1, N, Hkv, d] (after RoPE) for the N packed tokens → attention output [1, N, H*d].
 
     Each segment writes its keys/values into its own cache and attends only to that cache, so a sequence never
-    sees another's tokens. Segments of up to SMALL_ATTENTION tokens run the C++ kernel, whose result for a token
-    is the same whatever else is scored with it (kernels/cpu.cpp): a token's output then does not depend on how
+    sees another's tokens. On CPU in float32 every segment runs the C++ streamed kernel (kernels/attention.h) —
+    a windowed layer's, kernels/attention_window.h, whose bits do not depend on where a ring put its keys —
+    whose result for a token is the same whatever else is scored with it: a token's output then does not depend on how
     its sequence's prompt was chunked or what else shared the step. Segments are written in order, so several
     prompt chunks of one sequence may share a step (a later chunk sees the earlier ones)."""
     _, N, H, d = q.shape
@@ -38,8 +40,9 @@ def attend_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
         ck[0, :, start:start + n].copy_(k[0, offset:offset + n].transpose(0, 1))
         cv[0, :, start:start + n].copy_(v[0, offset:offset + n].transpose(0, 1))
         qs = q[0, offset:offset + n]  # [n, H, d]
-        if kernels is not None and n <= SMALL_ATTENTION:
-            outs.append(kernels.attend_small(qs.contiguous(), ck[0], cv[0], start + n, seg.mask, scale))  # [n, H*d]
+        if kernels is not None:  # a windowed layer: the kernel that does not depend on buffer slots (a ring's move)
+            kernel = kernels.attend_window if seg.windowed(layer) else kernels.attend
+            outs.append(kernel(qs.contiguous(), ck[0], cv[0], start + n, seg.mask, scale))  # [n, H*d]
         else:
             mask = seg.mask
             if mask is None and start > 0 and n > 1:  # causal, bottom-right aligned after the cached entries

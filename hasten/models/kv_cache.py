@@ -187,6 +187,12 @@ class Segment:
             raise ContextOverflowError(f"KV cache holds {cache.max_len} positions; {start + length} needed")
         self.cache, self.start, self.length, self.mask = cache, start, length, mask
 
+    def windowed(self, layer: int) -> bool:
+        """Whether `layer` has a window in this segment's cache: its attention then runs the kernel whose result
+        does not depend on where keys sit in the buffer (kernels/attention_window.h), since a ring moves them."""
+        cache = self.cache
+        return cache.groups[cache.group_of[layer]].spec.window is not None
+
     def view(self, group: Group, positions: torch.Tensor) -> "Segment":
         """This segment in `group`'s buffers, its new tokens at `positions` [length]: start is where they are
         written (the number of held slots before them) and mask [length, start+length] who sees whom there

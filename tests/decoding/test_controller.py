@@ -17,6 +17,28 @@ def test_step_cost_is_relative_interpolated_and_linear_past_the_table():
     assert cost(16) == pytest.approx(6.0)  # twice the largest measured size costs twice as much
 
 
+def test_step_cost_adds_attention_per_scored_token_and_cached_key_past_its_context():
+    cost = StepCost({1: 2.0, 4: 3.0, 8: 6.0}, per_key=1e-4, context=256)
+    assert cost(4, context=256) == cost(4) == 1.5  # at the table's context: the table
+    assert cost(4, context=4352) == pytest.approx(1.5 + 1e-4 * 4 * 4096)
+    assert cost(8, context=4352) - cost(8) == pytest.approx(2 * (cost(4, context=4352) - cost(4)))
+    assert cost(4, context=0) == pytest.approx(1.5 - 1e-4 * 4 * 256)  # shorter: cheaper, by at most half
+    assert StepCost({1: 2.0, 4: 3.0}, per_key=1.0, context=256)(4, context=0) == 0.75
+
+
+def test_the_attention_term_is_fit_from_two_contexts():
+    near, far = {1: 0.010, 8: 0.020}, {1: 0.011792, 8: 0.034336}  # 1e-6 s and 1e-6 s per token and key
+    assert controller.per_key_cost(near, far, 1792, 0.010) == pytest.approx(1e-6 / 0.010)
+    assert controller.per_key_cost(far, near, 1792, 0.010) == 0.0  # noise that says "cheaper deep": no term
+
+
+def test_drafts_shrink_where_verification_at_depth_is_costly():
+    cost = StepCost({1: 1.0, 2: 1.05, 4: 1.1, 8: 1.3, 16: 1.8}, per_key=2e-5, context=256)
+    ctl = DraftSizeController(cost, k_max=12, prior=0.7)
+    shallow, deep = ctl.next(context=256), ctl.next(context=16384)
+    assert shallow == ctl.next() and 0 < deep < shallow
+
+
 def test_the_controller_drafts_more_where_verification_is_cheap_and_drafts_are_accepted():
     flat = StepCost({1: 1.0, 32: 1.0})  # scoring 32 tokens costs what one does
     steep = StepCost({1: 1.0, 2: 2.0, 32: 32.0})  # every scored token costs a whole pass

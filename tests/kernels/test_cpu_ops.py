@@ -1,4 +1,4 @@
-"""The C++ kernels beside the matmuls (rms_norm, rope_, attend_small), in every build this CPU runs: each equals a
+"""The C++ kernels beside the matmuls (rms_norm, rope_, attend), in every build this CPU runs: each equals a
 reference — bitwise where the kernel's arithmetic is elementwise, to float rounding where it sums — and gives a
 token the same bits however many tokens are scored with it, the property that makes tree verification lossless."""
 import numpy as np
@@ -55,20 +55,20 @@ def test_attention_matches_sdpa_and_a_token_does_not_depend_on_its_neighbours(ex
     k, v = cache(g, d=d)
     S, T, H = 30, 6, 4
     q = torch.randn(T, H, d, generator=g)
-    out = ext.attend_small(q, k, v, S, None, d ** -0.5)  # causal: token t sees keys 0 .. S-T+t
+    out = ext.attend(q, k, v, S, None, d ** -0.5)  # causal: token t sees keys 0 .. S-T+t
     causal = torch.ones(T, S, dtype=torch.bool).tril(S - T)
     ref = torch.nn.functional.scaled_dot_product_attention(
         q.transpose(0, 1), k[:, :S].repeat_interleave(2, 0), v[:, :S].repeat_interleave(2, 0), attn_mask=causal)
     assert torch.allclose(out.view(T, H, d), ref.transpose(0, 1), atol=1e-5)
     for t in range(T):  # scored alone over the keys it may see: the same bits
-        alone = ext.attend_small(q[t:t + 1].contiguous(), k, v, S - T + t + 1, None, d ** -0.5)
+        alone = ext.attend(q[t:t + 1].contiguous(), k, v, S - T + t + 1, None, d ** -0.5)
         assert torch.equal(alone[0], out[t])
     # a tree mask: each token's row decides what it sees; reordering the other rows changes nothing for it
     mask = torch.rand(T, S, generator=g) < 0.6
     mask[:, 0] = True
-    tree = ext.attend_small(q, k, v, S, mask, d ** -0.5)
+    tree = ext.attend(q, k, v, S, mask, d ** -0.5)
     order = torch.tensor([3, 0, 5, 1, 4, 2])
-    shuffled = ext.attend_small(q[order].contiguous(), k, v, S, mask[order], d ** -0.5)
+    shuffled = ext.attend(q[order].contiguous(), k, v, S, mask[order], d ** -0.5)
     assert torch.equal(shuffled, tree[order])
-    single = ext.attend_small(q[4:5].contiguous(), k, v, S, mask[4:5], d ** -0.5)
+    single = ext.attend(q[4:5].contiguous(), k, v, S, mask[4:5], d ** -0.5)
     assert torch.equal(single[0], tree[4])

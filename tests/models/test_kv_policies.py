@@ -124,8 +124,9 @@ def test_rollback_and_tree_keep_inside_a_ring_across_compactions():
 
 
 def test_a_window_as_long_as_the_context_is_the_full_cache():
-    """window:W with W ≥ every position (and a ring that never needs to compact): bit-identical greedy output
-    and logits to the full policy."""
+    """window:W with W ≥ every position (and a ring that never needs to compact): the full policy's greedy output,
+    and its logits up to rounding (a windowed layer runs kernels/attention_window.h, the full one the streamed
+    kernel: the same attention, summed in another order)."""
     model = tiny_model(2, vocab_size=VOCAB, scale=1.0)
     prompt = torch.randint(0, VOCAB, (20,), generator=torch.Generator().manual_seed(5)).tolist()
     runs = {}
@@ -135,7 +136,7 @@ def test_a_window_as_long_as_the_context_is_the_full_cache():
         steps = list(decode(model, prompt, _no_draft(), SamplingConfig(), 30, set(), stats, cache=cache))
         runs[policy] = ([t for s in steps for t in s.tokens], torch.cat([s.logits for s in steps]))
     (a, la), (b, lb) = runs.values()
-    assert a == b and torch.equal(la, lb)
+    assert a == b and torch.allclose(la, lb, rtol=1e-4, atol=2e-3)
 
 
 def _no_draft():

@@ -51,7 +51,7 @@ class ModelDrafter:
         return torch.cat([row, row.new_full((v - row.shape[0],), float("-inf"))])
 
     def propose(self, state):
-        k = self.controller.next() if self.adaptive else self.k
+        k = self.controller.next(context=len(state.tokens)) if self.adaptive else self.k
         k = min(k, state.budget // max(self.n, 1))
         self.last_proposed = k
         if k <= 0:

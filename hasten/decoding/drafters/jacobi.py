@@ -66,7 +66,7 @@ class Jacobi:
 
     def propose(self, state):
         root = state.tokens[-1]
-        width = self.controller.next() if self.adaptive else self.window
+        width = self.controller.next(context=len(state.tokens)) if self.adaptive else self.window
         width = max(1, min(width, state.budget))
         self.chain = self._walk(root, width)
         tokens, parents = list(self.chain), list(range(-1, width - 1))

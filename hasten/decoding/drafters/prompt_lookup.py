@@ -47,7 +47,7 @@ class PromptLookup:
             if start is not None:
                 available = len(toks) - start
                 self.controller = self.controllers[size]
-                k = self.controller.next(available) if self.adaptive else min(self.k, available)
+                k = self.controller.next(available, len(state.tokens)) if self.adaptive else min(self.k, available)
                 self.last_proposed = k
                 return Draft.chain(toks[start:start + k], source=self.name)
         self.controller = self.controllers[0]  # no match: nothing to learn

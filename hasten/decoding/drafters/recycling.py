@@ -45,7 +45,7 @@ class TokenRecycling:
         return row
 
     def propose(self, state):
-        size = self.controller.next() if self.adaptive else self.max_nodes
+        size = self.controller.next(context=len(state.tokens)) if self.adaptive else self.max_nodes
         size = min(size, state.budget)
         self.last_proposed = 0
         if size <= 0:
