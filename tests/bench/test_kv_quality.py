@@ -14,7 +14,8 @@ def test_measure_ranks_policies_against_the_full_cache():
                       [stream], decode_tokens=2)
     full, wide, short, hybrid = results
     assert full.top1_agreement == 1.0 and full.mean_kl == 0.0 and not full.lossy and full.tokens == 300
-    assert abs(wide.perplexity - full.perplexity) < 1e-3 and wide.mean_kl < 1e-6  # a window longer than the stream
+    # a window longer than the stream: the same attention (another kernel, kernels/attention_window.h: rounding)
+    assert abs(wide.perplexity - full.perplexity) < 1e-5 * full.perplexity and abs(wide.mean_kl) < 1e-6
     assert short.lossy and short.mean_kl > 1e-3 and short.top1_agreement < 1.0
     assert short.kv_bytes < hybrid.kv_bytes < full.kv_bytes
     assert all(r.decode_ms > 0 for r in results)
