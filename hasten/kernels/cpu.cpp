@@ -67,10 +67,17 @@ inline float vreduce(const V* a) {
   return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
 }
 template <class F> using Scales = int;
+// Formats with a vector widening (F16, BF16: dequant8x4) use it; the others dequantize through a buffer.
+template <class F, class = void> struct HasVec8 : std::false_type {};
+template <class F> struct HasVec8<F, std::void_t<decltype(&F::dequant8x4)>> : std::true_type {};
 template <class F> inline void weights(const uint8_t* row, int64_t g, V* w, Scales<F>&) {
-  alignas(32) float buf[32];
-  F::dequant(row, g, buf);
-  for (int v = 0; v < 4; ++v) w[v] = _mm256_load_ps(buf + 8 * v);
+  if constexpr (HasVec8<F>::value) {
+    F::dequant8x4(row, g, w);
+  } else {
+    alignas(32) float buf[32];
+    F::dequant(row, g, buf);
+    for (int v = 0; v < 4; ++v) w[v] = _mm256_load_ps(buf + 8 * v);
+  }
 }
 constexpr int kRowsSmall = 1, kRowsLarge = 1, kTokensLarge = 2;  // 16 registers: 8 accumulators
 #else
