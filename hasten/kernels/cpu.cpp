@@ -66,7 +66,8 @@ inline float vreduce(const V* a) {
   h = _mm_add_ps(h, _mm_movehl_ps(h, h));
   return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
 }
-template <class F> using Scales = int;
+struct NoScales {};
+template <class F> using Scales = std::conditional_t<F::kBlockWeights == 256, KScales, NoScales>;
 // Formats with a vector widening (F16, BF16: dequant8x4) use it; the others dequantize through a buffer.
 template <class F, class = void> struct HasVec8 : std::false_type {};
 template <class F> struct HasVec8<F, std::void_t<decltype(&F::dequant8x4)>> : std::true_type {};
@@ -161,6 +162,10 @@ void matmul(const float* X, const uint8_t* W, int64_t rb, float* Y, int64_t T, i
 // ---- The q8 path (activations="q8", formats/q8.h): activations quantized once per call to int8 per group,
 // then integer dot products with the weights' codes. The same tiling as above; each (row, token) pair gets
 // q8_step over its quads of groups in order, then q8_reduce: the same sequence for every R and TN (and build).
+#if defined(HASTEN_AVX2)
+template <class F, class = void> struct HasQ8Quad : std::false_type {};
+template <class F> struct HasQ8Quad<F, std::void_t<decltype(&F::q8_quad)>> : std::true_type {};
+#endif
 template <class F>
 inline void q8_weights(const uint8_t* row, int64_t u, int64_t G, Q8W& w, Scales<F>& c) {
 #if defined(HASTEN_AVX512)
@@ -169,6 +174,13 @@ inline void q8_weights(const uint8_t* row, int64_t u, int64_t G, Q8W& w, Scales<
     F::q8_quad(row, u, c, w);
   } else {
     F::q8_quad(row, u, G, w);
+  }
+#elif defined(HASTEN_AVX2)
+  if constexpr (HasQ8Quad<F>::value) {  // a quad straight from the blocks (Q4_K), scales decoded per super-block
+    if ((u & 1) == 0) F::prepare(row, 4 * u, c);
+    F::q8_quad(row, u, c, w);
+  } else {
+    q8_quad_from_groups<F>(row, u, G, w);
   }
 #else
   q8_quad_from_groups<F>(row, u, G, w);
