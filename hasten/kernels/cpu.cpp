@@ -179,7 +179,7 @@ inline void q8_weights(const uint8_t* row, int64_t u, int64_t G, Q8W& w, Scales<
   if constexpr (HasQ8Quad<F>::value && F::kBlockWeights == 256) {  // straight from the blocks (Q4_K, Q6_K),
     if ((u & 1) == 0) F::prepare(row, 4 * u, c);                     // scales decoded per super-block
     F::q8_quad(row, u, c, w);
-  } else if constexpr (HasQ8Quad<F>::value) {  // Q4_0
+  } else if constexpr (HasQ8Quad<F>::value) {  // Q4_0, Q8_0
     F::q8_quad(row, u, G, w);
   } else {
     q8_quad_from_groups<F>(row, u, G, w);
