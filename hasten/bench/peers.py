@@ -110,8 +110,8 @@ def gguf_path(engine) -> Path | None:
 
 def gguf_precision(path: Path) -> str:
     """The GGUF's weight types, e.g. "Q4_1/Q8_0 GGUF" (F32 norms and biases left out)."""
-    from gguf import GGUFReader
-    types = {t.tensor_type.name for t in GGUFReader(path).tensors}
+    from ..models.gguf_file import read_index  # the tensor index only: GGUFReader would parse the tokenizer too
+    types = {t.tensor_type.name for t in read_index(path, "r").tensors}
     return "/".join(sorted(types - {"F32"}) or ["F32"]) + " GGUF"
 
 

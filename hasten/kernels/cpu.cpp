@@ -69,11 +69,19 @@ inline float vreduce(const V* a) {
   h = _mm_add_ps(h, _mm_movehl_ps(h, h));
   return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
 }
-template <class F> using Scales = int;
+struct NoScales {};
+template <class F> using Scales = std::conditional_t<F::kBlockWeights == 256, KScales, NoScales>;
+// Formats with a vector widening (F16, BF16: dequant8x4) use it; the others dequantize through a buffer.
+template <class F, class = void> struct HasVec8 : std::false_type {};
+template <class F> struct HasVec8<F, std::void_t<decltype(&F::dequant8x4)>> : std::true_type {};
 template <class F> inline void weights(const uint8_t* row, int64_t g, V* w, Scales<F>&) {
-  alignas(32) float buf[32];
-  F::dequant(row, g, buf);
-  for (int v = 0; v < 4; ++v) w[v] = _mm256_load_ps(buf + 8 * v);
+  if constexpr (HasVec8<F>::value) {
+    F::dequant8x4(row, g, w);
+  } else {
+    alignas(32) float buf[32];
+    F::dequant(row, g, buf);
+    for (int v = 0; v < 4; ++v) w[v] = _mm256_load_ps(buf + 8 * v);
+  }
 }
 constexpr int kRowsSmall = 1, kRowsLarge = 1, kTokensLarge = 2;  // 16 registers: 8 accumulators
 #else
@@ -157,6 +165,10 @@ void matmul(const float* X, const uint8_t* W, int64_t rb, float* Y, int64_t T, i
 // ---- The q8 path (activations="q8", formats/q8.h): activations quantized once per call to int8 per group,
 // then integer dot products with the weights' codes. The same tiling as above; each (row, token) pair gets
 // q8_step over its quads of groups in order, then q8_reduce: the same sequence for every R and TN (and build).
+#if defined(HASTEN_AVX2)
+template <class F, class = void> struct HasQ8Quad : std::false_type {};
+template <class F> struct HasQ8Quad<F, std::void_t<decltype(&F::q8_quad)>> : std::true_type {};
+#endif
 template <class F>
 inline void q8_weights(const uint8_t* row, int64_t u, int64_t G, Q8W& w, Scales<F>& c) {
 #if defined(HASTEN_AVX512)
@@ -165,6 +177,15 @@ inline void q8_weights(const uint8_t* row, int64_t u, int64_t G, Q8W& w, Scales<
     F::q8_quad(row, u, c, w);
   } else {
     F::q8_quad(row, u, G, w);
+  }
+#elif defined(HASTEN_AVX2)
+  if constexpr (HasQ8Quad<F>::value && F::kBlockWeights == 256) {  // straight from the blocks (Q4_K, Q6_K),
+    if ((u & 1) == 0) F::prepare(row, 4 * u, c);                     // scales decoded per super-block
+    F::q8_quad(row, u, c, w);
+  } else if constexpr (HasQ8Quad<F>::value) {  // Q4_0, Q8_0
+    F::q8_quad(row, u, G, w);
+  } else {
+    q8_quad_from_groups<F>(row, u, G, w);
   }
 #else
   q8_quad_from_groups<F>(row, u, G, w);

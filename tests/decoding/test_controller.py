@@ -123,3 +123,20 @@ def test_layer_skip_calibrates_once_and_drafts_with_the_kept_layers():
     assert layer_skip.layer_skip(engine, skip="1-2").layers == (0, 3, 4, 5)
     with pytest.raises(ValueError, match="skip= must name layers"):
         layer_skip.layer_skip(engine, skip="4-9")
+
+
+def test_measuring_step_cost_keeps_no_logits_of_the_context(monkeypatch):
+    """The context prefill asks for the last row's logits only: every row's would be [256, V] (268 MB at
+    gemma-3's 262k vocabulary), the largest allocation of `hasten speed`."""
+    model = tiny_model(62)
+    rows = []
+    forward = type(model).forward
+
+    def recording(self, tokens, *args, **kwargs):
+        out = forward(self, tokens, *args, **kwargs)
+        rows.append((tokens.shape[1], out.shape[1]))
+        return out
+    monkeypatch.setattr(type(model), "forward", recording)
+    controller.measure_step_cost(model, context=16, sizes=(1, 4), repeats=1)
+    assert rows[0] == (16, 1)  # the context: one row of logits
+    assert (4, 4) in rows  # a step keeps all its rows (verification needs them)

@@ -18,6 +18,15 @@ struct BF16 {
     lo = widen(p);
     hi = widen(p + 32);
   }
+#elif defined(HASTEN_AVX2)
+  // 8 at a time, widened and shifted in registers (the same exact values as dequant).
+  static inline void dequant8x4(const uint8_t* row, int64_t g, __m256* w) {
+    const uint8_t* p = row + g * 64;
+    for (int v = 0; v < 4; ++v) {
+      const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * v)));
+      w[v] = _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
+    }
+  }
 #endif
 };
 }  // namespace hasten

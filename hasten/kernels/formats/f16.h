@@ -14,6 +14,12 @@ struct F16 {
     lo = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     hi = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32)));
   }
+#elif defined(HASTEN_AVX2)
+  // F16C: 8 halves per instruction instead of 32 scalar conversions through a buffer (the same exact values).
+  static inline void dequant8x4(const uint8_t* row, int64_t g, __m256* w) {
+    const uint8_t* p = row + g * 64;
+    for (int v = 0; v < 4; ++v) w[v] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * v)));
+  }
 #endif
 };
 }  // namespace hasten

@@ -91,6 +91,24 @@ struct Q4_K {
     w.s = _mm512_permutexvar_ps(idx, _mm512_castps256_ps512(_mm256_loadu_ps(k.scale)));
     w.m = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_permutexvar_ps(idx, _mm512_castps256_ps512(_mm256_loadu_ps(k.min))));
   }
+#elif defined(HASTEN_AVX2)
+  // The same quad in AVX2's layout (register h: groups 4u+2h, 4u+2h+1 = sub-blocks s+2h, s+2h+1, the low and
+  // high nibbles of bytes 32h..32h+31), straight from the blocks instead of q8_group's scalar codes: the same
+  // codes, scales and mins (m = -min, as q8_group), so the same bits.
+  static inline void q8_quad(const uint8_t* row, int64_t u, const KScales& k, Q8W& w) {
+    const uint8_t* q = row + (u >> 1) * kBlockBytes + 16 + (u & 1) * 64;
+    const int s = int(4 * (u & 1));
+    const __m128i f = _mm_set1_epi8(15);
+    for (int h = 0; h < 2; ++h) {
+      const __m128i va = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 32 * h));
+      const __m128i vb = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 32 * h + 16));
+      w.a[h] = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(va, 4), f), _mm_and_si128(va, f));
+      w.b[h] = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(vb, 4), f), _mm_and_si128(vb, f));
+      const int g = s + 2 * h;
+      w.s[h] = _mm256_set_m128(_mm_set1_ps(k.scale[g + 1]), _mm_set1_ps(k.scale[g]));
+      w.m[h] = _mm256_set_m128(_mm_set1_ps(-k.min[g + 1]), _mm_set1_ps(-k.min[g]));
+    }
+  }
 #endif
 };
 }  // namespace hasten

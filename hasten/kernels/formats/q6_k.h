@@ -89,6 +89,33 @@ struct Q6_K {
     w.s = _mm512_permutexvar_ps(idx, sc);
     w.s2 = _mm512_permutexvar_ps(_mm512_add_epi32(idx, _mm512_set1_epi32(1)), sc);
   }
+#elif defined(HASTEN_AVX2)
+  // The same quad in AVX2's layout (register p: sub-blocks 4h+2p, 4h+2p+1 = nibble p of ql bytes 0-31 and
+  // 32-63, and bits 4p..4p+3 of qh), straight from the blocks: q8_group's codes and scales, so the same bits.
+  static inline void q8_quad(const uint8_t* row, int64_t u, const KScales& k, Q8W& w) {
+    const uint8_t* b = row + (u >> 1) * kBlockBytes;
+    const int h = int(u & 1);
+    const uint8_t *ql = b + h * 64, *qh = b + 128 + h * 32;
+    const __m128i f = _mm_set1_epi8(15), top = _mm_set1_epi8(0x30);
+    auto load = [](const uint8_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); };
+    for (int c = 0; c < 2; ++c) {  // c = 0: values 0-15 (A), 1: values 16-31 (B)
+      const __m128i l0 = load(ql + 16 * c), l1 = load(ql + 32 + 16 * c), hb = load(qh + 16 * c);
+      // sub-block +j's two high bits (bits 2j, 2j+1 of hb) to bits 4..5
+      const __m128i h0 = _mm_and_si128(_mm_slli_epi16(hb, 4), top), h1 = _mm_and_si128(_mm_slli_epi16(hb, 2), top);
+      const __m128i h2 = _mm_and_si128(hb, top), h3 = _mm_and_si128(_mm_srli_epi16(hb, 2), top);
+      const __m256i p0 = _mm256_set_m128i(_mm_or_si128(_mm_and_si128(l1, f), h1), _mm_or_si128(_mm_and_si128(l0, f), h0));
+      const __m256i p1 = _mm256_set_m128i(_mm_or_si128(_mm_and_si128(_mm_srli_epi16(l1, 4), f), h3),
+                                          _mm_or_si128(_mm_and_si128(_mm_srli_epi16(l0, 4), f), h2));
+      (c == 0 ? w.a : w.b)[0] = p0;
+      (c == 0 ? w.a : w.b)[1] = p1;
+    }
+    for (int p = 0; p < 2; ++p) {
+      const int s = 4 * h + 2 * p;  // sub-blocks s, s + 1: scales 2s, 2s+1 and 2s+2, 2s+3
+      w.s[p] = _mm256_set_m128(_mm_set1_ps(k.scale[2 * s + 2]), _mm_set1_ps(k.scale[2 * s]));
+      w.s2[p] = _mm256_set_m128(_mm_set1_ps(k.scale[2 * s + 3]), _mm_set1_ps(k.scale[2 * s + 1]));
+      w.m[p] = _mm256_setzero_ps();
+    }
+  }
 #endif
 };
 }  // namespace hasten

@@ -44,6 +44,32 @@ struct Q8_0 {
     w.b = _mm512_xor_si512(_mm512_shuffle_i64x2(z01, z23, _MM_SHUFFLE(3, 1, 3, 1)), flip);
     w.s = halves4(b, 0, live);
   }
+#elif defined(HASTEN_AVX2)
+  // AVX2's layout (register h: blocks 4u+2h, 4u+2h+1; A: their codes 0-15, B: 16-31), straight from the blocks:
+  // q8_group's codes and scales, zero past the row's end, so the same bits.
+  static inline void q8_quad(const uint8_t* row, int64_t u, int64_t G, Q8W& w) {
+    const __m128i flip = _mm_set1_epi8(char(0x80));
+    for (int h = 0; h < 2; ++h) {
+      __m128i lo[2], hi[2];
+      float d[2];
+      for (int e = 0; e < 2; ++e) {
+        const int64_t g = 4 * u + 2 * h + e;
+        if (g < G) {
+          const uint8_t* b = row + g * kBlockBytes;
+          lo[e] = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2)), flip);
+          hi[e] = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 18)), flip);
+          d[e] = load_half(b);
+        } else {
+          lo[e] = hi[e] = _mm_setzero_si128();
+          d[e] = 0.f;
+        }
+      }
+      w.a[h] = _mm256_set_m128i(lo[1], lo[0]);
+      w.b[h] = _mm256_set_m128i(hi[1], hi[0]);
+      w.s[h] = w.s2[h] = _mm256_set_m128(_mm_set1_ps(d[1]), _mm_set1_ps(d[0]));
+      w.m[h] = _mm256_setzero_ps();
+    }
+  }
 #endif
 };
 }  // namespace hasten
