@@ -282,16 +282,21 @@ def bench(model, methods, reference, questions, per_category, suite, lengths, ro
               "summary": runner.add_quality(engine, runner.summarize(records, reference, temperature > 0)),
               "records": records}
     click.echo(report.terminal(result))
+    _write_result(result, json_path, markdown_path, lambda: report.markdown(result))
+    if report_dir:
+        for path in report.write_all(result, report_dir):
+            click.echo(f"wrote {path}")
+
+
+def _write_result(result: dict, json_path: str | None, markdown_path: str | None, markdown) -> None:
+    """--json (the raw result) and --markdown (markdown(), made only when asked) of a bench run."""
     if json_path:
         with open(json_path, "w") as f:
             json.dump(result, f)
         click.echo(f"\nwrote {json_path}")
     if markdown_path:
         with open(markdown_path, "w") as f:
-            f.write(report.markdown(result))
-    if report_dir:
-        for path in report.write_all(result, report_dir):
-            click.echo(f"wrote {path}")
+            f.write(markdown())
 
 
 def _lengths(text: str) -> tuple[int, ...]:
@@ -316,13 +321,7 @@ def _bench_long(engine, names, reference, lengths, rounds, max_new_tokens, corpu
                                  len(prompts), max_new_tokens, rounds), "summary": summary, "records": records}
     table = long_suite.terminal(summary)
     click.echo(table)
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(result, f)
-        click.echo(f"\nwrote {json_path}")
-    if markdown_path:
-        with open(markdown_path, "w") as f:
-            f.write("```\n" + table + "\n```\n")
+    _write_result(result, json_path, markdown_path, lambda: "```\n" + table + "\n```\n")
 
 
 @main.command("report")
