@@ -214,7 +214,7 @@ def _kv_note(policy: str, lossy: bool) -> str:
 @main.command()
 @model_option
 @click.option("--methods", default="baseline,hf,hf-pld", show_default=True,
-              help="comma-separated: hasten methods (compositions: a+b merges trees, 'a|b' falls back to b) and peers hf, hf-pld")
+              help="comma-separated: hasten methods (compositions: a+b merges trees, 'a|b' scores the one expected to be accepted furthest) and peers hf, hf-pld")
 @click.option("--reference", default="baseline", show_default=True, help="speedups are relative to this method")
 @click.option("--questions", type=click.Path(dir_okay=False), default=None,
               help="Spec-Bench-format JSONL (question_id, category, turns) [default: hasten's suite]")

@@ -1,7 +1,7 @@
 """The one registry of method names → a configured drafter (and, for lossy methods, a sparsified model).
 
 Syntax: `name`, `name:value` (the factory's first parameter) or `name:key=value,key=value`; `a+b` merges
-drafters' proposals into one tree; `a|b` takes a's proposal when it has one, else b's (`+` binds tighter).
+drafters' proposals into one tree; `a|b` scores whichever one proposal is expected to be accepted furthest (`+` binds tighter).
 Adding a method = one file implementing a protocol + one `register` line.
 """
 from __future__ import annotations

@@ -19,6 +19,8 @@ import time
 
 import torch
 
+from .tree import find_path
+
 SIZES = (1, 2, 4, 8, 12, 16, 24, 32)
 
 
@@ -149,6 +151,23 @@ class DraftSizeController:
             return
         self.accepted = self.decay * self.accepted + accepted
         self.stops = self.decay * self.stops + (1.0 if accepted < proposed else 0.0)
+
+    def learn(self, proposed: int, emitted: list[int], discarded=None) -> None:
+        """One step's outcome from the tokens it emitted (accepted draft tokens + the bonus): a scored proposal of
+        `proposed` tokens had len(emitted) - 1 of them accepted. A `discarded` one (a Draft: `a|b` scored another
+        drafter's proposal instead) would have been accepted as far as it spells the emitted tokens, when it is
+        deterministic (q is None): under greedy decoding they are the target's own choices, and under sampling a
+        deterministic draft token is accepted with probability p(token), just as often as the target emits it.
+        Where it spells all of them, it counts as that many proposed and accepted (it went at least that far).
+        A sampled draft (with q) teaches nothing here: its acceptance is not how often it equals the output."""
+        if discarded is None:
+            self.update(proposed, len(emitted) - 1)
+        elif discarded.q is None and len(discarded):
+            m = len(find_path(discarded, emitted))
+            if m < len(emitted):
+                self.update(proposed, m)
+            else:
+                self.update(m, m)
 
     def expected(self, k: int) -> float:
         a = min(self.acceptance, 0.999)

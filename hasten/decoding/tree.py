@@ -75,3 +75,24 @@ def find_path(draft: Draft, tokens: list[int]) -> list[int]:
             break
         nodes.append(parent)
     return nodes
+
+
+def expected_accepted(draft: Draft, accept) -> float:
+    """Expected number of draft tokens the target accepts: Σ over nodes of P(the node's whole path is accepted)
+    (the accepted nodes form one path, so this sum is the path's expected length). `accept` is either, per node
+    [n], the probability it is accepted given its parent was (a head's probability of the token: a chain
+    p1..pk gives p1 + p1·p2 + … + p1···pk), or one estimate a for every node; siblings are then alternatives
+    tried in turn, the r-th child of a node (r = 0, 1, …) accepted with a·(1−a)^r, so that a chain gives
+    a + a² + … + a^k and a node's children together never claim more than the node itself."""
+    uniform = not isinstance(accept, (list, tuple))
+    a = min(max(float(accept), 0.0), 1.0) if uniform else 0.0
+    path = [1.0]  # per node (root first): P(its path is accepted)
+    seen = [0] * (len(draft) + 1)  # children met so far, per node
+    for i, p in enumerate(draft.parents):
+        if uniform:
+            c = a * (1 - a) ** seen[p + 1]
+            seen[p + 1] += 1
+        else:
+            c = float(accept[i])
+        path.append(path[p + 1] * c)
+    return sum(path) - 1.0

@@ -95,13 +95,17 @@ def test_composition_merges_shared_prefixes():
     assert draft.sources == ["a", "a", "a", "b", "b"]
 
 
-def test_fallback_scores_the_first_proposal_and_teaches_every_drafter():
+def test_fallback_scores_the_proposal_expected_to_go_furthest_and_teaches_every_drafter():
     from hasten.decoding.drafters.base import DecodeState
     from hasten.decoding.tree import Draft
 
     class Recorder:
-        def __init__(self, name, tokens):
-            self.name, self.tokens, self.log = name, tokens, []
+        def __init__(self, name, tokens, worth=None, promise=None):
+            self.name, self.tokens, self.worth, self.log = name, tokens, worth, []
+            if worth is not None:
+                self.expected_accepted = lambda draft: self.worth
+            if promise is not None:
+                self.promise = lambda state: promise
 
         def begin(self, state):
             pass
@@ -110,6 +114,9 @@ def test_fallback_scores_the_first_proposal_and_teaches_every_drafter():
             self.log.append("propose")
             return Draft.chain(self.tokens)
 
+        def discard(self, draft):
+            self.log.append(("discard", draft.tokens))
+
         def observe(self, draft, logits):
             self.log.append("observe")
 
@@ -117,15 +124,60 @@ def test_fallback_scores_the_first_proposal_and_teaches_every_drafter():
             self.log.append("commit")
 
     state = DecodeState([1], 1, SamplingConfig(), None, budget=10)
-    empty, first, second = Recorder("e", []), Recorder("a", [5, 6]), Recorder("b", [7])
+    empty, first, second = Recorder("e", []), Recorder("a", [5, 6], worth=0.4), Recorder("b", [7], worth=0.9)
     fallback = Fallback([empty, first, second])
     assert fallback.name == "e|a|b"
     draft = fallback.propose(state)
-    assert draft.tokens == [5, 6] and draft.sources == ["a", "a"]
-    assert second.log == []  # never asked: its proposal would not be scored
+    assert draft.tokens == [7] and draft.sources == ["b"]  # the shorter draft, but the likelier to be accepted
     fallback.observe(draft, None)
-    fallback.commit([5], None)
-    assert empty.log == first.log == ["propose", "observe", "commit"] and second.log == ["observe", "commit"]
+    fallback.commit([7, 2], None)
+    assert empty.log == ["propose", "observe", "commit"] and second.log == ["propose", "observe", "commit"]
+    assert first.log == ["propose", ("discard", [5, 6]), "observe", "commit"]
+    # a tie goes to the earlier drafter; one whose promise cannot beat the proposal in hand is not asked
+    tie = Fallback([Recorder("a", [5], worth=0.9), Recorder("b", [7], worth=0.9)])
+    assert tie.propose(state).tokens == [5]
+    spared = Recorder("m", [8], worth=2.0, promise=0.5)
+    assert Fallback([Recorder("a", [5], worth=0.9), spared]).propose(state).tokens == [5] and spared.log == []
+    # without an estimate of their own, drafters are weighed by a prior per node: the longer chain goes further
+    assert Fallback([Recorder("a", [5]), Recorder("b", [6, 7])]).propose(state).tokens == [6, 7]
+
+
+def test_expected_accepted_of_chains_and_trees():
+    from hasten.decoding.tree import Draft, expected_accepted
+    assert expected_accepted(Draft.chain([1, 2, 3]), [0.5, 0.5, 0.5]) == pytest.approx(0.5 + 0.25 + 0.125)
+    assert expected_accepted(Draft.chain([1, 2, 3]), 0.5) == pytest.approx(0.875)
+    tree = Draft([1, 2, 3], [-1, -1, 0])  # two first tokens, one child under the first
+    assert expected_accepted(tree, [0.6, 0.3, 0.5]) == pytest.approx(0.6 + 0.3 + 0.3)
+    assert expected_accepted(tree, 0.5) == pytest.approx(0.5 + 0.25 + 0.25)  # the sibling is the runner-up
+    assert expected_accepted(Draft(), 0.9) == 0.0
+
+
+def test_a_discarded_draft_model_keeps_its_cache_and_learns_from_what_was_emitted():
+    """prompt-lookup|draft-model: where the draft model's proposal is discarded its cache still holds exactly the
+    committed text, its controller learns how far its chain spelled the emitted tokens, and the output is the
+    target's."""
+    from hasten.decoding.drafters.draft_model import ModelDrafter
+    m = model(0)
+    draft_model = ModelDrafter(tiny_model(5, vocab_size=VOCAB, scale=1.0), VOCAB, 3, adaptive=False)  # a poor draft
+    lookup = PromptLookup(2, 3, adaptive=False)
+    prompt = [3, 7, 1, 9, 4, 3, 7, 1, 9, 4, 3, 7]
+    expected, _ = generate(m, prompt, NoDraft(), 30)
+    stats = DecodeStats()
+    out, sources = [], set()
+    for step in decode(m, prompt, Fallback([lookup, draft_model]), SamplingConfig(), 30, set(), stats):
+        out += step.tokens
+        sources |= set(step.sources)
+        assert draft_model.cache.length < len(draft_model.tokens)  # no drafted entry left behind
+    assert out == expected
+    assert "prompt-lookup" in sources and draft_model.controller.acceptance < 0.8  # it learned it is worse
+    assert lookup.discarded is None and draft_model.discarded is None
+    # its cache holds the committed text: it drafts what a fresh draft model drafts from the same tokens
+    from hasten.decoding.drafters.base import DecodeState
+    state = DecodeState(prompt + out, len(prompt), SamplingConfig(), None, budget=10)
+    fresh = ModelDrafter(draft_model.model, VOCAB, 3, adaptive=False)
+    fresh.begin(DecodeState(prompt + out[:-1], len(prompt), SamplingConfig(), None, budget=0))
+    fresh.commit(out[-1:], None)
+    assert draft_model.propose(state).tokens == fresh.propose(state).tokens
 
 
 def test_find_path_locates_a_chain_inside_a_merged_tree():

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..tree import Draft
+from ..tree import Draft, expected_accepted
 from .eagle import load_trained
 
 
@@ -69,11 +69,16 @@ class BlockwiseDrafter:
                              f"or run `hasten train-head --heads {k}`")
 
     def begin(self, state):
-        pass
+        self.probs: list[float] = []  # per node of the last proposal: its head's probability of its token
+
+    def expected_accepted(self, draft) -> float:
+        """The heads' confidence: their probabilities down each path."""
+        return expected_accepted(draft, self.probs[:len(draft)])
 
     def propose(self, state) -> Draft:
         hidden = getattr(state, "hidden", None)
         depth_limit = min(self.k, state.budget)
+        self.probs = []
         if hidden is None or depth_limit <= 0:
             return Draft()
         with torch.inference_mode():
@@ -83,14 +88,15 @@ class BlockwiseDrafter:
         frontier = [(-1, 1.0)]  # (node, path confidence)
         ids = self.heads.vocab_ids[idx].tolist()
         for d in range(depth_limit):
-            grown = sorted(((conf * float(top[d, w]), node, ids[d][w]) for node, conf in frontier
+            grown = sorted(((conf * float(top[d, w]), node, ids[d][w], float(top[d, w])) for node, conf in frontier
                             for w in range(self.width)), reverse=True)
             frontier = []
-            for conf, parent, token in grown:
+            for conf, parent, token, p_token in grown:
                 if conf < self.threshold or len(tokens) >= self.nodes:
                     break
                 tokens.append(token)
                 parents.append(parent)
+                self.probs.append(p_token)
                 frontier.append((len(tokens) - 1, conf))
             if not frontier:
                 break

@@ -13,7 +13,7 @@ import torch
 
 from ..controller import DraftSizeController, StepCost
 from ..sampling import probabilities
-from ..tree import Draft
+from ..tree import Draft, expected_accepted
 from ..verify import SpecTrVerifier, SpeculativeSamplingVerifier
 
 
@@ -40,6 +40,28 @@ class ModelDrafter:
         self.cache.length = 0
         self.tokens = list(state.tokens)
         self.last_proposed = 0
+        # The pending proposal, when `a|b` scored another drafter's instead (see controller.learn). The cache needs
+        # nothing then: propose rolls every drafted entry back, so it holds only the committed text either way.
+        self.discarded = None
+
+    def _size(self, state) -> int:
+        k = self.controller.next(context=len(state.tokens)) if self.adaptive else self.k
+        return min(k, state.budget // max(self.n, 1))
+
+    def expected_accepted(self, draft) -> float:
+        """From the measured acceptance and the draft's shape alone, never its sampled tokens: choosing between
+        proposals by their tokens would bias the q this draft was sampled from."""
+        return expected_accepted(draft, self.controller.acceptance)
+
+    def promise(self, state) -> float:
+        """expected_accepted of the proposal it would make now, before paying for it (an upper bound: the cache
+        may leave room for fewer tokens); a better proposal already in hand spares drafting."""
+        if self.n > 1 and not state.sampling.greedy:
+            return float("inf")  # n chains: their tree's estimate depends on more than k
+        return expected_accepted(Draft.chain([0] * max(self._size(state), 0)), self.controller.acceptance)
+
+    def discard(self, draft):
+        self.discarded = draft
 
     def _logits(self, tokens: list[int]) -> torch.Tensor:
         """Feed tokens to the draft; → its next-token logits over the target's vocabulary [V]."""
@@ -51,9 +73,7 @@ class ModelDrafter:
         return torch.cat([row, row.new_full((v - row.shape[0],), float("-inf"))])
 
     def propose(self, state):
-        k = self.controller.next(context=len(state.tokens)) if self.adaptive else self.k
-        k = min(k, state.budget // max(self.n, 1))
-        self.last_proposed = k
+        k = self.last_proposed = self._size(state)
         if k <= 0:
             return Draft()
         with torch.inference_mode():
@@ -88,8 +108,8 @@ class ModelDrafter:
             return Draft(tokens, parents, torch.stack(qs), [self.name] * len(tokens))
 
     def commit(self, accepted, target_logits):
-        self.controller.update(self.last_proposed, len(accepted) - 1)
-        self.last_proposed = 0
+        self.controller.learn(self.last_proposed, accepted, self.discarded)
+        self.last_proposed, self.discarded = 0, None
         self.tokens.extend(accepted)
 
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..tree import Draft
+from ..tree import Draft, expected_accepted
 
 
 class HeadNotTrainedError(ValueError):
@@ -121,11 +121,16 @@ class EagleDrafter:
             raise ValueError("eagle needs k ≥ 1, 0 < threshold < 1, width ≥ 1 and nodes ≥ 1")
 
     def begin(self, state):
-        pass
+        self.probs: list[float] = []  # per node of the last proposal: the head's probability of its token
+
+    def expected_accepted(self, draft) -> float:
+        """The head's confidence: its probabilities down each path (EAGLE-2's estimate of acceptance)."""
+        return expected_accepted(draft, self.probs[:len(draft)])
 
     def propose(self, state):
         hidden = getattr(state, "hidden", None)
         depth_limit = min(self.k, state.budget)
+        self.probs = []
         if hidden is None or depth_limit <= 0:
             return Draft()
         head, width = self.head, self.width
@@ -139,7 +144,8 @@ class EagleDrafter:
             for _ in range(depth_limit):
                 h = head(h, x)  # [m, D] the features after each frontier node
                 p, i = head.logits(h).softmax(-1).topk(width, -1)  # [m, width]
-                score = (confidence[:, None] * p.cpu()).flatten()  # path confidences of the candidates
+                p = p.cpu()
+                score = (confidence[:, None] * p).flatten()  # path confidences of the candidates
                 best, j = score.topk(min(width, len(score), self.nodes - len(tokens)))
                 kept = int((best >= self.threshold).sum())  # best is sorted: the kept ones lead
                 if not kept:
@@ -148,6 +154,7 @@ class EagleDrafter:
                 x = head.vocab_ids[i.flatten()[j.to(i.device)]]
                 parents += [frontier[r] for r in (j // width).tolist()]
                 tokens += x.tolist()
+                self.probs += p.flatten()[j].tolist()
                 frontier = list(range(len(tokens) - kept, len(tokens)))
                 confidence = best[:kept]
                 h = h[(j // width).to(h.device)]

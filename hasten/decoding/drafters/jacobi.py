@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import OrderedDict, defaultdict
 
 from ..controller import DraftSizeController, StepCost
-from ..tree import Draft, find_path
+from ..tree import Draft, expected_accepted, find_path
 
 
 class Jacobi:
@@ -38,6 +38,7 @@ class Jacobi:
         self.chain: list[int] = []
         self.next_iterate: list[int] = []
         self.last_proposed = 0
+        self.discarded = None  # the pending proposal, when `a|b` scored another drafter's instead
 
     def _remember(self, seq) -> None:
         if len(seq) < 2:
@@ -96,10 +97,16 @@ class Jacobi:
             new_lineage.append(seq)
         self.lineage = new_lineage
 
+    def expected_accepted(self, draft) -> float:
+        return expected_accepted(draft, self.controller.acceptance)
+
+    def discard(self, draft):
+        self.discarded = draft
+
     def commit(self, accepted, target_logits):
         emitted = len(accepted)
-        self.controller.update(self.last_proposed, emitted - 1)
-        self.last_proposed = 0
+        self.controller.learn(self.last_proposed, accepted, self.discarded)
+        self.last_proposed, self.discarded = 0, None
         for i in range(len(accepted) - 1):  # what the target actually produced is the surest n-gram
             self._remember(tuple(accepted[i:i + self.ngram]))
         if self.next_iterate:

@@ -10,7 +10,7 @@ to cost more than they bring.
 from __future__ import annotations
 
 from ..controller import DraftSizeController, StepCost
-from ..tree import Draft
+from ..tree import Draft, expected_accepted
 
 
 class PromptLookup:
@@ -29,6 +29,7 @@ class PromptLookup:
         self.controllers = [DraftSizeController(self.cost, self.k) for _ in range(self.n + 1)]  # by match length
         self.controller = self.controllers[0]  # the one that sized the pending proposal
         self.last_proposed = 0
+        self.discarded = None  # the pending proposal, when `a|b` scored another drafter's instead
         self._extend(state.tokens)
 
     def _extend(self, new: list[int]) -> None:
@@ -54,7 +55,14 @@ class PromptLookup:
         self.last_proposed = 0
         return Draft()
 
+    def expected_accepted(self, draft) -> float:
+        """The measured acceptance of matches as long as the one behind this draft."""
+        return expected_accepted(draft, self.controller.acceptance)
+
+    def discard(self, draft):
+        self.discarded = draft
+
     def commit(self, accepted, target_logits):
-        self.controller.update(self.last_proposed, len(accepted) - 1)
-        self.last_proposed = 0
+        self.controller.learn(self.last_proposed, accepted, self.discarded)
+        self.last_proposed, self.discarded = 0, None
         self._extend(accepted)

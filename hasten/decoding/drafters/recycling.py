@@ -12,7 +12,7 @@ import heapq
 import torch
 
 from ..controller import DraftSizeController, StepCost
-from ..tree import Draft
+from ..tree import Draft, expected_accepted
 
 # Prior probability that the rank-r candidate is the target's next token (decays fast: top-1 dominates).
 _RANK_PRIOR = (0.55, 0.15, 0.07, 0.04, 0.03, 0.02, 0.015, 0.01)
@@ -36,6 +36,7 @@ class TokenRecycling:
     def begin(self, state):
         self.last = state.tokens[-1] if state.tokens else None
         self.last_proposed = 0
+        self.discarded = None  # the pending proposal, when `a|b` scored another drafter's instead
         self._rows: dict[int, list[int]] = {}
 
     def _children(self, token: int) -> list[int]:
@@ -84,8 +85,14 @@ class TokenRecycling:
                 self._rows.pop(token, None)
         self.last = accepted[-1]
         # The tree's depth plays the chain length; len(accepted) - 1 draft tokens were accepted.
-        self.controller.update(self.last_proposed, len(accepted) - 1)
-        self.last_proposed = 0
+        self.controller.learn(self.last_proposed, accepted, self.discarded)
+        self.last_proposed, self.discarded = 0, None
+
+    def expected_accepted(self, draft) -> float:
+        return expected_accepted(draft, self.controller.acceptance)
+
+    def discard(self, draft):
+        self.discarded = draft
 
     def observe(self, draft, tree_logits):
         """Every scored node's prediction refreshes its token's row (the paper updates from the whole tree)."""
