@@ -65,8 +65,27 @@ def search_space(engine) -> tuple[tuple[str, ...], str | None]:
     if not missing:
         return space, None
     return space, (f"{' and '.join(missing)} configurations left out: no trained "
-                   f"{'draft head' if missing == ['eagle'] else 'heads'} for this model (run `hasten train-head` "
-                   "first; a few minutes of training, most of a first run writing its chats)")
+                   f"{'draft head' if missing == ['eagle'] else 'heads'} for this model; after `hasten train-head` "
+                   "the next `hasten tune` tries them")
+
+
+def train_head_estimate(engine, step_s: float) -> float:
+    """Seconds an estimate of `hasten train-head` with its defaults spends in target passes here: writing its
+    self-distilled chats (batched rows, priced by the measured step cost at the batch's size) and one
+    teacher-forced pass over its corpus, from `step_s`, this engine's seconds per plain decoding step. Fitting
+    the head comes on top (minutes)."""
+    import inspect
+
+    from ..decoding.controller import step_cost
+    from ..decoding.drafters import head_training
+    train = inspect.signature(head_training.train).parameters
+    chats = inspect.signature(head_training.self_distilled_chats).parameters
+    samples, corpus = train["chat_samples"].default, train["corpus_tokens"].default
+    batch, answer = chats["batch"].default, chats["max_new_tokens"].default
+    cost = step_cost(engine)
+    writing = -(-samples // batch) * answer * cost(batch)  # one batched step per answer token
+    reading = corpus / 256 * cost(256)
+    return step_s * (writing + reading)
 
 
 def tune(engine, questions, budget_s: float = 600.0, max_new_tokens: int = 64, space=None,
@@ -78,7 +97,12 @@ def tune(engine, questions, budget_s: float = 600.0, max_new_tokens: int = 64, s
     for m in ("baseline",) + tuple(space):  # warm-up: kernel builds, step-cost measurement, calibrations
         engine.generate(prompts[0], max_new_tokens=8, method=m)
     started = time.perf_counter()
-    expected = [engine.generate(p, max_new_tokens=max_new_tokens).token_ids for p in prompts]
+    plain = [engine.generate(p, max_new_tokens=max_new_tokens) for p in prompts]
+    expected = [r.token_ids for r in plain]
+    if note is not None:
+        step_s = sum(r.seconds for r in plain) / max(1, sum(len(r.token_ids) for r in plain))
+        minutes = max(1, round(train_head_estimate(engine, step_s) / 60))
+        note += f" (`hasten train-head` costs ~{minutes} min here, an estimate from this run's step time, plus fitting)"
     results: dict[str, dict] = {}
     skipped = []
 

@@ -103,3 +103,18 @@ def test_eagle_configurations_join_the_space_once_a_head_is_trained(tmp_path, mo
     heads.write_bytes(b"")
     space, note = tune.search_space(object())
     assert note is None and set(tune.EAGLE_SPACE) | set(tune.BLOCKWISE_SPACE) <= set(space)
+
+
+def test_without_a_head_the_note_says_when_it_joins_and_what_training_would_cost(monkeypatch):
+    from hasten.decoding.controller import StepCost
+    engine = ClockedEngine()
+    engine._step_cost = StepCost.default()  # what step_cost(engine) measured
+    monkeypatch.setattr(tune, "search_space", lambda e: (("fast",), "eagle configurations left out: no trained "
+                                                         "draft head; after `hasten train-head` the next `hasten tune` tries them"))
+    profile = tune.tune(engine, QUESTIONS, budget_s=10_000, max_new_tokens=4, progress=False)
+    # baseline takes 1 s for 4 tokens here: 0.25 s a step, priced up for batched chat writing and the corpus pass
+    minutes = round(tune.train_head_estimate(engine, 0.25) / 60)
+    assert minutes > 10 and f"`hasten train-head` costs ~{minutes} min here, an estimate" in profile["note"]
+    assert "the next `hasten tune` tries them" in profile["note"]
+    doubled = tune.train_head_estimate(engine, 0.5)
+    assert doubled == pytest.approx(2 * tune.train_head_estimate(engine, 0.25))  # a slower step, a longer training
