@@ -84,6 +84,9 @@ DRAFTERS = {
     "prompt-lookup|jacobi": lambda: Fallback([PromptLookup(2, 2, adaptive=False),
                                               Jacobi(block=2, blocks=1, adaptive=False)]),
     "draft-model": lambda: ModelDrafter(DRAFT, V, 2, adaptive=False),
+    # each step the proposal expected to go furthest: the draft model's (with its q) or prompt lookup's (none)
+    "prompt-lookup|draft-model": lambda: Fallback([PromptLookup(2, 2, adaptive=False),
+                                                   ModelDrafter(DRAFT, V, 2, adaptive=False)]),
     "draft-model:n=3 (SpecTr)": lambda: ModelDrafter(DRAFT, V, 2, n=3, adaptive=False),
 }
 CASES = [(name, PLAIN) for name in DRAFTERS if name != "draft-model"] + [
