@@ -16,8 +16,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "attention.h"
-#include "attention_window.h"
+#include "attention_packed.h"
 #include "formats/bf16.h"
 #include "formats/f16.h"
 #include "formats/f32.h"
@@ -413,18 +412,19 @@ torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& w
 // One Llama decoder block (pre-norm attention, SiLU-gated MLP) for a few tokens over the KV cache, in one call.
 // A decode step used to make ~25 Python-level calls per block (~4 ms of a ~19 ms step on this 2-core machine);
 // this runs the very kernels and ATen ops the Python modules run, in the same order, so every bit is the same.
-// x [1, T, D]; lin, fmt, thr, max_t = q, k, v, o, gate, up, down (see `linear`); cos, sin [T, d];
-// ck, cv = this layer's cache [1, Hkv, max_len, d], written at start..start+T; mask [T, start+T] or none.
+// x [1, N, D]: the packed tokens of one or more sequences (a decode step, a draft tree, a batch of them);
+// lin, fmt, thr, max_t = q, k, v, o, gate, up, down (see `linear`); cos, sin [N, d]; per segment (attend_packed):
+// its layer cache ck, cv [1, Hkv, max_len, d], written at start..start+length, its mask [length, start+length]
+// or empty, and whether the layer is windowed in its cache (attention_window.h: bits independent of slots).
 // gated_up_thr < 0: SwiGLU, silu(gate) * up; else CATS: up's rows only where |silu(gate)| > gated_up_thr.
-// windowed: a windowed layer's attention (attention_window.h), whose result does not depend on buffer slots.
 torch::Tensor decode_block(torch::Tensor x, torch::Tensor ln1, torch::Tensor ln2, double eps,
                            std::vector<std::vector<torch::Tensor>> lin, std::vector<double> thr,
-                           std::vector<int64_t> max_t, std::vector<int64_t> fmt, torch::Tensor cos, torch::Tensor sin, torch::Tensor ck,
-                           torch::Tensor cv, int64_t start, c10::optional<torch::Tensor> mask, double scale,
-                           int64_t H, int64_t Hkv, double gated_up_thr, bool windowed) {
+                           std::vector<int64_t> max_t, std::vector<int64_t> fmt, torch::Tensor cos, torch::Tensor sin,
+                           std::vector<torch::Tensor> ck, std::vector<torch::Tensor> cv, std::vector<int64_t> start,
+                           std::vector<int64_t> length, std::vector<torch::Tensor> mask, std::vector<bool> windowed,
+                           double scale, int64_t H, int64_t Hkv, double gated_up_thr) {
   TORCH_CHECK(x.dim() == 3 && x.size(0) == 1 && x.is_contiguous() && lin.size() == 7 && thr.size() == 7 &&
               max_t.size() == 7 && fmt.size() == 7, "decode_block: bad arguments");
-  TORCH_CHECK(start + x.size(1) <= ck.size(2), "decode_block: KV cache overflow");
   const int64_t T = x.size(1), D = x.size(2);
   auto lin_ = [&](int i, const torch::Tensor& in) { return linear(in, lin[i], fmt[i], thr[i], max_t[i]); };
   const auto h = rms_norm(x.view({T, D}), ln1, eps);
@@ -434,10 +434,7 @@ torch::Tensor decode_block(torch::Tensor x, torch::Tensor ln1, torch::Tensor ln2
   k = k.view({T, Hkv, d});
   rope_(q, cos, sin);
   rope_(k, cos, sin);
-  ck.narrow(2, start, T).copy_(k.view({1, T, Hkv, d}).transpose(1, 2));
-  cv.narrow(2, start, T).copy_(v.view({1, T, Hkv, d}).transpose(1, 2));
-  const auto attn = windowed ? attend_window(q, ck[0], cv[0], start + T, mask, scale)
-                             : attend(q, ck[0], cv[0], start + T, mask, scale);
+  const auto attn = attend_packed(q, k, v.view({T, Hkv, d}), ck, cv, start, length, mask, windowed, scale);
   x = x + lin_(3, attn).view({1, T, D});
   const auto h2 = rms_norm(x.view({T, D}), ln2, eps);
   const auto gate = at::silu(lin_(4, h2));
@@ -454,6 +451,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("rms_norm", &rms_norm, "RMSNorm over the last dim of [T, D]");
   mod.def("rope_", &rope_, "rotary embedding in place on [T, H, d]");
   mod.def("attend", &attend, "streamed attention of T tokens over the KV cache (causal or masked; attention.h)");
+  mod.def("attend_packed", &attend_packed,
+          "a packed forward's attention: each segment's keys/values into its cache, then all segments in one call");
   mod.def("attend_window", &attend_window,
           "a windowed layer's attention: the same bits wherever its keys sit in the buffer (attention_window.h)");
   register_sparse_kernels(mod);

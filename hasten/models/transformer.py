@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import cpu as cpu_kernels
-from .attention import FUSED_TOKENS, attend, attend_packed
+from .attention import FUSED_TOKENS, attend, attend_packed, kernel_segments
 from .kv_cache import ContextOverflowError, KVCache, Segment, layer_segments
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "gemma3_text")
@@ -245,16 +245,13 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, layer, segments, mask):
-        if segments is not None and len(segments) == 1 and x.shape[1] <= FUSED_TOKENS and cos.dim() == 2:
+        if segments is not None and x.shape[1] <= FUSED_TOKENS and cos.dim() == 2:
             fused = self._fused()
             kernels = _cpu_kernels(x) if fused is not None else None
-            if kernels is not None:  # one sequence's decode / draft tree: the whole block in one C++ call
-                seg = segments[0]  # bit-identical to the module path below (tests/models/test_transformer.py)
-                ck, cv = seg.cache.layers[layer]
-                attn = self.self_attn
-                return kernels.decode_block(x.contiguous(), *fused[:7], cos, sin, ck, cv, seg.start, seg.mask,
-                                            attn.head_dim ** -0.5, attn.num_heads, attn.num_kv_heads, fused[7],
-                                            seg.windowed(layer))
+            if kernels is not None:  # decode steps / draft trees of one or more sequences: the block in one C++ call
+                attn = self.self_attn  # bit-identical to the module path below (tests/models/test_transformer.py)
+                return kernels.decode_block(x.contiguous(), *fused[:7], cos, sin, *kernel_segments(layer, segments),
+                                            attn.head_dim ** -0.5, attn.num_heads, attn.num_kv_heads, fused[7])
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, segments, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 

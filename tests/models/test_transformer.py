@@ -108,6 +108,58 @@ def test_fused_decode_block_is_bit_identical_to_the_modules(default_engine, monk
     assert all(torch.equal(a, b) for a, b in zip(fused, plain))
 
 
+def test_fused_packed_batch_is_bit_identical_to_each_sequence_alone(default_engine, monkeypatch):
+    """A packed forward of several sequences (single tokens, a draft tree, a prompt chunk, and a sequence whose
+    cache has windowed layers) runs each block in one decode_block call, and every row has the bits of its
+    sequence scored alone, and of the module-by-module path."""
+    from hasten.decoding.tree import Draft, flatten
+    from hasten.models import transformer
+    from hasten.models.kv_cache import Segment
+
+    model = default_engine.model
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (30, 12, 50, 20)]
+    policies = [None, None, None, "window:16,sinks:4"]
+    tree = Draft([5, 6, 7, 8], [-1, 0, -1, 2])
+    new = [[11], [12, 13, 14], None, [15]]  # sequence 2 scores the tree
+
+    def caches():
+        out = []
+        for p, policy in zip(prompts, policies):
+            cache = model.new_cache(128, policy=policy)
+            with torch.inference_mode():
+                model(torch.tensor([p]), cache=cache)
+            out.append(cache)
+        return out
+
+    def work(cache, i):
+        if new[i] is None:
+            tokens, positions, mask = flatten(9, tree, cache.length)
+            return tokens, positions, mask
+        return torch.tensor(new[i]), torch.arange(cache.length, cache.length + len(new[i])), None
+
+    with torch.inference_mode():
+        alone = []
+        for i, cache in enumerate(caches()):
+            tokens, positions, mask = work(cache, i)
+            alone.append(model(tokens[None], positions, cache, mask)[0])
+
+        def packed():
+            cs = caches()
+            parts = [work(c, i) for i, c in enumerate(cs)]
+            for c, (t, _, _) in zip(cs, parts):
+                c.make_room(len(t))
+            segments = [Segment(c, c.length, len(t), m) for c, (t, _, m) in zip(cs, parts)]
+            return model.packed(torch.cat([t for t, _, _ in parts]), torch.cat([p for _, p, _ in parts]), segments)
+
+        fused = packed()
+        assert model.layers[0]._fused() is not None  # the fused path was taken
+        monkeypatch.setattr(transformer.Block, "_fused", lambda self: None)
+        plain = packed()
+    assert torch.equal(fused, torch.cat(alone))
+    assert torch.equal(fused, plain)
+
+
 @pytest.mark.integration
 def test_swapped_modules_leave_the_fused_path(default_engine):
     """A sparse clone swaps linears; its blocks must run their own modules, not the dense block's kernels."""
