@@ -382,8 +382,9 @@ def _response_format(json_schema: str | None, regex: str | None) -> dict | None:
 @click.option("--step-tokens", type=click.IntRange(min=16), default=256, show_default=True,
               help="tokens scored per step at most, about: long prompts are prefilled in chunks within it so "
                    "running streams keep flowing; drafts shrink as the batch fills it")
-@click.option("--prefix-cache-mb", type=click.FloatRange(min=0), default=256, show_default=True,
-              help="MiB of KV kept for reuse by prompts sharing a prefix (a system prompt, an earlier turn); 0: off")
+@click.option("--prefix-cache-mb", type=click.FloatRange(min=0), default=None,
+              help="MiB of KV kept for reuse by prompts sharing a prefix (a system prompt, an earlier turn); 0: off "
+                   "[default: an eighth of this machine's memory, at most 4096]")
 @click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
               help="above 1: that many replicas behind Ray Serve's router on a local Ray instance (the `ray` extra), "
                    "each with --threads threads [default 1 there]")
@@ -398,6 +399,9 @@ def serve(model, method, host, port, queue_size, max_batch, step_tokens, prefix_
     from .serve.app import create_app
     registry.parse(method)
     check_corpus(corpus)  # a bad path fails before seconds of loading
+    if prefix_cache_mb is None:
+        from .decoding.prefix_cache import default_mb
+        prefix_cache_mb = default_mb()
     if replicas > 1:
         from .serve import ray_serve
         meta = click.get_current_context().meta

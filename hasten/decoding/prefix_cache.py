@@ -11,6 +11,7 @@ least recently used blocks first.
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from array import array
 from collections import OrderedDict
@@ -101,3 +102,14 @@ class PrefixCache:
 
 def _nbytes(entry) -> int:
     return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in entry)
+
+
+def default_mb() -> float:
+    """An eighth of physical memory, at most 4 GiB: a few hundred MB holds only a handful of long prompts' KV
+    (SmolLM2 keeps 46 KB per token: a 700-token prompt is 32 MB), and a cache smaller than the working set
+    thrashes (BENCHMARKS.md); the bytes are taken only as prompts fill it."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 256.0
+    return float(min(4096, total // 8 // 2 ** 20))
