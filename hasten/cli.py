@@ -83,6 +83,10 @@ def model_option(fn):
                       help="which positions each layer's KV cache keeps: native (the model's own: Gemma 3's sliding "
                            "layers keep only their window), full, window:W,sinks:S, hybrid:global=every3,window=W,"
                            "sinks=S (LongGen); a window on full-attention layers is lossy [default: native]")(fn)
+    fn = click.option("--kv-dtype", type=click.Choice(["f32", "f16"]), default=None, expose_value=False,
+                      callback=lambda ctx, _, value: ctx.meta.__setitem__("hasten.kv_dtype", value),
+                      help="the KV cache's dtype: f16 halves what a decode step at depth reads (llama.cpp's default "
+                           "cache type; lossy: keys and values rounded once) [default: f32, exact]")(fn)
     fn = click.option("--activations", type=click.Choice(["q8", "f32"]), default=None, expose_value=False,
                       callback=lambda ctx, _, value: ctx.meta.__setitem__("hasten.activations", value),
                       help="block kernels' activations: q8 (int8 per 32 values, integer dot products) or f32 "
@@ -101,7 +105,7 @@ def load_engine(model):
     from .engine import load
     meta = click.get_current_context().meta
     return load(model, quantize=meta.get("hasten.quantize"), activations=meta.get("hasten.activations"),
-                kv_policy=meta.get("hasten.kv_policy"))
+                kv_policy=meta.get("hasten.kv_policy"), kv_dtype=meta.get("hasten.kv_dtype"))
 
 
 def threads_option(fn):
@@ -208,7 +212,7 @@ def generate(prompt, model, method, chat, max_new_tokens, temperature, top_k, to
 def _kv_note(policy: str, lossy: bool) -> str:
     if policy == "native" and not lossy:
         return ""
-    return f" · KV {policy}" + (" (lossy: a window on full-attention layers)" if lossy else "")
+    return f" · KV {policy}" + (" (lossy: vs the full f32 cache)" if lossy else "")
 
 
 @main.command()

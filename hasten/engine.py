@@ -51,8 +51,8 @@ class GenerationResult:
     accepted_per_step: list[int] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
-    kv_policy: str = "native"  # the KV policy it was generated under (models/kv)
-    kv_lossy: bool = False  # that policy windows layers the model trained with full attention
+    kv_policy: str = "native"  # the KV policy it was generated under (models/kv), "+ f16" for an fp16 cache
+    kv_lossy: bool = False  # that policy windows layers the model trained with full attention, or the cache is fp16
 
     @property
     def tokens(self) -> int:
@@ -103,20 +103,26 @@ class Generation:
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, kv_policy=None):
+    def __init__(self, loaded: LoadedModel, kv_policy=None, kv_dtype: str | None = None):
         """kv_policy: the KV policy every generation's cache follows (models/kv: "native" by default — the
-        model's own pattern; "full", "window:W,sinks:S", "hybrid:global=everyK,window=W,sinks=S")."""
+        model's own pattern; "full", "window:W,sinks:S", "hybrid:global=everyK,window=W,sinks=S"); kv_dtype:
+        "f16" keeps the cache in fp16 (half the bytes a decode step at depth reads; lossy: each key and value
+        rounded once), "f32" or None the model's own dtype."""
         import copy
 
         from .models.kv import parse
+        if kv_dtype not in (None, "f32", "f16"):
+            raise GenerationError(f"unknown KV cache dtype {kv_dtype!r}; use f16 or f32")
         self.loaded = loaded
         self.kv_policy = parse(kv_policy)
+        self.kv_dtype = kv_dtype or "f32"
         self.model = loaded.model
-        if self.kv_policy.name != "native":
+        if self.kv_policy.name != "native" or self.kv_dtype == "f16":
             # Caches are made by the model (new_cache), drafters' included, so the policy is the model's: on a
             # shallow copy sharing every weight, so that other engines over the same loaded model keep theirs.
             self.model = copy.copy(loaded.model)
             self.model.kv_policy = self.kv_policy
+            self.model.kv_dtype = torch.float16 if self.kv_dtype == "f16" else None
         self.tokenizer = loaded.tokenizer
         self.name = loaded.name
         self.model_hash = loaded.model_hash
@@ -159,8 +165,14 @@ class Engine:
     @property
     def kv_lossy(self) -> bool:
         """True when the KV policy lets some layer see less than the model was trained to (a window on a
-        full-attention layer): every method's output may then differ from the full cache's."""
-        return self.kv_policy.lossy(self.model.config)
+        full-attention layer), or the cache rounds keys and values to fp16: every method's output may then
+        differ from the full f32 cache's."""
+        return self.kv_policy.lossy(self.model.config) or self.kv_dtype == "f16"
+
+    @property
+    def kv_label(self) -> str:
+        """The KV policy's name, with " + f16" for an fp16 cache."""
+        return self.kv_policy.name + (" + f16" if self.kv_dtype == "f16" else "")
 
     def drafter(self, method: str):
         if method not in self._drafters:
@@ -270,7 +282,7 @@ class Engine:
             yield last
         return GenerationResult(text, out_ids, len(seq.prompt), stats.finish_reason, method, seconds,
                                 stats.target_passes, stats.draft_seconds, stats.accepted_per_step, sources, all_lp,
-                                self.kv_policy.name, self.kv_lossy)
+                                self.kv_label, self.kv_lossy)
 
     def generate(self, prompt, max_new_tokens: int = 256, method: str = "baseline", **kw) -> GenerationResult:
         gen = self.run(prompt, max_new_tokens, method, **kw)
@@ -323,14 +335,17 @@ def validate_options(max_new_tokens, temperature, top_k, top_p) -> None:
 
 
 def load(model: str | None = None, dtype=None, device=None, quantize: str | None = None,
-         activations: str | None = None, kv_policy: str | None = None) -> Engine:
+         activations: str | None = None, kv_policy: str | None = None, kv_dtype: str | None = None) -> Engine:
     """Load a model (default: the embedded SmolLM2-135M-Instruct) and return an Engine; `quantize` turns a Hugging
     Face checkpoint's linear layers into a GGUF block format (cached); `activations` "q8" / "f32" picks the
     block kernels' activation path (None: each format's default; see models/quantized.py); `kv_policy` the KV
-    cache's policy (models/kv; None: "native", the model's own)."""
+    cache's policy (models/kv; None: "native", the model's own); `kv_dtype` "f16" an fp16 KV cache (lossy)."""
     from .models.kv import parse
     policy = parse(kv_policy)  # a typo fails before seconds of loading
-    return Engine(load_model(model, dtype=dtype, device=device, quantize=quantize, activations=activations), policy)
+    if kv_dtype not in (None, "f32", "f16"):
+        raise GenerationError(f"unknown KV cache dtype {kv_dtype!r}; use f16 or f32")
+    return Engine(load_model(model, dtype=dtype, device=device, quantize=quantize, activations=activations), policy,
+                  kv_dtype)
 
 
 def _eos_ids(loaded: LoadedModel) -> set[int]:

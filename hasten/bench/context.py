@@ -42,6 +42,6 @@ def collect(engine, threads: int, suite: str, prompts: int, max_new_tokens: int,
         "model": engine.name, "model_hash": engine.model_hash, "weights": engine.loaded.weight_format,
         "suite": suite, "prompts": prompts, "max_new_tokens": max_new_tokens, "rounds": rounds,
         "git_commit": git_commit(), "command": " ".join(["hasten"] + sys.argv[1:]),
-        "kv_policy": getattr(engine, "kv_policy", None) and engine.kv_policy.name,
+        "kv_policy": getattr(engine, "kv_policy", None) and engine.kv_label,
         "kv_lossy": bool(getattr(engine, "kv_lossy", False)),
     }

@@ -2,8 +2,8 @@
 
 `hasten kv-quality --windows 256,512,1024 --context 4096` (or `python -m hasten.bench.kv_quality …`): held-out
 documents of the corpus (sparsity/corpus.py; the longest first, concatenated) make token streams of `context`
-tokens. Every policy — full (the reference), native where it differs (Gemma 3), window:W,sinks:S and LongGen's
-hybrid:global=every3,window=W,sinks=S for each W — scores the same stream teacher-forced through its own cache, in the same pieces, lockstep with the
+tokens. Every policy — full (the reference), the full cache in fp16 (`--kv-dtype f16`), native where it differs (Gemma 3),
+window:W,sinks:S and LongGen's hybrid:global=every3,window=W,sinks=S for each W — scores the same stream teacher-forced through its own cache, in the same pieces, lockstep with the
 full cache, so nothing holds more than one piece's logits. Per policy:
 - perplexity on the stream, top-1 agreement with the full cache and mean KL(full ‖ policy) per token, in nats
   (p = the full cache's next-token distribution, q = the policy's);
@@ -41,9 +41,13 @@ class PolicyQuality:
     tokens: int
 
 
+F16 = " + f16"  # a policy name with this suffix: the same policy in an fp16 cache (kv_dtype="f16")
+
+
 def policies_for(windows: list[int], sinks: int, every: int = 3) -> list[str]:
-    """full first, then per window its window:W,sinks:S and its hybrid:global=everyK,window=W,sinks=S."""
-    out = ["full"]
+    """full first, the full cache in fp16, then per window its window:W,sinks:S and its
+    hybrid:global=everyK,window=W,sinks=S."""
+    out = ["full", "full" + F16]
     for w in windows:
         out += [f"window:{w},sinks:{sinks}", f"hybrid:global=every{every},window={w},sinks={sinks}"]
     return out
@@ -80,7 +84,8 @@ def measure(model, policies: list[str], token_streams: list[list[int]], decode_t
         for ids in token_streams:
             x = torch.tensor([ids])  # [1, L + 1]
             L = x.shape[1] - 1
-            caches = [model.new_cache(L + decode_tokens + 1, policy=p) for p in policies]
+            caches = [model.new_cache(L + decode_tokens + 1, policy=p.removesuffix(F16),
+                                      dtype=torch.float16 if p.endswith(F16) else None) for p in policies]
             for a in range(0, L, PIECE):
                 b = min(a + PIECE, L)
                 target = x[0, a + 1:b + 1]
@@ -102,7 +107,7 @@ def measure(model, policies: list[str], token_streams: list[list[int]], decode_t
                     cache.rollback(1)
             kv_bytes = [max(old, c.nbytes) for old, c in zip(kv_bytes, caches)]
     config = model.config
-    return [PolicyQuality(p, parse(p).lossy(config), math.exp(nll[i] / count), agree[i] / count, kl[i] / count,
+    return [PolicyQuality(p, parse(p.removesuffix(F16)).lossy(config) or p.endswith(F16), math.exp(nll[i] / count), agree[i] / count, kl[i] / count,
                           kv_bytes[i], 1000 * statistics.median(times[i]), count) for i, p in enumerate(policies)]
 
 

@@ -74,7 +74,7 @@ def _kv_line(ctx: dict) -> str:
     policy = ctx.get("kv_policy")
     if not policy or (policy == "native" and not ctx.get("kv_lossy")):
         return ""
-    return f" · KV {policy}" + (" (LOSSY: every hasten method, vs full attention)" if ctx.get("kv_lossy") else "")
+    return f" · KV {policy}" + (" (LOSSY: every hasten method, vs the full f32 cache)" if ctx.get("kv_lossy") else "")
 
 
 def terminal(result: dict) -> str:

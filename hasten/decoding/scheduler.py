@@ -73,7 +73,7 @@ class Scheduler:
         left behind, or None (allocating one per request would write hundreds of MB at long contexts)."""
         c, layout = model.config, model.kv_layout()
         for cache in self.free:
-            if cache.fits(layout, c.num_kv_heads, c.head_dim, model.dtype, length):
+            if cache.fits(layout, c.num_kv_heads, c.head_dim, model.cache_dtype, length):
                 self.free.remove(cache)
                 return cache
         return None

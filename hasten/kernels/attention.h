@@ -20,6 +20,7 @@
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "formats/common.h"
@@ -232,19 +233,36 @@ inline void accumulate_rest(int n, float* acc, int64_t dp, const float* alpha, c
   }
 }
 
-// Scratch buffers of one thread's tasks, sized for nq queries.
+// A KV cache stored in fp16 (kv_dtype="f16": half the bytes a decode step at depth reads): n values as f32.
+// Exact (every half is a float), so attention over a half cache has the bits of attention over an f32 cache
+// holding the same rounded values.
+inline void to_float(const uint16_t* src, int64_t n, float* dst) {
+  int64_t i = 0;
+#if defined(HASTEN_AVX512)
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+#elif defined(HASTEN_AVX2)
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+#endif
+  for (; i < n; ++i) dst[i] = half_to_float(src[i]);
+}
+
+// Scratch buffers of one thread's tasks, sized for nq queries (kf, vpad: a half cache's tiles as f32).
 struct Scratch {
-  std::vector<float> kt, p, acc, m, l, alpha, vpad;
+  std::vector<float> kt, p, acc, m, l, alpha, vpad, kf;
   std::vector<char> visible;
-  Scratch(int64_t nq, int64_t d, int64_t dp)
-      : kt(d * kKeyTile), p(nq * kKeyTile), acc(nq * dp), m(nq), l(nq), alpha(nq), vpad(d % kLanes ? kKeyTile * dp : 0, 0.f),
-        visible(nq) {}
+  Scratch(int64_t nq, int64_t d, int64_t dp, bool half = false)
+      : kt(d * kKeyTile), p(nq * kKeyTile), acc(nq * dp), m(nq), l(nq), alpha(nq),
+        vpad(half || d % kLanes ? kKeyTile * dp : 0, 0.f), kf(half ? kKeyTile * d : 0), visible(nq) {}
 };
 
 // Queries of KV head g, tokens [t0, t1), over the keys [jb, je) of one key chunk: each query's softmax state
 // (m, l, unnormalised acc [dp]) into part[r * (dp + 2)], a fresh state at the chunk's start. Q [T, H, d]; kb, vb:
-// head g's keys/values, rows of d; M [T, S] or null (causal: token t sees keys 0 .. S-T+t).
-inline void attend_chunk(const float* Q, const float* kb, const float* vb, const bool* M, int64_t T, int64_t H,
+// head g's keys/values, rows of d, f32 or fp16 bits (KV = uint16_t: each tile converted exactly to f32 first);
+// M [T, S] or null (causal: token t sees keys 0 .. S-T+t).
+template <typename KV>
+inline void attend_chunk(const float* Q, const KV* kb, const KV* vb, const bool* M, int64_t T, int64_t H,
                          int64_t d, int64_t S, int64_t g, int64_t group, int64_t t0, int64_t t1, float sc, int64_t jb,
                          int64_t je, Scratch& w, float* part) {
   const int64_t nq = (t1 - t0) * group, dp = (d + kLanes - 1) / kLanes * kLanes;
@@ -265,7 +283,12 @@ inline void attend_chunk(const float* Q, const float* kb, const float* vb, const
       tile_seen |= any;
     }
     if (!tile_seen) continue;  // a whole tile masked for every query (a sliding window): nothing changes
-    transpose_keys(kb + j0 * d, nk, d, kt.data());
+    if constexpr (std::is_same_v<KV, float>) {
+      transpose_keys(kb + j0 * d, nk, d, kt.data());
+    } else {
+      to_float(kb + j0 * d, nk * d, w.kf.data());
+      transpose_keys(w.kf.data(), nk, d, kt.data());
+    }
     for (int64_t r = 0; r < nq; r += kScoreRows) {
       const int n = int(std::min<int64_t>(kScoreRows, nq - r));
       const float* qv[kScoreRows];
@@ -305,10 +328,17 @@ inline void attend_chunk(const float* Q, const float* kb, const float* vb, const
       l[r] = l[r] * alpha[r] + hsum(sum);
       m[r] = mn;
     }
-    const float* vr = vb + j0 * d;
+    const float* vr;
     int64_t vs = d;
-    if (!vpad.empty()) {  // rows padded to whole vectors
-      for (int64_t j = 0; j < nk; ++j) std::copy(vr + j * d, vr + (j + 1) * d, vpad.data() + j * dp);
+    if constexpr (std::is_same_v<KV, float>) {
+      vr = vb + j0 * d;
+      if (!vpad.empty()) {  // rows padded to whole vectors
+        for (int64_t j = 0; j < nk; ++j) std::copy(vr + j * d, vr + (j + 1) * d, vpad.data() + j * dp);
+        vr = vpad.data();
+        vs = dp;
+      }
+    } else {  // a half cache: the tile's rows as f32, padded to whole vectors
+      for (int64_t j = 0; j < nk; ++j) to_float(vb + (j0 + j) * d, d, vpad.data() + j * dp);
       vr = vpad.data();
       vs = dp;
     }

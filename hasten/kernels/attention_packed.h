@@ -1,5 +1,6 @@
 // Attention of a packed forward in one call: the new tokens of several sequences, each against its own KV cache
-// (decode steps, draft trees and prompt chunks side by side: the batch scheduler's step). Included by cpu.cpp.
+// (decode steps, draft trees and prompt chunks side by side: the batch scheduler's step), from an f32 or an fp16
+// cache (kv_dtype). Included by cpu.cpp.
 //
 // Why one call: a batched step used to run, per layer and per sequence, two cache copies and a kernel call from
 // Python, each kernel splitting its small job over the cores on its own — 23% of an 8-stream step went there.
@@ -27,11 +28,23 @@ namespace attn {
 // One sequence's share of the pack: its rows [offset, offset + T) attend to the first S slots of its cache.
 struct Segment {
   int64_t offset, T, S;
-  const float *K, *V;  // KV head g's rows (d floats each) start at K + g * ks, V + g * vs
+  const void *K, *V;  // KV head g's rows (d values each) start at K + g * ks, V + g * vs (elements)
   int64_t ks, vs;
   const bool* M;  // [T, S] (True = may attend) or null: causal, token t sees slots 0 .. S-T+t
   bool windowed;
+  bool half;  // the cache holds fp16 (kv_dtype="f16"), else f32
 };
+
+// attend_chunk over a segment's head g, in the cache's storage type.
+inline void attend_chunk_of(const Segment& s, const float* q, int64_t H, int64_t d, int64_t g, int64_t group,
+                            int64_t t0, int64_t t1, float sc, int64_t jb, int64_t je, Scratch& w, float* part) {
+  if (s.half)
+    attend_chunk(q, static_cast<const uint16_t*>(s.K) + g * s.ks, static_cast<const uint16_t*>(s.V) + g * s.vs, s.M,
+                 s.T, H, d, s.S, g, group, t0, t1, sc, jb, je, w, part);
+  else
+    attend_chunk(q, static_cast<const float*>(s.K) + g * s.ks, static_cast<const float*>(s.V) + g * s.vs, s.M,
+                 s.T, H, d, s.S, g, group, t0, t1, sc, jb, je, w, part);
+}
 
 // O [N, H*d] = attention of Q [N, H, d] for every segment (rows not in a segment are left untouched).
 inline void attend_segments(const float* Q, float* O, int64_t H, int64_t Hkv, int64_t d, float sc,
@@ -47,6 +60,7 @@ inline void attend_segments(const float* Q, float* O, int64_t H, int64_t Hkv, in
   std::vector<Task> tasks;
   std::vector<std::vector<float>> parts(segs.size());  // kChunk segments: [Hkv][nc][T * group][cs]
   int64_t max_s = 0, max_nc = 0;
+  bool half = false;
   for (size_t i = 0; i < segs.size(); ++i) {
     const Segment& s = segs[i];
     if (s.T == 0) continue;
@@ -54,6 +68,7 @@ inline void attend_segments(const float* Q, float* O, int64_t H, int64_t Hkv, in
     const int64_t nc = (s.S + kKeyChunk - 1) / kKeyChunk, tiles = (s.T + kTokenTile - 1) / kTokenTile;
     max_s = std::max(max_s, s.S);
     max_nc = std::max(max_nc, nc);
+    half |= s.half;
     if (s.windowed) {
       for (int64_t t = 0; t < s.T; ++t)
         for (int64_t h = 0; h < H; ++h) tasks.push_back({si, kWindow, t, h, s.S});
@@ -75,8 +90,8 @@ inline void attend_segments(const float* Q, float* O, int64_t H, int64_t Hkv, in
   std::atomic<int64_t> next{0};
   const int64_t n_tasks = int64_t(tasks.size()), workers = std::min<int64_t>(at::get_num_threads(), n_tasks);
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    Scratch w(kTokenTile * group, d, dp);
-    std::vector<float> local, p, acc(dp);
+    Scratch w(kTokenTile * group, d, dp, half);
+    std::vector<float> local, p, acc(dp), kf, vf;  // kf, vf: a half cache's window rows as f32
     for (int64_t i; (i = next.fetch_add(1)) < n_tasks;) {
       const Task& task = tasks[i];
       const Segment& s = segs[task.seg];
@@ -85,22 +100,34 @@ inline void attend_segments(const float* Q, float* O, int64_t H, int64_t Hkv, in
       if (task.kind == kWindow) {
         if (int64_t(p.size()) < max_s) p.resize(max_s);
         const int64_t t = task.a, h = task.b, g = h / group;
-        window_query(q + (t * H + h) * d, s.K + g * s.ks, s.V + g * s.vs, s.M ? s.M + t * s.S : nullptr, s.S,
-                     s.S - s.T + t, d, sc, p.data(), acc.data(), o + t * H * d + h * d);
+        const float *kb, *vb;
+        if (s.half) {
+          kf.resize(s.S * d);
+          vf.resize(s.S * d);
+          to_float(static_cast<const uint16_t*>(s.K) + g * s.ks, s.S * d, kf.data());
+          to_float(static_cast<const uint16_t*>(s.V) + g * s.vs, s.S * d, vf.data());
+          kb = kf.data();
+          vb = vf.data();
+        } else {
+          kb = static_cast<const float*>(s.K) + g * s.ks;
+          vb = static_cast<const float*>(s.V) + g * s.vs;
+        }
+        window_query(q + (t * H + h) * d, kb, vb, s.M ? s.M + t * s.S : nullptr, s.S, s.S - s.T + t, d, sc,
+                     p.data(), acc.data(), o + t * H * d + h * d);
         continue;
       }
       const int64_t g = task.a, nc = (s.S + kKeyChunk - 1) / kKeyChunk;
       if (task.kind == kChunk) {
         const int64_t c = task.b, nq = s.T * group;
-        attend_chunk(q, s.K + g * s.ks, s.V + g * s.vs, s.M, s.T, H, d, s.S, g, group, 0, s.T, sc, c * kKeyChunk,
-                     (c + 1) * kKeyChunk, w, parts[task.seg].data() + (g * nc + c) * nq * cs);
+        attend_chunk_of(s, q, H, d, g, group, 0, s.T, sc, c * kKeyChunk, (c + 1) * kKeyChunk, w,
+                        parts[task.seg].data() + (g * nc + c) * nq * cs);
         continue;
       }
       const int64_t t0 = task.b * kTokenTile, t1 = std::min(s.T, t0 + kTokenTile), n = (t1 - t0) * group;
       if (int64_t(local.size()) < max_nc * kTokenTile * group * cs) local.resize(max_nc * kTokenTile * group * cs);
       for (int64_t c = 0; c < nc; ++c)
-        attend_chunk(q, s.K + g * s.ks, s.V + g * s.vs, s.M, s.T, H, d, s.S, g, group, t0, t1, sc, c * kKeyChunk,
-                     (c + 1) * kKeyChunk, w, local.data() + c * n * cs);
+        attend_chunk_of(s, q, H, d, g, group, t0, t1, sc, c * kKeyChunk, (c + 1) * kKeyChunk, w,
+                        local.data() + c * n * cs);
       for (int64_t r = 0; r < n; ++r) {
         const int64_t t = t0 + r / group, h = g * group + r % group;
         combine(local.data() + r * cs, nc, n * cs, d, o + t * H * d + h * d, acc.data());
@@ -121,12 +148,14 @@ inline void attend_segments(const float* Q, float* O, int64_t H, int64_t Hkv, in
   }
 }
 
-// A cache tensor [1, Hkv, max_len, d] or [Hkv, max_len, d] (f32, rows of d contiguous): its head stride, slots.
+// A cache tensor [1, Hkv, max_len, d] or [Hkv, max_len, d] (f32 or f16, rows of d contiguous): its head stride,
+// slots.
 inline std::pair<int64_t, int64_t> cache_layout(const torch::Tensor& c, int64_t Hkv, int64_t d) {
   const int64_t o = c.dim() - 3;
-  TORCH_CHECK((c.dim() == 3 || (c.dim() == 4 && c.size(0) == 1)) && c.scalar_type() == torch::kFloat32 &&
+  TORCH_CHECK((c.dim() == 3 || (c.dim() == 4 && c.size(0) == 1)) &&
+              (c.scalar_type() == torch::kFloat32 || c.scalar_type() == torch::kHalf) &&
               c.size(o) == Hkv && c.size(o + 2) == d && c.stride(o + 2) == 1 && c.stride(o + 1) == d,
-              "a KV cache must be f32 [(1,) Hkv, max_len, d] with contiguous rows");
+              "a KV cache must be f32 or f16 [(1,) Hkv, max_len, d] with contiguous rows");
   return {c.stride(o), c.size(o + 1)};
 }
 
@@ -171,13 +200,22 @@ inline torch::Tensor attend_packed(torch::Tensor q, torch::Tensor k, torch::Tens
     const int64_t T = length[i], S = start[i] + T;
     TORCH_CHECK(T >= 0 && start[i] >= 0 && S <= slots && S <= vslots && offset + T <= N,
                 "attend_packed: segment ", i, " does not fit its cache or the pack");
-    float *kc = ck[i].data_ptr<float>(), *vc = cv[i].data_ptr<float>();
+    const bool half = ck[i].scalar_type() == torch::kHalf;
+    TORCH_CHECK(cv[i].scalar_type() == ck[i].scalar_type(), "attend_packed: k and v caches of different dtypes");
     for (int64_t t = 0; t < T; ++t)
       for (int64_t g = 0; g < Hkv; ++g) {
-        std::memcpy(kc + g * ks + (start[i] + t) * d, Kn + ((offset + t) * Hkv + g) * d, d * sizeof(float));
-        std::memcpy(vc + g * vs + (start[i] + t) * d, Vn + ((offset + t) * Hkv + g) * d, d * sizeof(float));
+        const float *kn = Kn + ((offset + t) * Hkv + g) * d, *vn = Vn + ((offset + t) * Hkv + g) * d;
+        const int64_t kat = g * ks + (start[i] + t) * d, vat = g * vs + (start[i] + t) * d;
+        if (half) {  // round to nearest even, as torch's f32 → f16 copy
+          c10::Half *kc = ck[i].data_ptr<c10::Half>() + kat, *vc = cv[i].data_ptr<c10::Half>() + vat;
+          for (int64_t c = 0; c < d; ++c) kc[c] = c10::Half(kn[c]), vc[c] = c10::Half(vn[c]);
+        } else {
+          std::memcpy(ck[i].data_ptr<float>() + kat, kn, d * sizeof(float));
+          std::memcpy(cv[i].data_ptr<float>() + vat, vn, d * sizeof(float));
+        }
       }
-    segs[i] = {offset, T, S, kc, vc, ks, vs, mask_of(mask[i], T, S), bool(windowed[i])};
+    segs[i] = {offset, T, S, ck[i].data_ptr(), cv[i].data_ptr(), ks, vs, mask_of(mask[i], T, S), bool(windowed[i]),
+               half};
     offset += T;
   }
   TORCH_CHECK(offset == N, "attend_packed: the segments' lengths sum to ", offset, ", the pack has ", N, " tokens");
@@ -199,8 +237,10 @@ inline torch::Tensor attend_one(torch::Tensor q, torch::Tensor k, torch::Tensor 
   TORCH_CHECK(H % Hkv == 0 && S <= slots && S <= vslots && S >= T, "bad attention shapes");
   torch::Tensor m = mask.has_value() && mask->defined() ? mask->contiguous() : torch::Tensor();
   auto out = torch::empty({T, H * d}, q.options());
+  TORCH_CHECK(k.scalar_type() == v.scalar_type(), "k and v of different dtypes");
   attend_segments(q.data_ptr<float>(), out.data_ptr<float>(), H, Hkv, d, float(scale),
-                  {{0, T, S, k.data_ptr<float>(), v.data_ptr<float>(), ks, vs, mask_of(m, T, S), windowed}});
+                  {{0, T, S, k.data_ptr(), v.data_ptr(), ks, vs, mask_of(m, T, S), windowed,
+                    k.scalar_type() == torch::kHalf}});
   return out;
 }
 

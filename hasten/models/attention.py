@@ -63,7 +63,8 @@ def attend_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
         mask = seg.mask
         if mask is None and start > 0 and n > 1:  # causal, bottom-right aligned after the cached entries
             mask = torch.ones(n, start + n, dtype=torch.bool, device=q.device).tril(start)
-        out = attend(q[0, offset:offset + n].transpose(0, 1)[None], ck[:, :, :start + n], cv[:, :, :start + n], mask, scale)
+        keys, values = ck[:, :, :start + n].to(q.dtype), cv[:, :, :start + n].to(q.dtype)  # an fp16 cache: exact
+        out = attend(q[0, offset:offset + n].transpose(0, 1)[None], keys, values, mask, scale)
         outs.append(out[0].transpose(0, 1).reshape(n, H * d))  # [n, H*d]
         offset += n
     return (outs[0] if len(outs) == 1 else torch.cat(outs))[None]

@@ -324,21 +324,29 @@ class Transformer(nn.Module):
         return self.norm.weight.dtype
 
     kv_policy = None  # the policy new caches follow (kv/policy.py; None: "native"); hasten.load(kv_policy=...) sets it
+    kv_dtype = None  # new caches' dtype (None: the model's); hasten.load(kv_dtype="f16") sets torch.float16
 
     def kv_layout(self, policy=None) -> tuple:
         """A LayerKV per layer under `policy` (a policy or its string; default: this model's kv_policy)."""
         from .kv import parse
         return parse(policy if policy is not None else self.kv_policy).layers(self.config)
 
-    def new_cache(self, max_len: int, batch: int = 1, policy=None, slack: int | None = None) -> KVCache:
+    def new_cache(self, max_len: int, batch: int = 1, policy=None, slack: int | None = None,
+                  dtype: torch.dtype | None = None) -> KVCache:
         """A cache for max_len positions laid out by `policy` (default: this model's kv_policy, else native);
-        slack: a ring's room for new entries per forward (default kv_cache.RING_SLACK)."""
+        slack: a ring's room for new entries per forward (default kv_cache.RING_SLACK); dtype: its buffers'
+        (default: cache_dtype)."""
         from . import kv_cache
         from .kv import parse
         c, policy = self.config, parse(policy if policy is not None else self.kv_policy)
         slack = slack if slack is not None else kv_cache.RING_SLACK
-        return KVCache(c.num_layers, batch, c.num_kv_heads, max_len, c.head_dim, self.dtype, self.device,
+        return KVCache(c.num_layers, batch, c.num_kv_heads, max_len, c.head_dim, dtype or self.cache_dtype, self.device,
                        policy.layers(c), slack, policy.name)
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """The dtype of the caches new_cache makes: kv_dtype, else the model's."""
+        return self.kv_dtype or self.dtype
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
                 mask: torch.Tensor | None = None, layers: tuple[int, ...] | None = None,

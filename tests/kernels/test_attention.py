@@ -130,3 +130,51 @@ def test_the_window_kernel_does_not_depend_on_where_the_keys_sit(ext, shift):
     there = ext.attend_window(q, moved_k, moved_v, S + shift, moved_mask, 0.125)
     assert torch.equal(here, there)
     assert torch.allclose(here, reference(q, k, v, S, mask).float(), atol=1e-5)
+
+
+def packed_args(segments):
+    """attend_packed's arguments for segments (q, k_new, v_new, cache_k, cache_v, start, mask or None, windowed)."""
+    q = torch.cat([s[0] for s in segments]).contiguous()
+    k = torch.cat([s[1] for s in segments]).contiguous()
+    v = torch.cat([s[2] for s in segments]).contiguous()
+    empty = torch.empty(0, dtype=torch.bool)
+    return (q, k, v, [s[3] for s in segments], [s[4] for s in segments], [s[5] for s in segments],
+            [s[0].shape[0] for s in segments], [empty if s[6] is None else s[6] for s in segments],
+            [s[7] for s in segments], D ** -0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_packed_call_gives_every_segment_the_bits_of_its_own_call(ext, dtype):
+    """attend_packed (kernels/attention_packed.h): decode tokens, a draft tree, a prompt chunk and a windowed
+    sequence in one call, each written into its own cache and attended there: every row has the bits of its
+    segment scored alone by attend / attend_window over the same cache, for f32 and fp16 caches."""
+    g = torch.Generator().manual_seed(5)
+    shapes = [(1, 300, None, False), (4, 40, "tree", False), (70, 600, None, False), (2, 90, "window", True),
+              (1, 1, None, False)]
+    segments = []
+    for T, start, kind, windowed in shapes:
+        S = start + T
+        cache_k = torch.randn(HKV, S + 9, D, generator=g).to(dtype)
+        cache_v = torch.randn(HKV, S + 9, D, generator=g).to(dtype)
+        mask = None
+        if kind == "tree":
+            mask = causal(T, S)
+            mask[2, start + 1] = False  # node 2 does not descend from node 1
+        elif kind == "window":
+            mask = causal(T, S)
+            mask[:, 3:30] = False  # past the window, after 3 sinks
+        segments.append((torch.randn(T, H, D, generator=g), torch.randn(T, HKV, D, generator=g),
+                         torch.randn(T, HKV, D, generator=g), cache_k, cache_v, start, mask, windowed))
+    out = ext.attend_packed(*packed_args(segments))
+    row = 0
+    for q, k, v, cache_k, cache_v, start, mask, windowed in segments:
+        T = q.shape[0]
+        assert torch.equal(cache_k[:, start:start + T], k.transpose(0, 1).to(dtype))  # written, rounded as torch does
+        assert torch.equal(cache_v[:, start:start + T], v.transpose(0, 1).to(dtype))
+        kernel = ext.attend_window if windowed else ext.attend
+        alone = kernel(q.contiguous(), cache_k, cache_v, start + T, mask, D ** -0.5)
+        assert torch.equal(out[row:row + T], alone)
+        if dtype == torch.float16:  # an fp16 cache reads exactly as the f32 cache of the same rounded values
+            assert torch.equal(alone, kernel(q.contiguous(), cache_k.float(), cache_v.float(), start + T, mask,
+                                             D ** -0.5))
+        row += T

@@ -108,15 +108,19 @@ def test_fused_decode_block_is_bit_identical_to_the_modules(default_engine, monk
     assert all(torch.equal(a, b) for a, b in zip(fused, plain))
 
 
-def test_fused_packed_batch_is_bit_identical_to_each_sequence_alone(default_engine, monkeypatch):
+@pytest.mark.parametrize("kv_dtype", [None, torch.float16])
+def test_fused_packed_batch_is_bit_identical_to_each_sequence_alone(default_engine, monkeypatch, kv_dtype):
     """A packed forward of several sequences (single tokens, a draft tree, a prompt chunk, and a sequence whose
     cache has windowed layers) runs each block in one decode_block call, and every row has the bits of its
-    sequence scored alone, and of the module-by-module path."""
+    sequence scored alone, and of the module-by-module path; with an f32 cache and an fp16 one."""
+    import copy
+
     from hasten.decoding.tree import Draft, flatten
     from hasten.models import transformer
     from hasten.models.kv_cache import Segment
 
-    model = default_engine.model
+    model = copy.copy(default_engine.model)
+    model.kv_dtype = kv_dtype
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (30, 12, 50, 20)]
     policies = [None, None, None, "window:16,sinks:4"]
@@ -127,6 +131,7 @@ def test_fused_packed_batch_is_bit_identical_to_each_sequence_alone(default_engi
         out = []
         for p, policy in zip(prompts, policies):
             cache = model.new_cache(128, policy=policy)
+            assert cache.groups[0].k.dtype == (kv_dtype or torch.float32)
             with torch.inference_mode():
                 model(torch.tensor([p]), cache=cache)
             out.append(cache)
@@ -195,3 +200,29 @@ def test_sparse_blocks_fuse_bit_identically(default_engine, monkeypatch, method)
     fused = run()
     monkeypatch.setattr(transformer.Block, "_fused", lambda self: None)
     assert all(torch.equal(a, b) for a, b in zip(fused, run()))
+
+
+@pytest.mark.integration
+def test_an_fp16_kv_cache_is_marked_lossy_and_stays_close_to_f32(default_engine, tmp_path, monkeypatch):
+    """hasten.load(kv_dtype="f16"): caches in fp16 (half the bytes), results marked lossy, logits within a small
+    KL of the f32 cache's on a prompt plus decode steps; a bad dtype is a one-line error."""
+    import hasten
+    from hasten.engine import Engine, GenerationError
+
+    engine = Engine(default_engine.loaded, kv_dtype="f16")
+    assert engine.model.new_cache(16).groups[0].k.dtype == torch.float16
+    assert default_engine.model.new_cache(16).groups[0].k.dtype == torch.float32  # the shared model keeps f32
+    result = engine.generate("Name three colours.", max_new_tokens=8)
+    assert result.kv_policy == "native + f16" and result.kv_lossy and result.tokens == 8
+    tokens = torch.randint(0, 1000, (1, 60), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        outs = []
+        for model in (default_engine.model, engine.model):
+            cache = model.new_cache(80)
+            prompt = model(tokens[:, :50], cache=cache)
+            steps = [model(tokens[:, i:i + 1], cache=cache) for i in range(50, 60)]
+            outs.append(torch.cat([prompt, *steps], 1)[0].log_softmax(-1))
+    kl = (outs[0].exp() * (outs[0] - outs[1])).sum(-1)
+    assert float(kl.max()) < 1e-3 and not torch.equal(outs[0], outs[1])
+    with pytest.raises(GenerationError, match="unknown KV cache dtype"):
+        hasten.load(kv_dtype="int4")
