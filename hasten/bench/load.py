@@ -271,7 +271,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--step-tokens", type=int, default=256)
-    p.add_argument("--prefix-cache-mb", type=float, default=256)
+    p.add_argument("--prefix-cache-mb", type=float, default=None,
+                   help="hasten serve's prefix cache (0: off, and llama-server's prompt cache off too) "
+                        "[default: the server's, an eighth of memory up to 4096]")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--llama-server", default=None, help="path of a llama-server binary to measure beside hasten")
     p.add_argument("--gguf", default=None, help="the GGUF file llama-server serves (hasten's --model should match)")
@@ -290,6 +292,9 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--levels must be integers separated by commas, e.g. 1,4,8,16 (got {a.levels!r})")
     if not levels or min(levels) < 1 or a.prompts < 1:
         p.error("--levels must be ≥ 1 and --prompts ≥ 1")
+    if a.prefix_cache_mb is None:
+        from ..decoding.prefix_cache import default_mb
+        a.prefix_cache_mb = default_mb()
     run(a.model, a.url, a.method, levels, a.prompts, a.max_tokens, a.max_batch, a.step_tokens, a.prefix_cache_mb,
         a.threads, a.llama_server, a.gguf, a.timeout, not a.no_repeat, a.workload, a.engine)
 
