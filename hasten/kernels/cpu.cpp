@@ -444,15 +444,19 @@ torch::Tensor decode_block(torch::Tensor x, torch::Tensor ln1, torch::Tensor ln2
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
-  mod.def("decode_block", &decode_block, "one decoder block for a few tokens over the KV cache");
-  mod.def("block_matmul", &block_matmul, "Y = X @ W^T from a GGUF tensor's bytes in a block format");
+  // The heavy calls release the GIL as torch's own ops do: a server's HTTP thread runs while a step computes
+  // (they touch no Python object; arguments are converted before and results after, under the GIL).
+  using no_gil = pybind11::call_guard<pybind11::gil_scoped_release>;
+  mod.def("decode_block", &decode_block, "one decoder block for a few tokens over the KV cache", no_gil());
+  mod.def("block_matmul", &block_matmul, "Y = X @ W^T from a GGUF tensor's bytes in a block format", no_gil());
   mod.def("dequantize_rows", &dequantize_rows, "rows of a GGUF tensor, dequantized exactly to f32");
   mod.def("isa", &isa, "the instruction set this build targets: avx512, avx2 or portable");
   mod.def("rms_norm", &rms_norm, "RMSNorm over the last dim of [T, D]");
   mod.def("rope_", &rope_, "rotary embedding in place on [T, H, d]");
   mod.def("attend", &attend, "streamed attention of T tokens over the KV cache (causal or masked; attention.h)");
   mod.def("attend_packed", &attend_packed,
-          "a packed forward's attention: each segment's keys/values into its cache, then all segments in one call");
+          "a packed forward's attention: each segment's keys/values into its cache, then all segments in one call",
+          no_gil());
   mod.def("attend_window", &attend_window,
           "a windowed layer's attention: the same bits wherever its keys sit in the buffer (attention_window.h)");
   register_sparse_kernels(mod);
