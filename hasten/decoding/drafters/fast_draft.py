@@ -339,7 +339,7 @@ def write_gguf(model: Transformer, path: Path, tokenizer_source: Path, qtype: st
         elif qtype == "F16":
             w.add_tensor(key, a.astype(np.float16))
         else:
-            w.add_tensor(key, quantize(a, GT.Q8_0), raw_shape=a.shape, raw_dtype=GT.Q8_0)
+            w.add_tensor(key, quantize(a, GT.Q8_0), raw_dtype=GT.Q8_0)  # [rows, row bytes]: gguf infers the shape
 
     def vector(key: str, weight: torch.Tensor):
         w.add_tensor(key, np.ascontiguousarray(weight.detach().float().numpy()))
@@ -407,7 +407,8 @@ def train(engine, corpus=None, corpus_tokens: int = 131_072, chat_samples: int =
     heldout_text = text.token_chunks(engine.tokenizer, "heldout", min(corpus_tokens // 8, 4096), 256)
     chats = cached_chats(engine, chat_samples, bar("train-draft: self-written chats")) if chat_samples else []
     held = len(chats) // 10  # answers to questions the draft never saw
-    distill = distillation_targets(engine.model, chats[held:], top_k, bar("train-draft: target distributions"))
+    distill = distillation_targets(engine.model, chats[held:], top_k, bar("train-draft: target distributions")
+                                   if chats else None)
     path = draft_path(engine)
     key = _run_key(target=engine.model_hash, corpus=text.name, tokens=corpus_tokens, chats=chat_samples,
                    hidden=hidden, layers=layers, steps=steps, minutes=minutes, top_k=top_k, seed=seed)
