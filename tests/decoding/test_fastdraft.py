@@ -122,6 +122,14 @@ def test_fastdraft_and_draft_model_of_the_file_are_greedy_identical(engine):
     assert engine.drafter("fastdraft").name == "draft-model"  # the file's draft model, through draft-model
 
 
+def test_tune_tries_fastdraft_once_it_is_trained(engine, own_cache):
+    from hasten.bench import tune
+    assert not set(tune.FASTDRAFT_SPACE) & set(tune.search_space(engine)[0])
+    fd.draft_path(engine).parent.mkdir(parents=True)
+    fd.draft_path(engine).write_bytes(b"")
+    assert set(tune.FASTDRAFT_SPACE) <= set(tune.search_space(engine)[0])
+
+
 def test_same_seed_same_file_bit_for_bit(engine, tiny, trained, own_cache):
     """train() with the CLI's arguments in another cache writes the very same bytes."""
     kwargs = dict(corpus=str(tiny[1]), corpus_tokens=1024, chat_samples=0, hidden=32, layers=1, steps=3, progress=False)
