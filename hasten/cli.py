@@ -531,21 +531,16 @@ def train_draft(model, corpus, tokens, chat_samples, steps, minutes, hidden, lay
     """
     import time
     started = time.perf_counter()
-    from .decoding.drafters.fast_draft import draft_path, draft_shape, train
+    from .decoding.drafters.fast_draft import DraftTrainingError, draft_path, draft_shape, train
     check_corpus(corpus)
     set_threads(threads)
     engine = load_engine(model)
     try:
         draft_shape(engine.model.config, hidden, layers)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    if minutes is not None:  # loading counts against the budget the user gave
-        minutes = max(minutes - (time.perf_counter() - started) / 60, 1e-3)
-    try:
+        if minutes is not None:  # loading counts against the budget the user gave
+            minutes = max(minutes - (time.perf_counter() - started) / 60, 1e-3)
         summary = train(engine, corpus, tokens, chat_samples, hidden, layers, steps, minutes, top_k, seed, qtype)
-    except ValueError as e:
-        if isinstance(e, USER_ERRORS):
-            raise
+    except DraftTrainingError as e:
         raise UsageError(str(e)) from None
     for key, value in summary.items():
         click.echo(f"  {key:22s} {value}")

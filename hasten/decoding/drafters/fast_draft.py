@@ -47,6 +47,10 @@ class DraftNotTrainedError(ValueError):
     """No usable FastDraft draft for this target; the message names `hasten train-draft`."""
 
 
+class DraftTrainingError(ValueError):
+    """Bad input to train-draft (a shape, a type, a target without a GGUF file); the message names the fix."""
+
+
 @dataclass(frozen=True)
 class DraftShape:
     hidden: int
@@ -70,9 +74,9 @@ def draft_shape(target_config: ModelConfig, hidden: int = 256, layers: int = 4) 
     """The draft's shape for a target: `hidden` wide (a multiple of 32, so every row is whole Q8_0 blocks),
     heads of min(64, hidden/2) dims, half as many KV heads, a SwiGLU ≈ 8/3 · hidden wide (rounded to 32)."""
     if hidden < 32 or hidden % 32:
-        raise ValueError(f"--hidden {hidden}: the draft's width must be a multiple of 32 (e.g. 128, 256, 384)")
+        raise DraftTrainingError(f"--hidden {hidden}: the draft's width must be a multiple of 32 (e.g. 128, 256, 384)")
     if layers < 1:
-        raise ValueError(f"--layers {layers}: the draft needs at least one layer")
+        raise DraftTrainingError(f"--layers {layers}: the draft needs at least one layer")
     head_dim = min(64, hidden // 2)
     heads = hidden // head_dim
     ffn = -(-(hidden * 8 // 3) // 32) * 32
@@ -193,7 +197,7 @@ def fit(target, corpus: list[list[int]], distill: Distillation | None = None, hi
     if steps is None and minutes is None:
         steps = DEFAULT_STEPS
     if not corpus:
-        raise ValueError("train-draft needs corpus text (stage 1); pass --corpus or install the default corpus")
+        raise DraftTrainingError("train-draft needs corpus text (stage 1); pass --corpus or install the default corpus")
     chats = distill is not None and len(distill.ids) > 0
     share = pretrain_share if chats else 1.0
     shape = draft_shape(target.config, hidden, layers)
@@ -311,7 +315,7 @@ def write_gguf(model: Transformer, path: Path, tokenizer_source: Path, qtype: st
     from gguf.quants import quantize
 
     if qtype not in TYPES:
-        raise ValueError(f"draft type {qtype} is not one of {', '.join(TYPES)}")
+        raise DraftTrainingError(f"draft type {qtype} is not one of {', '.join(TYPES)}")
     c = model.config
     tmp = Path(path).with_suffix(".gguf.tmp")
     tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -373,7 +377,7 @@ def draft_path(engine) -> Path:
 def _tokenizer_source(engine) -> Path:
     source = Path(engine.loaded.source)
     if not (source.is_file() and source.suffix == ".gguf"):
-        raise ValueError(f"train-draft copies the target's tokenizer from its GGUF file, and {engine.name} was not "
+        raise DraftTrainingError(f"train-draft copies the target's tokenizer from its GGUF file, and {engine.name} was not "
                          "loaded from one; pass --model FILE.gguf")
     return source
 
@@ -401,7 +405,7 @@ def train(engine, corpus=None, corpus_tokens: int = 131_072, chat_samples: int =
     source = _tokenizer_source(engine)
     draft_shape(engine.model.config, hidden, layers)  # a bad shape fails before minutes of data preparation
     if qtype not in TYPES:
-        raise ValueError(f"draft type {qtype} is not one of {', '.join(TYPES)}")
+        raise DraftTrainingError(f"draft type {qtype} is not one of {', '.join(TYPES)}")
     text = corpora.load(corpus)
     chunks = text.token_chunks(engine.tokenizer, "calibration", corpus_tokens, 256)
     heldout_text = text.token_chunks(engine.tokenizer, "heldout", min(corpus_tokens // 8, 4096), 256)
