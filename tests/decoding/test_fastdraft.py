@@ -290,3 +290,14 @@ def test_the_embedding_starts_as_the_targets_pca():
     draft = fd.init_draft(target, fd.draft_shape(target.config, 32, 1))
     assert draft.lm_head.weight is draft.embed_tokens.weight  # tied
     assert torch.allclose(draft.embed_tokens.weight, fd.pca_embedding(E, 32))
+
+
+def test_a_target_without_a_gguf_file_is_refused_in_one_line(tmp_path):
+    class Loaded:
+        source = str(tmp_path)  # a checkpoint directory: no GGUF tokenizer to copy
+
+    class Engine:
+        name, loaded = "some-hf-model", Loaded
+
+    with pytest.raises(fd.DraftTrainingError, match="pass --model FILE.gguf"):
+        fd._tokenizer_source(Engine)
