@@ -158,6 +158,14 @@ def _blockwise(engine, k=None, width=1, threshold=0.1, nodes=16):
         raise UnknownMethodError(str(e)) from None
 
 
+def _fastdraft(engine, k=4, n=1):
+    from .decoding.drafters.fast_draft import DraftNotTrainedError, fastdraft
+    try:
+        return fastdraft(engine, k, n)
+    except DraftNotTrainedError as e:
+        raise UnknownMethodError(str(e)) from None
+
+
 def _number(value: str):
     for cast in (int, float):
         try:
@@ -194,6 +202,8 @@ def _load_builtin() -> None:
     from .decoding.drafters.layer_skip import layer_skip
     register("draft-model", lambda engine, model, k=4, n=1: draft_model(engine, model, k, n),
              help="a smaller model with the same tokenizer (model=PATH, k=4 draft length, n=1 chains; n>1: SpecTr)")
+    register("fastdraft", _fastdraft,
+             help="draft-model with the small draft `hasten train-draft` trained for this target (k=4, n=1)")
     register("layer-skip", lambda engine, skip=None, k=4: layer_skip(engine, skip, k),
              help="self-speculation with calibrated skipped layers (skip=10-19 to choose, k=4)")
     register("eagle", _eagle,

@@ -49,11 +49,17 @@ BLOCKWISE_SPACE = (
 )
 
 
+FASTDRAFT_SPACE = ("fastdraft", "fastdraft:k=3", "prompt-lookup|fastdraft")  # once `hasten train-draft` made one
+
+
 def search_space(engine) -> tuple[tuple[str, ...], str | None]:
     """→ (configurations to try, a note on what was left out and why, or None)."""
     from ..decoding.drafters.blockwise import heads_path
     from ..decoding.drafters.eagle import head_path
+    from ..decoding.drafters.fast_draft import draft_path
     space, missing = SEARCH_SPACE, []
+    if hasattr(engine, "model_hash") and draft_path(engine).exists():  # the FastDraft draft against the head, here
+        space += FASTDRAFT_SPACE
     if head_path(engine).exists():
         space += EAGLE_SPACE
     else:

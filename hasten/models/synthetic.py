@@ -96,7 +96,7 @@ def write_random_gguf(path: str | Path, shape_name: str, qtype: str, seed: int =
     w.add_rope_freq_base(s.rope_theta)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(s.vocab)
-    _copy_tokenizer(w, default_gguf_path(), s.vocab)
+    copy_tokenizer(w, default_gguf_path(), s.vocab)
 
     types = {}
     for name, layer, dims in tensors:
@@ -126,7 +126,7 @@ def write_random_gguf(path: str | Path, shape_name: str, qtype: str, seed: int =
     return path
 
 
-def _copy_tokenizer(w, source: Path, vocab: int) -> None:
+def copy_tokenizer(w, source: Path, vocab: int) -> None:
     """The tokenizer of `source` (a GGUF file), its token list padded to `vocab` with reserved tokens."""
     from gguf import GGUFReader, GGUFValueType
 

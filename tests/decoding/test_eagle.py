@@ -251,11 +251,11 @@ def test_self_written_chats_are_cached_for_the_next_train_head(tmp_path, monkeyp
     class FakeEngine:
         model_hash = "tinyhash"
 
-    first = head_training._cached_chats(FakeEngine, 5, None)
-    again = head_training._cached_chats(FakeEngine, 5, None)
+    first = head_training.cached_chats(FakeEngine, 5, None)
+    again = head_training.cached_chats(FakeEngine, 5, None)
     assert written == [5] and (tmp_path / "tinyhash-chats-5.pt").exists()
     assert again[0][:2] == first[0][:2] and torch.equal(again[0][2], first[0][2])
     features = head_training.chat_features(again)
     assert features[1].tolist() == [3] and features[2].tolist() == [4]  # x_{t+1}, the choice after it
-    head_training._cached_chats(FakeEngine, 7, None)  # another sample count writes its own chats
+    head_training.cached_chats(FakeEngine, 7, None)  # another sample count writes its own chats
     assert written == [5, 7]

@@ -304,7 +304,7 @@ def train(engine, corpus_tokens: int = 65_536, chat_samples: int = 2048, hidden:
     started = time.perf_counter()
     text = corpora.load(corpus)
     sequences = [(c, 0) for c in text.token_chunks(engine.tokenizer, "calibration", corpus_tokens, 256)]
-    chats = _cached_chats(engine, chat_samples, bar("train-head: self-distilled chats"))
+    chats = cached_chats(engine, chat_samples, bar("train-head: self-distilled chats"))
     held = len(chats) // 10  # answers to questions the head never saw, for the agreement it reports
     head, fitted = fit(engine.model, sequences, hidden, vocab, epochs, progress=bar("train-head: corpus features"),
                        chats=chats[held:], steps=steps, top_k=top_k)
@@ -331,9 +331,10 @@ def train(engine, corpus_tokens: int = 65_536, chat_samples: int = 2048, hidden:
     return summary
 
 
-def _cached_chats(engine, samples: int, progress) -> list[Chat]:
+def cached_chats(engine, samples: int, progress) -> list[Chat]:
     """Self-written chats kept beside the head: a second `train-head` for the same model (another --hidden,
-    --epochs, --tokens) reuses them instead of spending most of its time writing them again."""
+    --epochs, --tokens), and `train-draft` (fast_draft.py), reuse them instead of spending most of their time
+    writing them again."""
     path = eagle.head_path(engine).with_name(f"{engine.model_hash}-chats-{samples}.pt")
     try:
         return [Chat(c) for c in torch.load(path, weights_only=True)]
