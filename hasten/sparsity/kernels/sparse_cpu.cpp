@@ -5,7 +5,10 @@
 //    kept inputs, the others enter as exact zeros). W^T is stored row-major [K, N], so an active input's weights
 //    are one contiguous row. Formats: fp32, and "q4t": GGUF Q4_1 weights transposed without changing any value —
 //    4-bit codes q[k, n] plus the blocks' fp16 scale d and minimum m, which are shared by the 32 inputs of a
-//    block: sum_k x_k (d q_k + m) = d * (sum_k x_k q_k) + m * (sum_k x_k) over the active k of a block.
+//    block: sum_k x_k (d q_k + m) = d * (sum_k x_k q_k) + m * (sum_k x_k) over the active k of a block (GGUF
+//    Q4_0 uses the same layout with m = -8 d, exact: w = d (q - 8)). "h16t": BF16 or F16 weights transposed,
+//    values unchanged, tiled by 64 outputs. "q8t": GGUF Q8_0 transposed without changing any value — int8 codes
+//    q[k, n] and the block scale d[k/32, n]: sum_k x_k (d q_k) = d * (sum_k x_k q_k) over a block's active k.
 // 2. Row subsets, y[:, i] = W[i] @ x for the selected output rows i only (the others are 0), in the model's own
 //    layout (Q4_1 blocks or fp32 rows): the neurons CATS and Deja Vu keep, the heads Deja Vu keeps.
 //
@@ -16,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -264,6 +268,197 @@ torch::Tensor q4t_sparse_in(torch::Tensor x, double thr, torch::Tensor q, torch:
   return y;
 }
 
+// ---- 1b. 64-wide tiles: 16-bit floats (BF16, F16) and Q8_0 -------------------------------------------------------
+// Layouts (sparsity/kernels/cpu.py: TransposedH16, TransposedQ8): outputs cut into tiles of 64, each tile [K][64]
+// and tiles one after the other, so one input row of a tile is 128 bytes of bf16/f16 or one 64-byte line of
+// int8 codes, and a thread owning a tile streams one region, skipping whole rows for dropped inputs. Q8_0's fp16
+// block scales d are laid out [tile][K/32][64]: sum_k x_k (d q_k) = d * sum_k x_k q_k over a block's active k.
+
+namespace {
+constexpr int64_t T64 = 64;  // outputs per tile of the h16t and q8t layouts
+
+// Prefetch a row PREFETCH ahead in this tile, or past its end the first rows of the thread's next tile (rows
+// follow the active list, an order no hardware prefetcher guesses). row_bytes: a multiple of 64.
+inline void prefetch_row(const uint8_t* tile, const uint8_t* next_tile, const Active& act, int64_t a, int64_t row_bytes) {
+#ifdef __AVX512F__
+  const int64_t A = act.k.size();
+  const uint8_t* p = nullptr;
+  if (a + PREFETCH < A) p = tile + int64_t(act.k[a + PREFETCH]) * row_bytes;
+  else if (next_tile != nullptr) p = next_tile + int64_t(act.k[a + PREFETCH - A]) * row_bytes;
+  if (p != nullptr)
+    for (int64_t o = 0; o < row_bytes; o += 64) _mm_prefetch(reinterpret_cast<const char*>(p + o), _MM_HINT_T1);
+#endif
+}
+
+// TN tokens over one 64-wide tile of 16-bit weights (E: at::BFloat16 or at::Half): out[t] = sum_a x[a, t] w[a].
+template <int TN, typename E>
+inline void h16t_tile(const E* Wt, const Active& act, int64_t T, int64_t t0, float* Y, int64_t N, int64_t n0,
+                      const E* next_tile) {
+  constexpr bool BF = std::is_same<E, at::BFloat16>::value;
+  const int64_t A = act.k.size();
+#ifdef __AVX512F__
+  __m512 acc[TN][4];
+  for (int t = 0; t < TN; ++t)
+    for (int v = 0; v < 4; ++v) acc[t][v] = _mm512_setzero_ps();
+  for (int64_t a = 0; a < A; ++a) {
+    const E* row = Wt + int64_t(act.k[a]) * T64;
+    prefetch_row(reinterpret_cast<const uint8_t*>(Wt), reinterpret_cast<const uint8_t*>(next_tile), act, a, 2 * T64);
+    __m512 w[4];
+    for (int v = 0; v < 4; ++v) {
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 16 * v));
+      // Both widenings are exact: bf16 is the top half of an fp32, and every IEEE half is an fp32.
+      w[v] = BF ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h);
+    }
+    const float* xa = act.xs.data() + a * T + t0;
+    for (int t = 0; t < TN; ++t) {
+      const __m512 xv = _mm512_set1_ps(xa[t]);
+      for (int v = 0; v < 4; ++v) acc[t][v] = _mm512_fmadd_ps(w[v], xv, acc[t][v]);
+    }
+  }
+  for (int t = 0; t < TN; ++t)
+    for (int v = 0; v < 4; ++v) _mm512_storeu_ps(Y + (t0 + t) * N + n0 + 16 * v, acc[t][v]);
+#else
+  (void)next_tile;
+  for (int t = 0; t < TN; ++t)
+    for (int64_t j = 0; j < T64; ++j) {
+      float o = 0.f;
+      for (int64_t a = 0; a < A; ++a)
+        o = std::fma(float(Wt[int64_t(act.k[a]) * T64 + j]), act.xs[a * T + t0 + t], o);
+      Y[(t0 + t) * N + n0 + j] = o;
+    }
+#endif
+}
+
+// The active blocks of 32 inputs: [first, last) ranges into the active list (ascending, so a block's are adjacent).
+struct ActiveBlocks {
+  std::vector<int64_t> blk, first, last;
+};
+
+ActiveBlocks active_blocks(const Active& act) {
+  ActiveBlocks b;
+  for (int64_t a = 0; a < int64_t(act.k.size()); ++a) {
+    const int64_t k = act.k[a] / QK;
+    if (b.blk.empty() || b.blk.back() != k) {
+      b.blk.push_back(k);
+      b.first.push_back(a);
+      b.last.push_back(a);
+    }
+    b.last.back() = a + 1;
+  }
+  return b;
+}
+
+// TN tokens over one 64-wide tile of transposed Q8_0: out[t] = sum over active blocks of d * (sum_k x_k q_k).
+template <int TN>
+inline void q8t_tile(const int8_t* C, const at::Half* D, const Active& act, const ActiveBlocks& ab, int64_t T, int64_t t0,
+                     float* Y, int64_t N, int64_t n0, const int8_t* next_tile) {
+#ifdef __AVX512F__
+  __m512 out[TN][4];
+  for (int t = 0; t < TN; ++t)
+    for (int v = 0; v < 4; ++v) out[t][v] = _mm512_setzero_ps();
+  for (size_t bi = 0; bi < ab.blk.size(); ++bi) {
+    __m512 acc[TN][4];
+    for (int t = 0; t < TN; ++t)
+      for (int v = 0; v < 4; ++v) acc[t][v] = _mm512_setzero_ps();
+    for (int64_t a = ab.first[bi]; a < ab.last[bi]; ++a) {
+      const int8_t* row = C + int64_t(act.k[a]) * T64;
+      prefetch_row(reinterpret_cast<const uint8_t*>(C), reinterpret_cast<const uint8_t*>(next_tile), act, a, T64);
+      __m512 w[4];  // int8 codes → fp32, exact
+      for (int v = 0; v < 4; ++v)
+        w[v] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * v))));
+      const float* xa = act.xs.data() + a * T + t0;
+      for (int t = 0; t < TN; ++t) {
+        const __m512 xv = _mm512_set1_ps(xa[t]);
+        for (int v = 0; v < 4; ++v) acc[t][v] = _mm512_fmadd_ps(w[v], xv, acc[t][v]);
+      }
+    }
+    const at::Half* d = D + ab.blk[bi] * T64;
+    if (bi + 1 < ab.blk.size())  // the next block's scales: 64 x 2 bytes
+      for (int64_t o = 0; o < T64 * 2; o += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(D + ab.blk[bi + 1] * T64) + o, _MM_HINT_T0);
+    for (int v = 0; v < 4; ++v) {
+      const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + 16 * v)));
+      for (int t = 0; t < TN; ++t) out[t][v] = _mm512_fmadd_ps(dv, acc[t][v], out[t][v]);
+    }
+  }
+  for (int t = 0; t < TN; ++t)
+    for (int v = 0; v < 4; ++v) _mm512_storeu_ps(Y + (t0 + t) * N + n0 + 16 * v, out[t][v]);
+#else
+  // Portable path: the same arithmetic, one output at a time.
+  (void)next_tile;
+  for (int t = 0; t < TN; ++t)
+    for (int64_t j = 0; j < T64; ++j) {
+      float o = 0.f;
+      for (size_t bi = 0; bi < ab.blk.size(); ++bi) {
+        float acc = 0.f;
+        for (int64_t a = ab.first[bi]; a < ab.last[bi]; ++a)
+          acc = std::fma(float(C[int64_t(act.k[a]) * T64 + j]), act.xs[a * T + t0 + t], acc);
+        o = std::fma(float(D[ab.blk[bi] * T64 + j]), acc, o);
+      }
+      Y[(t0 + t) * N + n0 + j] = o;
+    }
+#endif
+}
+
+// Tiles of 64 outputs split over torch's threads; per tile, tokens 4, then 2, then 1 at a time.
+// `tile(t0, tn, tile_index, next_tile_index_or_-1)` computes one token chunk of one tile.
+template <typename F>
+void t64_tiles(int64_t T, int64_t N, F tile) {
+  at::parallel_for(0, N / T64, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i)
+      token_chunks(T, [&](int64_t t0, auto tn) { tile(t0, tn, i, i + 1 < end ? i + 1 : -1); });
+  });
+}
+}  // namespace
+
+// x [T, K] f32; wt: the tiled transposed bf16 or f16 layout [N/64][K][64] (TransposedH16) → y [T, N]
+torch::Tensor h16t_sparse_in(torch::Tensor x, double thr, torch::Tensor wt, int64_t K, int64_t N) {
+  const bool bf = wt.scalar_type() == torch::kBFloat16;
+  TORCH_CHECK((bf || wt.scalar_type() == torch::kFloat16) && wt.is_contiguous() && wt.numel() == K * N,
+              "wt must be contiguous bf16 or f16 [K*N]");
+  TORCH_CHECK(N % T64 == 0, "h16t needs N divisible by 64");
+  check_x(x, K);
+  const int64_t T = x.size(0);
+  auto y = torch::zeros({T, N}, x.options());
+  const Active act = select(x.data_ptr<float>(), T, K, float(thr));
+  if (act.k.empty()) return y;
+  float* Y = y.data_ptr<float>();
+  const bool far = int64_t(act.k.size()) > PREFETCH;  // else the next tile's rows are already prefetched
+  auto run = [&](const auto* W) {
+    t64_tiles(T, N, [&](int64_t t0, auto tn, int64_t i, int64_t next) {
+      constexpr int TN = decltype(tn)::value;
+      const auto* nt = next >= 0 && far ? W + next * K * T64 : nullptr;
+      h16t_tile<TN>(W + i * K * T64, act, T, t0, Y, N, i * T64, nt);
+    });
+  };
+  if (bf) run(wt.data_ptr<at::BFloat16>());
+  else run(wt.data_ptr<at::Half>());
+  return y;
+}
+
+// x [T, K] f32; q i8 [N/64][K][64], d f16 [N/64][K/32][64]: the tiled transposed Q8_0 layout (TransposedQ8) → y [T, N]
+torch::Tensor q8t_sparse_in(torch::Tensor x, double thr, torch::Tensor q, torch::Tensor d, int64_t K, int64_t N) {
+  TORCH_CHECK(K % QK == 0 && N % T64 == 0, "q8t needs K divisible by 32 and N by 64");
+  TORCH_CHECK(q.scalar_type() == torch::kInt8 && q.is_contiguous() && q.numel() == K * N, "q must be i8 [K*N]");
+  TORCH_CHECK(d.scalar_type() == torch::kFloat16 && d.is_contiguous() && d.numel() == K / QK * N, "d must be f16 [K/32*N]");
+  check_x(x, K);
+  const int64_t T = x.size(0);
+  auto y = torch::zeros({T, N}, x.options());
+  const Active act = select(x.data_ptr<float>(), T, K, float(thr));
+  if (act.k.empty()) return y;
+  const ActiveBlocks ab = active_blocks(act);
+  const int8_t* Q = q.data_ptr<int8_t>();
+  const at::Half* D = d.data_ptr<at::Half>();
+  float* Y = y.data_ptr<float>();
+  const bool far = int64_t(act.k.size()) > PREFETCH;
+  t64_tiles(T, N, [&](int64_t t0, auto tn, int64_t i, int64_t next) {
+    constexpr int TN = decltype(tn)::value;
+    const int8_t* nt = next >= 0 && far ? Q + next * K * T64 : nullptr;
+    q8t_tile<TN>(Q + i * K * T64, D + i * (K / QK) * T64, act, ab, T, t0, Y, N, i * T64, nt);
+  });
+  return y;
+}
+
 // ---- 2. row subsets -------------------------------------------------------------------------------------------
 
 namespace {
@@ -455,6 +650,8 @@ torch::Tensor f32_rows_gated(torch::Tensor x, torch::Tensor gate, double thr, to
 void register_sparse_kernels(pybind11::module& mod) {
   mod.def("f32t_sparse_in", &f32t_sparse_in, "y = x @ W^T over the active inputs, W^T fp32 [K, N]");
   mod.def("q4t_sparse_in", &q4t_sparse_in, "y = x @ W^T over the active inputs, W^T as transposed Q4_1 codes");
+  mod.def("h16t_sparse_in", &h16t_sparse_in, "y = x @ W^T over the active inputs, W^T as tiled bf16 or f16");
+  mod.def("q8t_sparse_in", &q8t_sparse_in, "y = x @ W^T over the active inputs, W^T as transposed Q8_0 codes");
   mod.def("q4_1_rows", &q4_1_rows, "selected output rows of x @ W^T from Q4_1 blocks");
   mod.def("q4_1_rows_gated", &q4_1_rows_gated, "gate * (x @ W^T) on the rows where |gate| > thr, Q4_1 blocks");
   mod.def("f32_rows", &f32_rows, "selected output rows of x @ W^T, fp32 W [N, K]");
