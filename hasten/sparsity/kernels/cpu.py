@@ -10,13 +10,13 @@ weights of one input are one contiguous row, read whole or skipped whole.
   weight plus d and m (4 bytes per output) for each block that has any active input. Dense Q4_1 reads 0.625
   bytes per weight; at 50% sparsity q4t reads ~0.375. GGUF Q4_0 uses the same layout with m = -8 d (exact:
   Q4_0's w = d (q - 8)).
-- `TransposedQ8`: a GGUF Q8_0 matrix transposed without changing a value, tiled by 64 outputs: one input row of
-  a tile is one 64-byte line of int8 codes, and each block's fp16 scale d is laid out the same way
-  ([tile][K/32][64]); sum_k x_k d q_k = d * sum_k x_k q_k over a block's active inputs. 1 byte per active weight
-  plus 2 bytes per output for each block with any active input (dense Q8_0: 1.0625 bytes per weight). The
+- `TransposedQ8`: a GGUF Q8_0 matrix transposed without changing a value: int8 codes W^T [K, N] and the blocks'
+  fp16 scales d^T [K/32, N]; sum_k x_k d q_k = d * sum_k x_k q_k over a block's active inputs. 1 byte per active
+  weight plus 2 bytes per output for each block with any active input (dense Q8_0: 1.0625 bytes per weight). The
   activations stay fp32 (the dense layer's `activations="f32"` function, not its int8 "q8" path).
-- `TransposedH16`: BF16 or F16 weights transposed, values unchanged, tiled by 64 outputs (128 bytes per input
-  row of a tile); 2 bytes per active weight.
+- `TransposedH16`: BF16 or F16 weights transposed, values unchanged, [K, N]; 2 bytes per active weight.
+  Both are read in segments of up to 1024 outputs per input row, not in 64-wide tiles: on the 2-core EPYC these
+  were measured on, skipping random 64-byte lines saved nothing (sparse_cpu.cpp, section 1b).
 Row subsets (CATS, Deja Vu: neurons or heads chosen per token) read rows of W in the model's own layout: the
 repacked Q4_1 blocks of models/quantized.py, or fp32 rows.
 
@@ -134,26 +134,12 @@ class TransposedQ4:
         return self.q.numel() + 2 * self.d.numel() * 2
 
 
-TILE64 = 64  # outputs per tile of TransposedQ8 and TransposedH16
-
-
-def _tiles64(a: np.ndarray) -> np.ndarray:
-    """[N, R] → [N/64, R, 64] contiguous: per tile of 64 outputs, row r holds the tile's 64 values of column r."""
-    n, r = a.shape
-    return np.ascontiguousarray(a.reshape(n // TILE64, TILE64, r).transpose(0, 2, 1))
-
-
-def _untile64(a: np.ndarray, n: int, r: int) -> np.ndarray:
-    return a.reshape(n // TILE64, r, TILE64).transpose(0, 2, 1).reshape(n, r)
-
-
 @dataclass(frozen=True)
 class TransposedQ8:
-    """GGUF Q8_0 weights laid out for reading by input channel, 64 outputs per tile (values unchanged): codes
-    q i8 [N/64][K][64] (one input row of a tile is one 64-byte line) and the blocks' fp16 scales d
-    [N/64][K/32][64]; w[n, k] = d[k/32, n] * q[k, n], exactly as the file's blocks."""
-    q: torch.Tensor  # i8 [K * N]
-    d: torch.Tensor  # f16 [K/32 * N]
+    """GGUF Q8_0 weights laid out for reading by input channel (values unchanged): codes q i8 W^T [K, N] and the
+    blocks' fp16 scales d [K/32, N]; w[n, k] = d[k/32, n] * q[k, n], exactly as the file's blocks."""
+    q: torch.Tensor  # i8 [K, N]
+    d: torch.Tensor  # f16 [K/32, N]
     k: int
     n: int
 
@@ -161,20 +147,18 @@ class TransposedQ8:
     def from_q8_0(cls, blocks: torch.Tensor) -> "TransposedQ8":
         """From GGUF Q8_0 blocks [N, K/32 * 34] u8 (fp16 d, then 32 int8 codes)."""
         n = blocks.shape[0]
-        if n % TILE64:
+        if n % 64:
             raise ValueError(f"q8t needs the output count to be a multiple of 64 (got {n})")
         b = blocks.numpy().reshape(n, -1, 34)
         nb = b.shape[1]
         d = np.ascontiguousarray(b[:, :, 0:2]).view(np.float16)[:, :, 0]  # [N, K/32]
         q = np.ascontiguousarray(b[:, :, 2:]).view(np.int8).reshape(n, nb * QK)  # [N, K]
-        return cls(torch.from_numpy(_tiles64(q).ravel()), torch.from_numpy(_tiles64(d).ravel()), nb * QK, n)
+        return cls(torch.from_numpy(np.ascontiguousarray(q.T)), torch.from_numpy(np.ascontiguousarray(d.T)), nb * QK, n)
 
     def dequantize(self) -> torch.Tensor:
         """W [N, K] fp32 as gguf-py computes it (fp32(d) * q): the reference the kernel must match."""
-        k, n, nb = self.k, self.n, self.k // QK
-        q = _untile64(self.q.numpy(), n, k).astype(np.float32)
-        d = _untile64(self.d.numpy(), n, nb).astype(np.float32)
-        return torch.from_numpy(np.repeat(d, QK, axis=1) * q)
+        d = np.repeat(self.d.numpy().astype(np.float32), QK, axis=0)  # [K, N]
+        return torch.from_numpy(np.ascontiguousarray((d * self.q.numpy().astype(np.float32)).T))
 
     @property
     def nbytes(self) -> int:
@@ -183,10 +167,9 @@ class TransposedQ8:
 
 @dataclass(frozen=True)
 class TransposedH16:
-    """BF16 or F16 weights laid out for reading by input channel, 64 outputs per tile (values unchanged):
-    wt [N/64][K][64] in the file's own dtype (torch.bfloat16 or torch.float16); one input row of a tile is 128
-    contiguous bytes."""
-    wt: torch.Tensor  # bf16 or f16 [K * N]
+    """BF16 or F16 weights laid out for reading by input channel (values unchanged): W^T [K, N] in the file's own
+    dtype (torch.bfloat16 or torch.float16)."""
+    wt: torch.Tensor  # bf16 or f16 [K, N]
     k: int
     n: int
 
@@ -194,16 +177,15 @@ class TransposedH16:
     def from_blocks(cls, blocks: torch.Tensor, qtype: str) -> "TransposedH16":
         """From a BF16 or F16 GGUF tensor [N, 2K] u8 (plain 16-bit values, row-major)."""
         n = blocks.shape[0]
-        if n % TILE64:
+        if n % 64:
             raise ValueError(f"h16t needs the output count to be a multiple of 64 (got {n})")
         dtype = {"BF16": torch.bfloat16, "F16": torch.float16}[qtype]
         bits = blocks.numpy().view(np.int16).reshape(n, -1)  # [N, K], the values' bits unchanged
-        return cls(torch.from_numpy(_tiles64(bits).ravel()).view(dtype), bits.shape[1], n)
+        return cls(torch.from_numpy(np.ascontiguousarray(bits.T)).view(dtype), bits.shape[1], n)
 
     def dequantize(self) -> torch.Tensor:
         """W [N, K] fp32 (exact: both 16-bit types widen to fp32 without rounding)."""
-        bits = _untile64(self.wt.view(torch.int16).numpy(), self.n, self.k)
-        return torch.from_numpy(np.ascontiguousarray(bits)).view(self.wt.dtype).float()
+        return self.wt.float().t().contiguous()
 
     @property
     def nbytes(self) -> int:

@@ -7,7 +7,7 @@
 //    4-bit codes q[k, n] plus the blocks' fp16 scale d and minimum m, which are shared by the 32 inputs of a
 //    block: sum_k x_k (d q_k + m) = d * (sum_k x_k q_k) + m * (sum_k x_k) over the active k of a block (GGUF
 //    Q4_0 uses the same layout with m = -8 d, exact: w = d (q - 8)). "h16t": BF16 or F16 weights transposed,
-//    values unchanged, tiled by 64 outputs. "q8t": GGUF Q8_0 transposed without changing any value — int8 codes
+//    values unchanged, [K, N]. "q8t": GGUF Q8_0 transposed without changing any value — int8 codes
 //    q[k, n] and the block scale d[k/32, n]: sum_k x_k (d q_k) = d * (sum_k x_k q_k) over a block's active k.
 // 2. Row subsets, y[:, i] = W[i] @ x for the selected output rows i only (the others are 0), in the model's own
 //    layout (Q4_1 blocks or fp32 rows): the neurons CATS and Deja Vu keep, the heads Deja Vu keeps.
@@ -268,167 +268,157 @@ torch::Tensor q4t_sparse_in(torch::Tensor x, double thr, torch::Tensor q, torch:
   return y;
 }
 
-// ---- 1b. 64-wide tiles: 16-bit floats (BF16, F16) and Q8_0 -------------------------------------------------------
-// Layouts (sparsity/kernels/cpu.py: TransposedH16, TransposedQ8): outputs cut into tiles of 64, each tile [K][64]
-// and tiles one after the other, so one input row of a tile is 128 bytes of bf16/f16 or one 64-byte line of
-// int8 codes, and a thread owning a tile streams one region, skipping whole rows for dropped inputs. Q8_0's fp16
-// block scales d are laid out [tile][K/32][64]: sum_k x_k (d q_k) = d * sum_k x_k q_k over a block's active k.
+// ---- 1b. plain W^T rows, accumulated in L1: 16-bit floats (BF16, F16) and Q8_0 ----------------------------------
+// Layouts (sparsity/kernels/cpu.py: TransposedH16, TransposedQ8): W^T row-major [K, N] in the file's own values
+// (bf16/f16, or Q8_0's int8 codes with the fp16 block scales d^T [K/32, N]: sum_k x_k (d q_k) = d * sum_k x_k q_k
+// over a block's active k). A work item owns a span of up to 1024 outputs and walks the active inputs' rows,
+// reading one contiguous 1-2 KB segment of each and accumulating into per-token arrays that stay in L1.
+// Why not register tiles of 64 outputs (one cache line per row, as q4t): measured on a 2-core EPYC, reading a
+// random half of 64-byte rows cost as much as reading them all (the hardware prefetchers fetch the gaps, and
+// without them the misses are too few in flight); segments of >= 1 KB with gaps of >= 1 KB cost about their share.
 
 namespace {
-constexpr int64_t T64 = 64;  // outputs per tile of the h16t and q8t layouts
+constexpr int64_t kSpan = 1024;  // most outputs per work item: 4 KB of fp32 accumulators per token
+constexpr int64_t kRowsAhead = 4;  // prefetch distance in active rows (1-2 KB each)
+constexpr int kTokensAtOnce = 4;  // accumulators of up to 4 tokens (16 KB) and Q8_0's block sums (16 KB) in L1
 
-// Prefetch a row PREFETCH ahead in this tile, or past its end the first rows of the thread's next tile (rows
-// follow the active list, an order no hardware prefetcher guesses). row_bytes: a multiple of 64.
-inline void prefetch_row(const uint8_t* tile, const uint8_t* next_tile, const Active& act, int64_t a, int64_t row_bytes) {
-#ifdef __AVX512F__
-  const int64_t A = act.k.size();
-  const uint8_t* p = nullptr;
-  if (a + PREFETCH < A) p = tile + int64_t(act.k[a + PREFETCH]) * row_bytes;
-  else if (next_tile != nullptr) p = next_tile + int64_t(act.k[a + PREFETCH - A]) * row_bytes;
-  if (p != nullptr)
-    for (int64_t o = 0; o < row_bytes; o += 64) _mm_prefetch(reinterpret_cast<const char*>(p + o), _MM_HINT_T1);
-#endif
+// The outputs per work item: the largest power of two <= kSpan (and >= 64) dividing N that still gives every
+// thread an item. Each output's sum runs over the rows in the same order whatever the span: it changes speed only.
+int64_t span_for(int64_t N) {
+  const int64_t threads = at::get_num_threads();
+  int64_t s = kSpan;
+  while (s > 64 && (N % s != 0 || N / s < threads)) s /= 2;
+  return N % s == 0 ? s : 64;
 }
 
-// TN tokens over one 64-wide tile of 16-bit weights (E: at::BFloat16 or at::Half): out[t] = sum_a x[a, t] w[a].
-template <int TN, typename E>
-inline void h16t_tile(const E* Wt, const Active& act, int64_t T, int64_t t0, float* Y, int64_t N, int64_t n0,
-                      const E* next_tile) {
-  constexpr bool BF = std::is_same<E, at::BFloat16>::value;
-  const int64_t A = act.k.size();
+// One line (64 bytes) of a row as fp32 vectors, exactly: 4 x 16 int8 codes, or 2 x 16 bf16/f16 values.
+struct I8Line {
+  using E = int8_t;
+  static constexpr int kPerLine = 64, kVecs = 4;
 #ifdef __AVX512F__
-  __m512 acc[TN][4];
-  for (int t = 0; t < TN; ++t)
-    for (int v = 0; v < 4; ++v) acc[t][v] = _mm512_setzero_ps();
-  for (int64_t a = 0; a < A; ++a) {
-    const E* row = Wt + int64_t(act.k[a]) * T64;
-    prefetch_row(reinterpret_cast<const uint8_t*>(Wt), reinterpret_cast<const uint8_t*>(next_tile), act, a, 2 * T64);
-    __m512 w[4];
-    for (int v = 0; v < 4; ++v) {
-      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 16 * v));
-      // Both widenings are exact: bf16 is the top half of an fp32, and every IEEE half is an fp32.
-      w[v] = BF ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h);
-    }
-    const float* xa = act.xs.data() + a * T + t0;
-    for (int t = 0; t < TN; ++t) {
-      const __m512 xv = _mm512_set1_ps(xa[t]);
-      for (int v = 0; v < 4; ++v) acc[t][v] = _mm512_fmadd_ps(w[v], xv, acc[t][v]);
-    }
+  static inline void load(const int8_t* p, __m512* w) {
+    for (int v = 0; v < 4; ++v)
+      w[v] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * v))));
   }
-  for (int t = 0; t < TN; ++t)
-    for (int v = 0; v < 4; ++v) _mm512_storeu_ps(Y + (t0 + t) * N + n0 + 16 * v, acc[t][v]);
-#else
-  (void)next_tile;
-  for (int t = 0; t < TN; ++t)
-    for (int64_t j = 0; j < T64; ++j) {
-      float o = 0.f;
-      for (int64_t a = 0; a < A; ++a)
-        o = std::fma(float(Wt[int64_t(act.k[a]) * T64 + j]), act.xs[a * T + t0 + t], o);
-      Y[(t0 + t) * N + n0 + j] = o;
-    }
 #endif
-}
-
-// The active blocks of 32 inputs: [first, last) ranges into the active list (ascending, so a block's are adjacent).
-struct ActiveBlocks {
-  std::vector<int64_t> blk, first, last;
+  static inline float value(const int8_t* p, int64_t j) { return float(p[j]); }
 };
 
-ActiveBlocks active_blocks(const Active& act) {
-  ActiveBlocks b;
-  for (int64_t a = 0; a < int64_t(act.k.size()); ++a) {
-    const int64_t k = act.k[a] / QK;
-    if (b.blk.empty() || b.blk.back() != k) {
-      b.blk.push_back(k);
-      b.first.push_back(a);
-      b.last.push_back(a);
-    }
-    b.last.back() = a + 1;
-  }
-  return b;
-}
-
-// TN tokens over one 64-wide tile of transposed Q8_0: out[t] = sum over active blocks of d * (sum_k x_k q_k).
-template <int TN>
-inline void q8t_tile(const int8_t* C, const at::Half* D, const Active& act, const ActiveBlocks& ab, int64_t T, int64_t t0,
-                     float* Y, int64_t N, int64_t n0, const int8_t* next_tile) {
+template <typename H>
+struct H16Line {
+  using E = H;  // at::BFloat16 or at::Half
+  static constexpr int kPerLine = 32, kVecs = 2;
 #ifdef __AVX512F__
-  __m512 out[TN][4];
-  for (int t = 0; t < TN; ++t)
-    for (int v = 0; v < 4; ++v) out[t][v] = _mm512_setzero_ps();
-  for (size_t bi = 0; bi < ab.blk.size(); ++bi) {
-    __m512 acc[TN][4];
-    for (int t = 0; t < TN; ++t)
-      for (int v = 0; v < 4; ++v) acc[t][v] = _mm512_setzero_ps();
-    for (int64_t a = ab.first[bi]; a < ab.last[bi]; ++a) {
-      const int8_t* row = C + int64_t(act.k[a]) * T64;
-      prefetch_row(reinterpret_cast<const uint8_t*>(C), reinterpret_cast<const uint8_t*>(next_tile), act, a, T64);
-      __m512 w[4];  // int8 codes → fp32, exact
-      for (int v = 0; v < 4; ++v)
-        w[v] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * v))));
-      const float* xa = act.xs.data() + a * T + t0;
-      for (int t = 0; t < TN; ++t) {
-        const __m512 xv = _mm512_set1_ps(xa[t]);
-        for (int v = 0; v < 4; ++v) acc[t][v] = _mm512_fmadd_ps(w[v], xv, acc[t][v]);
-      }
-    }
-    const at::Half* d = D + ab.blk[bi] * T64;
-    if (bi + 1 < ab.blk.size())  // the next block's scales: 64 x 2 bytes
-      for (int64_t o = 0; o < T64 * 2; o += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(D + ab.blk[bi + 1] * T64) + o, _MM_HINT_T0);
-    for (int v = 0; v < 4; ++v) {
-      const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + 16 * v)));
-      for (int t = 0; t < TN; ++t) out[t][v] = _mm512_fmadd_ps(dv, acc[t][v], out[t][v]);
+  static inline void load(const H* p, __m512* w) {
+    for (int v = 0; v < 2; ++v) {
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16 * v));
+      // Both widenings are exact: bf16 is the top half of an fp32, and every IEEE half is an fp32.
+      if constexpr (std::is_same<H, at::BFloat16>::value)
+        w[v] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+      else
+        w[v] = _mm512_cvtph_ps(h);
     }
   }
-  for (int t = 0; t < TN; ++t)
-    for (int v = 0; v < 4; ++v) _mm512_storeu_ps(Y + (t0 + t) * N + n0 + 16 * v, out[t][v]);
+#endif
+  static inline float value(const H* p, int64_t j) { return float(p[j]); }
+};
+
+// acc[t][j] = fma(w[k_a][n0 + j], x[a][t0 + t], acc[t][j]) for the active rows a in [a0, a1), in that order, for
+// j < width (a multiple of the line). Rows are taken R = 4 at a time so each accumulator is loaded and stored
+// once per 4 rows; the fma sequence per output is the same as one row at a time.
+template <typename Line, int TN>
+inline void rows_into(const typename Line::E* W, int64_t N, int64_t n0, int64_t width, const Active& act, int64_t a0,
+                      int64_t a1, int64_t T, int64_t t0, float* acc) {
+  using E = typename Line::E;
+  constexpr int PL = Line::kPerLine, NV = Line::kVecs;
+  const int64_t A = act.k.size();
+  auto row = [&](int64_t a) { return W + int64_t(act.k[a]) * N + n0; };
+#ifdef __AVX512F__
+  constexpr int R = 4;
+  int64_t a = a0;
+  auto step = [&](auto rn) {
+    constexpr int RN = decltype(rn)::value;
+    const E* rp[RN];
+    __m512 xv[RN][TN];
+    for (int r = 0; r < RN; ++r) {
+      rp[r] = row(a + r);
+      for (int t = 0; t < TN; ++t) xv[r][t] = _mm512_set1_ps(act.xs[(a + r) * T + t0 + t]);
+    }
+    // The rows kRowsAhead ahead (the next item's first rows are not worth guessing: items are 1-2 KB x A rows).
+    const E* ahead[RN];
+    for (int r = 0; r < RN; ++r) ahead[r] = a + r + kRowsAhead < A ? row(a + r + kRowsAhead) : nullptr;
+    for (int64_t c = 0; c < width; c += PL) {
+      for (int r = 0; r < RN; ++r)
+        if (ahead[r] != nullptr) _mm_prefetch(reinterpret_cast<const char*>(ahead[r] + c), _MM_HINT_T0);
+      __m512 w[RN][NV];
+      for (int r = 0; r < RN; ++r) Line::load(rp[r] + c, w[r]);
+      for (int t = 0; t < TN; ++t)
+        for (int v = 0; v < NV; ++v) {
+          float* p = acc + t * kSpan + c + 16 * v;
+          __m512 s = _mm512_load_ps(p);
+          for (int r = 0; r < RN; ++r) s = _mm512_fmadd_ps(w[r][v], xv[r][t], s);
+          _mm512_store_ps(p, s);
+        }
+    }
+    a += RN;
+  };
+  while (a + R <= a1) step(std::integral_constant<int, R>());
+  while (a < a1) step(std::integral_constant<int, 1>());
 #else
-  // Portable path: the same arithmetic, one output at a time.
-  (void)next_tile;
-  for (int t = 0; t < TN; ++t)
-    for (int64_t j = 0; j < T64; ++j) {
-      float o = 0.f;
-      for (size_t bi = 0; bi < ab.blk.size(); ++bi) {
-        float acc = 0.f;
-        for (int64_t a = ab.first[bi]; a < ab.last[bi]; ++a)
-          acc = std::fma(float(C[int64_t(act.k[a]) * T64 + j]), act.xs[a * T + t0 + t], acc);
-        o = std::fma(float(D[ab.blk[bi] * T64 + j]), acc, o);
-      }
-      Y[(t0 + t) * N + n0 + j] = o;
+  for (int64_t a = a0; a < a1; ++a)
+    for (int t = 0; t < TN; ++t) {
+      const float x = act.xs[a * T + t0 + t];
+      for (int64_t j = 0; j < width; ++j) acc[t * kSpan + j] = std::fma(Line::value(row(a), j), x, acc[t * kSpan + j]);
     }
 #endif
 }
 
-// Tiles of 64 outputs split over torch's threads; per tile, tokens 4, then 2, then 1 at a time.
-// `tile(t0, tn, tile_index, next_tile_index_or_-1)` computes one token chunk of one tile.
+// Work items of `span` outputs over torch's threads; per item, tokens kTokensAtOnce at a time.
+// item(n0, t0, tn) computes outputs [n0, n0 + span) of tokens [t0, t0 + tn).
 template <typename F>
-void t64_tiles(int64_t T, int64_t N, F tile) {
-  at::parallel_for(0, N / T64, 1, [&](int64_t begin, int64_t end) {
+void span_items(int64_t T, int64_t N, int64_t span, F item) {
+  at::parallel_for(0, N / span, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i)
-      token_chunks(T, [&](int64_t t0, auto tn) { tile(t0, tn, i, i + 1 < end ? i + 1 : -1); });
+      for (int64_t t0 = 0; t0 < T; t0 += kTokensAtOnce) item(i * span, t0, std::min<int64_t>(kTokensAtOnce, T - t0));
   });
 }
+
+template <int TN, typename F>
+inline void with_tn(int64_t tn, F f) {
+  if constexpr (TN > 1) {
+    if (tn < TN) return with_tn<TN - 1>(tn, f);
+  }
+  f(std::integral_constant<int, TN>());
+}
+
+struct alignas(64) Accumulators {
+  float v[kTokensAtOnce * kSpan];
+};
 }  // namespace
 
-// x [T, K] f32; wt: the tiled transposed bf16 or f16 layout [N/64][K][64] (TransposedH16) → y [T, N]
+// x [T, K] f32; wt [K, N] bf16 or f16 (W transposed, values unchanged: TransposedH16) → y [T, N]
 torch::Tensor h16t_sparse_in(torch::Tensor x, double thr, torch::Tensor wt, int64_t K, int64_t N) {
   const bool bf = wt.scalar_type() == torch::kBFloat16;
   TORCH_CHECK((bf || wt.scalar_type() == torch::kFloat16) && wt.is_contiguous() && wt.numel() == K * N,
-              "wt must be contiguous bf16 or f16 [K*N]");
-  TORCH_CHECK(N % T64 == 0, "h16t needs N divisible by 64");
+              "wt must be contiguous bf16 or f16 [K, N]");
+  TORCH_CHECK(N % 64 == 0, "h16t needs N divisible by 64");
   check_x(x, K);
   const int64_t T = x.size(0);
   auto y = torch::zeros({T, N}, x.options());
   const Active act = select(x.data_ptr<float>(), T, K, float(thr));
   if (act.k.empty()) return y;
   float* Y = y.data_ptr<float>();
-  const bool far = int64_t(act.k.size()) > PREFETCH;  // else the next tile's rows are already prefetched
+  const int64_t span = span_for(N), A = act.k.size();
   auto run = [&](const auto* W) {
-    t64_tiles(T, N, [&](int64_t t0, auto tn, int64_t i, int64_t next) {
-      constexpr int TN = decltype(tn)::value;
-      const auto* nt = next >= 0 && far ? W + next * K * T64 : nullptr;
-      h16t_tile<TN>(W + i * K * T64, act, T, t0, Y, N, i * T64, nt);
+    using H = std::remove_const_t<std::remove_pointer_t<decltype(W)>>;
+    span_items(T, N, span, [&](int64_t n0, int64_t t0, int64_t tn) {
+      Accumulators acc;
+      std::fill_n(acc.v, kTokensAtOnce * kSpan, 0.f);
+      with_tn<kTokensAtOnce>(tn, [&](auto c) {
+        constexpr int TN = decltype(c)::value;
+        rows_into<H16Line<H>, TN>(W, N, n0, span, act, 0, A, T, t0, acc.v);
+      });
+      for (int64_t t = 0; t < tn; ++t) std::memcpy(Y + (t0 + t) * N + n0, acc.v + t * kSpan, span * sizeof(float));
     });
   };
   if (bf) run(wt.data_ptr<at::BFloat16>());
@@ -436,25 +426,55 @@ torch::Tensor h16t_sparse_in(torch::Tensor x, double thr, torch::Tensor wt, int6
   return y;
 }
 
-// x [T, K] f32; q i8 [N/64][K][64], d f16 [N/64][K/32][64]: the tiled transposed Q8_0 layout (TransposedQ8) → y [T, N]
+// x [T, K] f32; q i8 [K, N] and d f16 [K/32, N]: Q8_0 transposed, values unchanged (TransposedQ8) → y [T, N]
 torch::Tensor q8t_sparse_in(torch::Tensor x, double thr, torch::Tensor q, torch::Tensor d, int64_t K, int64_t N) {
-  TORCH_CHECK(K % QK == 0 && N % T64 == 0, "q8t needs K divisible by 32 and N by 64");
-  TORCH_CHECK(q.scalar_type() == torch::kInt8 && q.is_contiguous() && q.numel() == K * N, "q must be i8 [K*N]");
-  TORCH_CHECK(d.scalar_type() == torch::kFloat16 && d.is_contiguous() && d.numel() == K / QK * N, "d must be f16 [K/32*N]");
+  TORCH_CHECK(K % QK == 0 && N % 64 == 0, "q8t needs K divisible by 32 and N by 64");
+  TORCH_CHECK(q.scalar_type() == torch::kInt8 && q.is_contiguous() && q.numel() == K * N, "q must be i8 [K, N]");
+  TORCH_CHECK(d.scalar_type() == torch::kFloat16 && d.is_contiguous() && d.numel() == K / QK * N, "d must be f16 [K/32, N]");
   check_x(x, K);
   const int64_t T = x.size(0);
   auto y = torch::zeros({T, N}, x.options());
   const Active act = select(x.data_ptr<float>(), T, K, float(thr));
   if (act.k.empty()) return y;
-  const ActiveBlocks ab = active_blocks(act);
+  // Active blocks of 32 inputs: [first, last) ranges into the active list (ascending, so a block's are adjacent).
+  std::vector<int64_t> blk, first, last;
+  for (int64_t a = 0; a < int64_t(act.k.size()); ++a) {
+    if (blk.empty() || blk.back() != act.k[a] / QK) {
+      blk.push_back(act.k[a] / QK);
+      first.push_back(a);
+      last.push_back(a);
+    }
+    last.back() = a + 1;
+  }
   const int8_t* Q = q.data_ptr<int8_t>();
   const at::Half* D = d.data_ptr<at::Half>();
   float* Y = y.data_ptr<float>();
-  const bool far = int64_t(act.k.size()) > PREFETCH;
-  t64_tiles(T, N, [&](int64_t t0, auto tn, int64_t i, int64_t next) {
-    constexpr int TN = decltype(tn)::value;
-    const int8_t* nt = next >= 0 && far ? Q + next * K * T64 : nullptr;
-    q8t_tile<TN>(Q + i * K * T64, D + i * (K / QK) * T64, act, ab, T, t0, Y, N, i * T64, nt);
+  const int64_t span = span_for(N);
+  span_items(T, N, span, [&](int64_t n0, int64_t t0, int64_t tn) {
+    Accumulators out, acc;  // out: the sum over blocks; acc: one block's sum_k x_k q_k
+    std::fill_n(out.v, kTokensAtOnce * kSpan, 0.f);
+    with_tn<kTokensAtOnce>(tn, [&](auto c) {
+      constexpr int TN = decltype(c)::value;
+      for (size_t b = 0; b < blk.size(); ++b) {
+        for (int t = 0; t < TN; ++t) std::fill_n(acc.v + t * kSpan, span, 0.f);
+        rows_into<I8Line, TN>(Q, N, n0, span, act, first[b], last[b], T, t0, acc.v);
+        const at::Half* db = D + blk[b] * N + n0;
+#ifdef __AVX512F__
+        for (int64_t j = 0; j < span; j += 16) {
+          const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(db + j)));
+          for (int t = 0; t < TN; ++t) {
+            float* o = out.v + t * kSpan + j;
+            _mm512_store_ps(o, _mm512_fmadd_ps(dv, _mm512_load_ps(acc.v + t * kSpan + j), _mm512_load_ps(o)));
+          }
+        }
+#else
+        for (int t = 0; t < TN; ++t)
+          for (int64_t j = 0; j < span; ++j)
+            out.v[t * kSpan + j] = std::fma(float(db[j]), acc.v[t * kSpan + j], out.v[t * kSpan + j]);
+#endif
+      }
+    });
+    for (int64_t t = 0; t < tn; ++t) std::memcpy(Y + (t0 + t) * N + n0, out.v + t * kSpan, span * sizeof(float));
   });
   return y;
 }
