@@ -326,9 +326,13 @@ struct H16Line {
 // acc[t][j] = fma(w[k_a][n0 + j], x[a][t0 + t], acc[t][j]) for the active rows a in [a0, a1), in that order, for
 // j < width (a multiple of the line). Rows are taken R = 4 at a time so each accumulator is loaded and stored
 // once per 4 rows; the fma sequence per output is the same as one row at a time.
+// With `scale` (Q8_0: the block's d[n0..]), the rows are one block's: acc starts from 0 (not read) and is not
+// stored; instead out[t][j] = fma(scale[j], acc[t][j], out[t][j]) at the end, the same arithmetic as a separate
+// pass over acc without writing and re-reading it.
 template <typename Line, int TN>
 inline void rows_into(const typename Line::E* W, int64_t N, int64_t n0, int64_t width, const Active& act, int64_t a0,
-                      int64_t a1, int64_t T, int64_t t0, float* acc) {
+                      int64_t a1, int64_t T, int64_t t0, float* acc, const at::Half* scale = nullptr,
+                      float* out = nullptr) {
   using E = typename Line::E;
   constexpr int PL = Line::kPerLine, NV = Line::kVecs;
   const int64_t A = act.k.size();
@@ -347,29 +351,44 @@ inline void rows_into(const typename Line::E* W, int64_t N, int64_t n0, int64_t 
     // The rows kRowsAhead ahead (the next item's first rows are not worth guessing: items are 1-2 KB x A rows).
     const E* ahead[RN];
     for (int r = 0; r < RN; ++r) ahead[r] = a + r + kRowsAhead < A ? row(a + r + kRowsAhead) : nullptr;
+    const bool fresh = scale != nullptr && a == a0, last = scale != nullptr && a + RN == a1;
     for (int64_t c = 0; c < width; c += PL) {
       for (int r = 0; r < RN; ++r)
         if (ahead[r] != nullptr) _mm_prefetch(reinterpret_cast<const char*>(ahead[r] + c), _MM_HINT_T0);
       __m512 w[RN][NV];
       for (int r = 0; r < RN; ++r) Line::load(rp[r] + c, w[r]);
-      for (int t = 0; t < TN; ++t)
-        for (int v = 0; v < NV; ++v) {
-          float* p = acc + t * kSpan + c + 16 * v;
-          __m512 s = _mm512_load_ps(p);
+      for (int v = 0; v < NV; ++v) {
+        const int64_t j = c + 16 * v;
+        const __m512 dv = last ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scale + j)))
+                               : _mm512_setzero_ps();
+        for (int t = 0; t < TN; ++t) {
+          float* p = acc + t * kSpan + j;
+          __m512 s = fresh ? _mm512_setzero_ps() : _mm512_load_ps(p);
           for (int r = 0; r < RN; ++r) s = _mm512_fmadd_ps(w[r][v], xv[r][t], s);
-          _mm512_store_ps(p, s);
+          if (last) {
+            float* o = out + t * kSpan + j;
+            _mm512_store_ps(o, _mm512_fmadd_ps(dv, s, _mm512_load_ps(o)));
+          } else {
+            _mm512_store_ps(p, s);
+          }
         }
+      }
     }
     a += RN;
   };
   while (a + R <= a1) step(std::integral_constant<int, R>());
   while (a < a1) step(std::integral_constant<int, 1>());
 #else
+  if (scale != nullptr)
+    for (int t = 0; t < TN; ++t) std::fill_n(acc + t * kSpan, width, 0.f);
   for (int64_t a = a0; a < a1; ++a)
     for (int t = 0; t < TN; ++t) {
       const float x = act.xs[a * T + t0 + t];
       for (int64_t j = 0; j < width; ++j) acc[t * kSpan + j] = std::fma(Line::value(row(a), j), x, acc[t * kSpan + j]);
     }
+  if (scale != nullptr)
+    for (int t = 0; t < TN; ++t)
+      for (int64_t j = 0; j < width; ++j) out[t * kSpan + j] = std::fma(float(scale[j]), acc[t * kSpan + j], out[t * kSpan + j]);
 #endif
 }
 
@@ -455,24 +474,8 @@ torch::Tensor q8t_sparse_in(torch::Tensor x, double thr, torch::Tensor q, torch:
     std::fill_n(out.v, kTokensAtOnce * kSpan, 0.f);
     with_tn<kTokensAtOnce>(tn, [&](auto c) {
       constexpr int TN = decltype(c)::value;
-      for (size_t b = 0; b < blk.size(); ++b) {
-        for (int t = 0; t < TN; ++t) std::fill_n(acc.v + t * kSpan, span, 0.f);
-        rows_into<I8Line, TN>(Q, N, n0, span, act, first[b], last[b], T, t0, acc.v);
-        const at::Half* db = D + blk[b] * N + n0;
-#ifdef __AVX512F__
-        for (int64_t j = 0; j < span; j += 16) {
-          const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(db + j)));
-          for (int t = 0; t < TN; ++t) {
-            float* o = out.v + t * kSpan + j;
-            _mm512_store_ps(o, _mm512_fmadd_ps(dv, _mm512_load_ps(acc.v + t * kSpan + j), _mm512_load_ps(o)));
-          }
-        }
-#else
-        for (int t = 0; t < TN; ++t)
-          for (int64_t j = 0; j < span; ++j)
-            out.v[t * kSpan + j] = std::fma(float(db[j]), acc.v[t * kSpan + j], out.v[t * kSpan + j]);
-#endif
-      }
+      for (size_t b = 0; b < blk.size(); ++b)
+        rows_into<I8Line, TN>(Q, N, n0, span, act, first[b], last[b], T, t0, acc.v, D + blk[b] * N + n0, out.v);
     });
     for (int64_t t = 0; t < tn; ++t) std::memcpy(Y + (t0 + t) * N + n0, out.v + t * kSpan, span * sizeof(float));
   });
