@@ -24,7 +24,7 @@ ext = sk.extension()
 pytestmark = pytest.mark.skipif(ext is None, reason="no C++ compiler for the kernels")
 
 LAYOUTS = {"Q8_0": sk.TransposedQ8, "BF16": sk.TransposedH16, "F16": sk.TransposedH16, "Q4_0": sk.TransposedQ4}
-SHAPES = [(64, 64), (576, 192), (256, 640), (1536, 128)]  # (K, N): N a multiple of 64
+SHAPES = [(64, 64), (576, 192), (256, 640), (1536, 128), (160, 4096)]  # (K, N): N a multiple of 64; spans 64-2048
 
 
 def layer(qtype: str, n: int, k: int, seed: int) -> QuantLinear:

@@ -15,7 +15,7 @@ weights of one input are one contiguous row, read whole or skipped whole.
   weight plus 2 bytes per output for each block with any active input (dense Q8_0: 1.0625 bytes per weight). The
   activations stay fp32 (the dense layer's `activations="f32"` function, not its int8 "q8" path).
 - `TransposedH16`: BF16 or F16 weights transposed, values unchanged, [K, N]; 2 bytes per active weight.
-  Both are read in segments of up to 1024 outputs per input row, not in 64-wide tiles: on the 2-core EPYC these
+  Both are read in segments of up to 2048 outputs per input row, not in 64-wide tiles: on the 2-core EPYC these
   were measured on, skipping random 64-byte lines saved nothing (sparse_cpu.cpp, section 1b).
 Row subsets (CATS, Deja Vu: neurons or heads chosen per token) read rows of W in the model's own layout: the
 repacked Q4_1 blocks of models/quantized.py, or fp32 rows.
