@@ -81,7 +81,12 @@ def cpu_kernel_applies(x: torch.Tensor) -> bool:
 
 class SparseLinear(nn.Module):
     """y = W · x̃ + b with x̃ = x where |x| > threshold, else 0 (per token). `sparsity` is the calibrated share of
-    inputs dropped; below DENSE_BELOW the dense kernel runs on x̃ instead (same function)."""
+    inputs dropped; below DENSE_BELOW the dense kernel runs on x̃ instead (same function).
+
+    The sparse-input kernels compute with fp32 activations over the exact weights: for a block format whose layer
+    runs the int8 "q8" activation path (Q8_0 and Q4_0/Q4_1 by default), calls the kernel serves (decode, up to
+    2 tokens; up to 64 from SPARSE_MANY_TOKENS_FROM) compute the `activations="f32"` function, and larger ones
+    (prefill) the layer's own q8 path on x̃."""
 
     def __init__(self, linear: nn.Module, threshold: float, sparsity: float):
         super().__init__()
