@@ -200,3 +200,28 @@ def test_teal_on_a_gguf_runs_the_block_layouts_in_decode_block(tmp_path, tiny_sh
     got = torch.cat(fused)
     scale = float(ref.abs().max())
     assert torch.allclose(got, ref, atol=1e-4 * scale, rtol=0), float((got - ref).abs().max()) / scale
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "BF16", "F16"])
+def test_every_build_computes_the_same_function(qtype):
+    """The avx2 and portable builds run the scalar fallback of these kernels: it must compile and agree with the
+    dense kernel of its build (bit for bit where sums are exact; the rounding bound otherwise)."""
+    from hasten.kernels import cpu
+    builds = [isa for isa in cpu.supported_isas() if cpu.extension(isa) is not None]
+    k, n = 576, 192
+    exact = exact_sum_layer(qtype, n, k, seed=3)
+    lin = layer(qtype, n, k, seed=4)
+    g = torch.Generator().manual_seed(2)
+    xi = torch.randint(-3, 4, (3, k), generator=g).float()
+    x = torch.randn(3, k, generator=g)
+    thr = float(x.abs().quantile(0.5))
+    for isa in builds:
+        e = cpu.extension(isa)
+        kernel, args = sk.kernel_args(transposed_layout(exact))
+        name = kernel.__name__
+        got = getattr(e, name)(xi, 1.5, *args)
+        assert torch.equal(got, e.block_matmul((xi * (xi.abs() > 1.5)).contiguous(), exact.blocks, exact.fmt.id)), isa
+        _, args = sk.kernel_args(transposed_layout(lin))
+        got = getattr(e, name)(x, thr, *args)
+        ref = e.block_matmul((x * (x.abs() > thr)).contiguous(), lin.blocks, lin.fmt.id)
+        assert ((got.double() - ref.double()).abs() <= rounding_bound(lin, x, thr)).all(), isa
