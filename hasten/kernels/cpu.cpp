@@ -387,15 +387,20 @@ void rope_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
 
 // sparsity/kernels/cpu.cpp, built into this extension.
 torch::Tensor q4t_sparse_in(torch::Tensor x, double thr, torch::Tensor q, torch::Tensor d, torch::Tensor m, int64_t K, int64_t N);
+torch::Tensor q8t_sparse_in(torch::Tensor x, double thr, torch::Tensor q, torch::Tensor d, int64_t K, int64_t N);
+torch::Tensor h16t_sparse_in(torch::Tensor x, double thr, torch::Tensor wt, int64_t K, int64_t N);
+torch::Tensor f32t_sparse_in(torch::Tensor x, double thr, torch::Tensor wt);
 torch::Tensor q4_1_rows_gated(torch::Tensor x, torch::Tensor gate, double thr, torch::Tensor d, torch::Tensor m, torch::Tensor qs);
 void register_sparse_kernels(pybind11::module& mod);
 
 namespace {
 // One linear layer of a decoder block, as its module's `fused_spec()` describes it (models/quantized.py,
 // sparsity/modules.py): w = [blocks [N, row bytes] u8, bias [N] or empty, extra…] in block format `fmt`;
-// extra = the transposed Q4_1 layout [q, d, m] of TEAL's sparse-input kernel, or CATS' repacked Q4_1 rows
-// [d, m, qs]. thr < 0: dense; else inputs with |x| <= thr are dropped, by the sparse kernel up to max_t tokens
-// and by the dense kernel on the masked input above. Each branch is exactly what the module's forward runs.
+// extra = the transposed layout of TEAL's sparse-input kernel (sparsity/kernels/cpu.py): [q u8, d, m] (q4t:
+// Q4_1, Q4_0), [q i8, d] (q8t: Q8_0), [wt bf16/f16] (h16t: BF16, F16) or [wt f32] (f32t), or CATS' repacked
+// Q4_1 rows [d, m, qs]. thr < 0: dense; else inputs with |x| <= thr are dropped, by the sparse kernel up to
+// max_t tokens and by the dense kernel on the masked input above. Each branch is exactly what the module's
+// forward runs.
 torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& w, int64_t fmt, double thr, int64_t max_t) {
   auto dense = [&](const torch::Tensor& in) {
     auto y = block_matmul(in, w[0], fmt);
@@ -404,7 +409,14 @@ torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& w
   };
   if (thr < 0) return dense(x);
   const int64_t K = x.size(-1), T = x.numel() / K;
-  if (w.size() == 5 && T <= max_t) return q4t_sparse_in(x.view({T, K}), thr, w[2], w[3], w[4], K, w[0].size(0));
+  if (T <= max_t && w.size() > 2) {
+    const auto x2 = x.view({T, K});
+    const int64_t N = w[0].size(0);
+    if (w.size() == 5) return q4t_sparse_in(x2, thr, w[2], w[3], w[4], K, N);
+    if (w.size() == 4) return q8t_sparse_in(x2, thr, w[2], w[3], K, N);
+    if (w[2].scalar_type() == torch::kFloat32) return f32t_sparse_in(x2, thr, w[2]);
+    return h16t_sparse_in(x2, thr, w[2], K, N);
+  }
   return dense(x * (x.abs() > thr));
 }
 }  // namespace

@@ -49,12 +49,24 @@ def sparsify(model: nn.Module, replacements: dict[str, nn.Module]) -> nn.Module:
 
 
 def transposed_layout(linear: nn.Module):
-    """The kernel layout of a dense linear (cached on it): transposed Q4_1 codes where the layer keeps GGUF
-    Q4_1 blocks (exactly the same weight values), else the fp32 weight transposed."""
+    """The kernel layout of a dense linear (cached on it), exactly the same weight values as its GGUF tensor:
+    transposed Q4_1 codes for Q4_1 and Q4_0 blocks (q4t), transposed Q8_0 codes and scales (q8t), transposed
+    bf16/f16 values (h16t), where the output count is a multiple of 64; else the fp32 weight transposed.
+
+    The layout is a copy: the layer's own blocks stay too (they are views of the memory-mapped file), because
+    prefill and the many-token calls of `SparseLinear` run the dense block kernel on the masked input. Decode
+    reads only the layout; the file pages of the blocks are clean and shared, so the OS can drop them."""
     layout = getattr(linear, "_sparse_layout", None)
     if layout is None:
-        if isinstance(linear, QuantLinear) and linear.qtype == "Q4_1" and linear.out_features % 64 == 0:
+        qtype = linear.qtype if isinstance(linear, QuantLinear) and linear.out_features % 64 == 0 else None
+        if qtype == "Q4_1":
             layout = sparse_cpu.TransposedQ4.from_q4_1(*linear.packed)
+        elif qtype == "Q4_0":
+            layout = sparse_cpu.TransposedQ4.from_q4_0(linear.blocks)
+        elif qtype == "Q8_0":
+            layout = sparse_cpu.TransposedQ8.from_q8_0(linear.blocks)
+        elif qtype in ("BF16", "F16"):
+            layout = sparse_cpu.TransposedH16.from_blocks(linear.blocks, qtype)
         else:
             layout = sparse_cpu.TransposedF32.from_weight(linear.weight)
         linear._sparse_layout = layout
@@ -69,7 +81,12 @@ def cpu_kernel_applies(x: torch.Tensor) -> bool:
 
 class SparseLinear(nn.Module):
     """y = W · x̃ + b with x̃ = x where |x| > threshold, else 0 (per token). `sparsity` is the calibrated share of
-    inputs dropped; below DENSE_BELOW the dense kernel runs on x̃ instead (same function)."""
+    inputs dropped; below DENSE_BELOW the dense kernel runs on x̃ instead (same function).
+
+    The sparse-input kernels compute with fp32 activations over the exact weights: for a block format whose layer
+    runs the int8 "q8" activation path (Q8_0 and Q4_0/Q4_1 by default), calls the kernel serves (decode, up to
+    2 tokens; up to 64 from SPARSE_MANY_TOKENS_FROM) compute the `activations="f32"` function, and larger ones
+    (prefill) the layer's own q8 path on x̃."""
 
     def __init__(self, linear: nn.Module, threshold: float, sparsity: float):
         super().__init__()
@@ -84,11 +101,7 @@ class SparseLinear(nn.Module):
         ext = sparse_cpu.extension() if self.use_kernel else None
         self._kernel, self._args = None, ()
         if ext is not None:
-            if isinstance(self.layout, sparse_cpu.TransposedQ4):
-                l = self.layout
-                self._kernel, self._args = ext.q4t_sparse_in, (l.q, l.d, l.m, l.k, l.n)
-            else:
-                self._kernel, self._args = ext.f32t_sparse_in, (self.layout.wt,)
+            self._kernel, self._args = sparse_cpu.kernel_args(self.layout)
         self._max_numel = (MAX_KERNEL_ROWS if sparsity >= SPARSE_MANY_TOKENS_FROM else 2) * self.in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -119,10 +132,10 @@ class SparseLinear(nn.Module):
             return None
         if self._kernel is None:  # below DENSE_BELOW: the dense kernel on the masked input
             return dense[0], self.threshold, 0, dense[3]
-        if not isinstance(self.layout, sparse_cpu.TransposedQ4):
-            return None
-        return (dense[0] + [self.layout.q, self.layout.d, self.layout.m], self.threshold,
-                self._max_numel // self.in_features, dense[3])
+        l = self.layout  # decode_block's linear() tells the layouts apart by their tensor count and dtype
+        extra = ([l.q, l.d, l.m] if isinstance(l, sparse_cpu.TransposedQ4) else [l.q, l.d]
+                 if isinstance(l, sparse_cpu.TransposedQ8) else [l.wt])
+        return dense[0] + extra, self.threshold, self._max_numel // self.in_features, dense[3]
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, threshold={self.threshold:.4g}, sparsity={self.sparsity:.2f}"

@@ -5,7 +5,10 @@
 //    kept inputs, the others enter as exact zeros). W^T is stored row-major [K, N], so an active input's weights
 //    are one contiguous row. Formats: fp32, and "q4t": GGUF Q4_1 weights transposed without changing any value —
 //    4-bit codes q[k, n] plus the blocks' fp16 scale d and minimum m, which are shared by the 32 inputs of a
-//    block: sum_k x_k (d q_k + m) = d * (sum_k x_k q_k) + m * (sum_k x_k) over the active k of a block.
+//    block: sum_k x_k (d q_k + m) = d * (sum_k x_k q_k) + m * (sum_k x_k) over the active k of a block (GGUF
+//    Q4_0 uses the same layout with m = -8 d, exact: w = d (q - 8)). "h16t": BF16 or F16 weights transposed,
+//    values unchanged, [K, N]. "q8t": GGUF Q8_0 transposed without changing any value — int8 codes
+//    q[k, n] and the block scale d[k/32, n]: sum_k x_k (d q_k) = d * (sum_k x_k q_k) over a block's active k.
 // 2. Row subsets, y[:, i] = W[i] @ x for the selected output rows i only (the others are 0), in the model's own
 //    layout (Q4_1 blocks or fp32 rows): the neurons CATS and Deja Vu keep, the heads Deja Vu keeps.
 //
@@ -16,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -264,6 +268,223 @@ torch::Tensor q4t_sparse_in(torch::Tensor x, double thr, torch::Tensor q, torch:
   return y;
 }
 
+// ---- 1b. plain W^T rows, accumulated in L1: 16-bit floats (BF16, F16) and Q8_0 ----------------------------------
+// Layouts (sparsity/kernels/cpu.py: TransposedH16, TransposedQ8): W^T row-major [K, N] in the file's own values
+// (bf16/f16, or Q8_0's int8 codes with the fp16 block scales d^T [K/32, N]: sum_k x_k (d q_k) = d * sum_k x_k q_k
+// over a block's active k). A work item owns a span of up to 2048 outputs and walks the active inputs' rows,
+// reading one contiguous 2-4 KB segment of each and accumulating into per-token arrays that stay in L1.
+// Why not register tiles of 64 outputs (one cache line per row, as q4t): measured on a 2-core EPYC, reading a
+// random half of 64-byte rows cost as much as reading them all (the hardware prefetchers fetch the gaps, and
+// without them the misses are too few in flight); segments of >= 1 KB with gaps of >= 1 KB cost about their share.
+// Why the span is capped at 2048 rather than all of N: every thread needs an item (span_for).
+
+namespace {
+// Measured on the 1B shape (gate/up 8192x2048, down 2048x8192; Q8_0 and BF16, 1 thread, 50%): spans of 2048
+// beat 1024 by ~15-25% and 512 or 256 by more, 4096 and 8192 were no better; 4 rows ahead beat 2 and matched 8.
+constexpr int64_t kSpan = 2048;  // most outputs per work item: 8 KB of fp32 accumulators per token
+constexpr int64_t kRowsAhead = 4;  // prefetch distance in active rows (2-4 KB each)
+constexpr int kTokensAtOnce = 4;  // tokens per pass: their sums (and Q8_0's block sums) stay in L1 for 1-2
+
+// The outputs per work item: the largest power of two <= kSpan (and >= 64) dividing N that still gives every
+// thread an item. Each output's sum runs over the rows in the same order whatever the span: it changes speed only.
+int64_t span_for(int64_t N) {
+  const int64_t threads = at::get_num_threads();
+  int64_t s = kSpan;
+  while (s > 64 && (N % s != 0 || N / s < threads)) s /= 2;
+  return N % s == 0 ? s : 64;
+}
+
+// One line (64 bytes) of a row as fp32 vectors, exactly: 4 x 16 int8 codes, or 2 x 16 bf16/f16 values.
+struct I8Line {
+  using E = int8_t;
+  static constexpr int kPerLine = 64, kVecs = 4;
+#ifdef __AVX512F__
+  static inline void load(const int8_t* p, __m512* w) {
+    for (int v = 0; v < 4; ++v)
+      w[v] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * v))));
+  }
+#endif
+  static inline float value(const int8_t* p, int64_t j) { return float(p[j]); }
+};
+
+template <typename H>
+struct H16Line {
+  using E = H;  // at::BFloat16 or at::Half
+  static constexpr int kPerLine = 32, kVecs = 2;
+#ifdef __AVX512F__
+  static inline void load(const H* p, __m512* w) {
+    for (int v = 0; v < 2; ++v) {
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16 * v));
+      // Both widenings are exact: bf16 is the top half of an fp32, and every IEEE half is an fp32.
+      if constexpr (std::is_same<H, at::BFloat16>::value)
+        w[v] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+      else
+        w[v] = _mm512_cvtph_ps(h);
+    }
+  }
+#endif
+  static inline float value(const H* p, int64_t j) { return float(p[j]); }
+};
+
+// acc[t][j] = fma(w[k_a][n0 + j], x[a][t0 + t], acc[t][j]) for the active rows a in [a0, a1), in that order, for
+// j < width (a multiple of the line). Rows are taken R = 4 at a time so each accumulator is loaded and stored
+// once per 4 rows; the fma sequence per output is the same as one row at a time.
+// With `scale` (Q8_0: the block's d[n0..]), the rows are one block's: acc starts from 0 (not read) and is not
+// stored; instead out[t][j] = fma(scale[j], acc[t][j], out[t][j]) at the end, the same arithmetic as a separate
+// pass over acc without writing and re-reading it.
+template <typename Line, int TN>
+inline void rows_into(const typename Line::E* W, int64_t N, int64_t n0, int64_t width, const Active& act, int64_t a0,
+                      int64_t a1, int64_t T, int64_t t0, float* acc, const at::Half* scale = nullptr,
+                      float* out = nullptr) {
+  using E = typename Line::E;
+  constexpr int PL = Line::kPerLine, NV = Line::kVecs;
+  const int64_t A = act.k.size();
+  auto row = [&](int64_t a) { return W + int64_t(act.k[a]) * N + n0; };
+#ifdef __AVX512F__
+  constexpr int R = 4;
+  int64_t a = a0;
+  auto step = [&](auto rn) {
+    constexpr int RN = decltype(rn)::value;
+    const E* rp[RN];
+    __m512 xv[RN][TN];
+    for (int r = 0; r < RN; ++r) {
+      rp[r] = row(a + r);
+      for (int t = 0; t < TN; ++t) xv[r][t] = _mm512_set1_ps(act.xs[(a + r) * T + t0 + t]);
+    }
+    // The rows kRowsAhead ahead (the next item's first rows are not worth guessing: items are 2-4 KB x A rows).
+    const E* ahead[RN];
+    for (int r = 0; r < RN; ++r) ahead[r] = a + r + kRowsAhead < A ? row(a + r + kRowsAhead) : nullptr;
+    const bool fresh = scale != nullptr && a == a0, last = scale != nullptr && a + RN == a1;
+    for (int64_t c = 0; c < width; c += PL) {
+      for (int r = 0; r < RN; ++r)
+        if (ahead[r] != nullptr) _mm_prefetch(reinterpret_cast<const char*>(ahead[r] + c), _MM_HINT_T0);
+      __m512 w[RN][NV];
+      for (int r = 0; r < RN; ++r) Line::load(rp[r] + c, w[r]);
+      for (int v = 0; v < NV; ++v) {
+        const int64_t j = c + 16 * v;
+        const __m512 dv = last ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scale + j)))
+                               : _mm512_setzero_ps();
+        for (int t = 0; t < TN; ++t) {
+          float* p = acc + t * kSpan + j;
+          __m512 s = fresh ? _mm512_setzero_ps() : _mm512_load_ps(p);
+          for (int r = 0; r < RN; ++r) s = _mm512_fmadd_ps(w[r][v], xv[r][t], s);
+          if (last) {
+            float* o = out + t * kSpan + j;
+            _mm512_store_ps(o, _mm512_fmadd_ps(dv, s, _mm512_load_ps(o)));
+          } else {
+            _mm512_store_ps(p, s);
+          }
+        }
+      }
+    }
+    a += RN;
+  };
+  while (a + R <= a1) step(std::integral_constant<int, R>());
+  while (a < a1) step(std::integral_constant<int, 1>());
+#else
+  if (scale != nullptr)
+    for (int t = 0; t < TN; ++t) std::fill_n(acc + t * kSpan, width, 0.f);
+  for (int64_t a = a0; a < a1; ++a)
+    for (int t = 0; t < TN; ++t) {
+      const float x = act.xs[a * T + t0 + t];
+      for (int64_t j = 0; j < width; ++j) acc[t * kSpan + j] = std::fma(Line::value(row(a), j), x, acc[t * kSpan + j]);
+    }
+  if (scale != nullptr)
+    for (int t = 0; t < TN; ++t)
+      for (int64_t j = 0; j < width; ++j) out[t * kSpan + j] = std::fma(float(scale[j]), acc[t * kSpan + j], out[t * kSpan + j]);
+#endif
+}
+
+// Work items of `span` outputs over torch's threads; per item, tokens kTokensAtOnce at a time.
+// item(n0, t0, tn) computes outputs [n0, n0 + span) of tokens [t0, t0 + tn).
+template <typename F>
+void span_items(int64_t T, int64_t N, int64_t span, F item) {
+  at::parallel_for(0, N / span, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i)
+      for (int64_t t0 = 0; t0 < T; t0 += kTokensAtOnce) item(i * span, t0, std::min<int64_t>(kTokensAtOnce, T - t0));
+  });
+}
+
+template <int TN, typename F>
+inline void with_tn(int64_t tn, F f) {
+  if constexpr (TN > 1) {
+    if (tn < TN) return with_tn<TN - 1>(tn, f);
+  }
+  f(std::integral_constant<int, TN>());
+}
+
+struct alignas(64) Accumulators {
+  float v[kTokensAtOnce * kSpan];
+};
+}  // namespace
+
+// x [T, K] f32; wt [K, N] bf16 or f16 (W transposed, values unchanged: TransposedH16) → y [T, N]
+torch::Tensor h16t_sparse_in(torch::Tensor x, double thr, torch::Tensor wt, int64_t K, int64_t N) {
+  const bool bf = wt.scalar_type() == torch::kBFloat16;
+  TORCH_CHECK((bf || wt.scalar_type() == torch::kFloat16) && wt.is_contiguous() && wt.numel() == K * N,
+              "wt must be contiguous bf16 or f16 [K, N]");
+  TORCH_CHECK(N % 64 == 0, "h16t needs N divisible by 64");
+  check_x(x, K);
+  const int64_t T = x.size(0);
+  auto y = torch::zeros({T, N}, x.options());
+  const Active act = select(x.data_ptr<float>(), T, K, float(thr));
+  if (act.k.empty()) return y;
+  float* Y = y.data_ptr<float>();
+  const int64_t span = span_for(N), A = act.k.size();
+  auto run = [&](const auto* W) {
+    using H = std::remove_const_t<std::remove_pointer_t<decltype(W)>>;
+    span_items(T, N, span, [&](int64_t n0, int64_t t0, int64_t tn) {
+      Accumulators acc;
+      std::fill_n(acc.v, kTokensAtOnce * kSpan, 0.f);
+      with_tn<kTokensAtOnce>(tn, [&](auto c) {
+        constexpr int TN = decltype(c)::value;
+        rows_into<H16Line<H>, TN>(W, N, n0, span, act, 0, A, T, t0, acc.v);
+      });
+      for (int64_t t = 0; t < tn; ++t) std::memcpy(Y + (t0 + t) * N + n0, acc.v + t * kSpan, span * sizeof(float));
+    });
+  };
+  if (bf) run(wt.data_ptr<at::BFloat16>());
+  else run(wt.data_ptr<at::Half>());
+  return y;
+}
+
+// x [T, K] f32; q i8 [K, N] and d f16 [K/32, N]: Q8_0 transposed, values unchanged (TransposedQ8) → y [T, N]
+torch::Tensor q8t_sparse_in(torch::Tensor x, double thr, torch::Tensor q, torch::Tensor d, int64_t K, int64_t N) {
+  TORCH_CHECK(K % QK == 0 && N % 64 == 0, "q8t needs K divisible by 32 and N by 64");
+  TORCH_CHECK(q.scalar_type() == torch::kInt8 && q.is_contiguous() && q.numel() == K * N, "q must be i8 [K, N]");
+  TORCH_CHECK(d.scalar_type() == torch::kFloat16 && d.is_contiguous() && d.numel() == K / QK * N, "d must be f16 [K/32, N]");
+  check_x(x, K);
+  const int64_t T = x.size(0);
+  auto y = torch::zeros({T, N}, x.options());
+  const Active act = select(x.data_ptr<float>(), T, K, float(thr));
+  if (act.k.empty()) return y;
+  // Active blocks of 32 inputs: [first, last) ranges into the active list (ascending, so a block's are adjacent).
+  std::vector<int64_t> blk, first, last;
+  for (int64_t a = 0; a < int64_t(act.k.size()); ++a) {
+    if (blk.empty() || blk.back() != act.k[a] / QK) {
+      blk.push_back(act.k[a] / QK);
+      first.push_back(a);
+      last.push_back(a);
+    }
+    last.back() = a + 1;
+  }
+  const int8_t* Q = q.data_ptr<int8_t>();
+  const at::Half* D = d.data_ptr<at::Half>();
+  float* Y = y.data_ptr<float>();
+  const int64_t span = span_for(N);
+  span_items(T, N, span, [&](int64_t n0, int64_t t0, int64_t tn) {
+    Accumulators out, acc;  // out: the sum over blocks; acc: one block's sum_k x_k q_k
+    std::fill_n(out.v, kTokensAtOnce * kSpan, 0.f);
+    with_tn<kTokensAtOnce>(tn, [&](auto c) {
+      constexpr int TN = decltype(c)::value;
+      for (size_t b = 0; b < blk.size(); ++b)
+        rows_into<I8Line, TN>(Q, N, n0, span, act, first[b], last[b], T, t0, acc.v, D + blk[b] * N + n0, out.v);
+    });
+    for (int64_t t = 0; t < tn; ++t) std::memcpy(Y + (t0 + t) * N + n0, out.v + t * kSpan, span * sizeof(float));
+  });
+  return y;
+}
+
 // ---- 2. row subsets -------------------------------------------------------------------------------------------
 
 namespace {
@@ -455,6 +676,8 @@ torch::Tensor f32_rows_gated(torch::Tensor x, torch::Tensor gate, double thr, to
 void register_sparse_kernels(pybind11::module& mod) {
   mod.def("f32t_sparse_in", &f32t_sparse_in, "y = x @ W^T over the active inputs, W^T fp32 [K, N]");
   mod.def("q4t_sparse_in", &q4t_sparse_in, "y = x @ W^T over the active inputs, W^T as transposed Q4_1 codes");
+  mod.def("h16t_sparse_in", &h16t_sparse_in, "y = x @ W^T over the active inputs, W^T as tiled bf16 or f16");
+  mod.def("q8t_sparse_in", &q8t_sparse_in, "y = x @ W^T over the active inputs, W^T as transposed Q8_0 codes");
   mod.def("q4_1_rows", &q4_1_rows, "selected output rows of x @ W^T from Q4_1 blocks");
   mod.def("q4_1_rows_gated", &q4_1_rows_gated, "gate * (x @ W^T) on the rows where |gate| > thr, Q4_1 blocks");
   mod.def("f32_rows", &f32_rows, "selected output rows of x @ W^T, fp32 W [N, K]");
