@@ -424,7 +424,7 @@ def serve(model, method, host, port, queue_size, max_batch, step_tokens, prefix_
     use_corpus(engine, corpus)
     engine.drafter(method)  # build (and calibrate) the default method before taking requests
     click.echo(f"hasten: serving {engine.name} with {method} on http://{host}:{port}", err=True)
-    uvicorn.run(create_app(engine, method, queue_size, max_batch, step_tokens, prefix_cache_mb), host=host, port=port, log_level="warning",
+    uvicorn.run(create_app(engine, method, queue_size, max_batch, step_tokens, prefix_cache_mb, warm_up=True), host=host, port=port, log_level="warning",
                 timeout_graceful_shutdown=30)
 
 

@@ -13,6 +13,7 @@ import hashlib
 import importlib.util
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,10 +198,27 @@ def _load_hf_dir(path: Path, name: str, quantize: str | None = None) -> LoadedMo
                        f"safetensors {'/'.join(sorted(dtypes))}; layers computed from {'/'.join(kinds) or 'fp32'}")
 
 
+@contextmanager
+def _no_init():
+    """Module constructors skip their random initialisation (every weight comes from the file). Why: torch's
+    init ops on the meta device run through torch._refs, whose first call imports torch._dynamo and triton —
+    about 50 MB of RSS and a second of loading, for values nobody reads."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_",
+             "trunc_normal_", "zeros_", "ones_", "constant_")
+    saved = {n: getattr(nn.init, n) for n in names}
+    for n in names:
+        setattr(nn.init, n, lambda tensor, *a, **k: tensor)
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(nn.init, n, f)
+
+
 def _build(config: ModelConfig, state: dict[str, torch.Tensor], modules: dict[str, nn.Module] | None = None) -> Transformer:
     """A Transformer from dense tensors by native name (`state`) and ready-made modules by name (`modules`: the
     block-quantized layers of a GGUF file), which replace the dense ones."""
-    with torch.device("meta"):
+    with torch.device("meta"), _no_init():
         model = Transformer(config)
     modules = dict(modules or {})
     if "embed_tokens" in modules and "lm_head" not in modules and "lm_head.weight" not in state:

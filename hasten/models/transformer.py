@@ -153,7 +153,10 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, config.head_dim, 2, dtype=torch.int64).float() / config.head_dim))
+    """RoPE's inverse frequencies [d/2], on the CPU whatever the default device (a model built on the meta device
+    would otherwise run these ops through torch._refs, which imports torch._dynamo and triton)."""
+    steps = torch.arange(0, config.head_dim, 2, dtype=torch.int64, device="cpu").float()
+    inv_freq = 1.0 / (config.rope_theta ** (steps / config.head_dim))
     if config.rope_scaling is None:
         return inv_freq
     if config.rope_scaling[0] == "linear":

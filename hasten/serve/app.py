@@ -38,10 +38,12 @@ def error_response(e: APIError) -> JSONResponse:
 
 
 def create_app(engine, method: str = "baseline", queue_size: int = 16, max_batch: int = 8, step_tokens: int = 256,
-               prefix_cache_mb: float = 256) -> FastAPI:
+               prefix_cache_mb: float = 256, warm_up: bool = False) -> FastAPI:
+    """The OpenAI-compatible app over `engine`; warm_up: run one short generation before taking requests."""
     app = FastAPI(title="hasten", version="0.1.0")
     metrics = Metrics()
-    worker = Worker(engine, queue_size, metrics, max_batch, step_tokens, prefix_cache_mb)
+    worker = Worker(engine, queue_size, metrics, max_batch, step_tokens, prefix_cache_mb,
+                    warm_up=method if warm_up else None)
     app.state.worker, app.state.metrics = worker, metrics
     page = (Path(__file__).parent / "chat.html").read_text()
 

@@ -61,7 +61,7 @@ def application(options: ReplicaOptions, replicas: int = 2):
             engine.sparsity_calibration = (opts.corpus, DEFAULT_TOKENS)
         engine.drafter(opts.method)  # build (and calibrate) the default method before taking requests
         return create_app(engine, opts.method, opts.queue_size, opts.max_batch, opts.step_tokens,
-                          opts.prefix_cache_mb)
+                          opts.prefix_cache_mb, warm_up=True)
 
     replica = serve.deployment(serve.ingress(build)(), name="hasten", num_replicas=replicas,
                                ray_actor_options={"num_cpus": options.threads},

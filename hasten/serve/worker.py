@@ -56,7 +56,7 @@ class Job:
 
 class Worker:
     def __init__(self, engine, queue_size: int, metrics: Metrics | None = None, max_batch: int = 8,
-                 step_tokens: int = 256, prefix_cache_mb: float = 0):
+                 step_tokens: int = 256, prefix_cache_mb: float = 0, warm_up: str | None = None):
         self.engine = engine
         self.metrics = metrics or Metrics()
         self.max_batch = max_batch
@@ -64,6 +64,8 @@ class Worker:
         self.metrics.prefix_cache = self.scheduler.prefix_cache
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.slots = threading.BoundedSemaphore(queue_size)  # requests running or waiting
+        if warm_up is not None:
+            self._warm_up(warm_up)
         self.thread = threading.Thread(target=self._run, name="hasten-worker", daemon=True)
         self.thread.start()
 
@@ -74,6 +76,20 @@ class Worker:
                            code="queue_full", headers={"Retry-After": "1"})
         self.metrics.add(waiting=1)
         self.jobs.put(job)
+
+    def _warm_up(self, method: str) -> None:
+        """One short generation with `method` through this worker's scheduler before the first request, so that
+        the first forward's allocations and table builds are paid here and not by the first client (llama-server
+        warms up likewise). The prefix cache and the metrics do not see it."""
+        cache, self.scheduler.prefix_cache = self.scheduler.prefix_cache, None
+        try:
+            gen = self.engine.run(self.engine.tokenizer("Hello").input_ids or [0], max_new_tokens=4, method=method,
+                                  batch=self.scheduler)
+            for chunk in gen:
+                if chunk is IDLE:
+                    self.scheduler.step()
+        finally:
+            self.scheduler.prefix_cache = cache
 
     def stop(self):
         self.jobs.put(None)

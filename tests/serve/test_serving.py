@@ -292,6 +292,19 @@ def test_metrics_are_prometheus_text_and_count_what_happened(url):
     assert 0 < h["time_to_first_token_s"] and h["queue_s"] >= 0
 
 
+def test_warm_up_runs_one_generation_before_the_first_request_unseen_by_metrics_and_cache(default_engine):
+    app = create_app(default_engine, method="baseline", queue_size=4, warm_up=True, prefix_cache_mb=64)
+    worker = app.state.worker
+    try:
+        assert worker.scheduler.steps_run > 0  # the warm-up ran through the worker's own scheduler
+        assert not worker.scheduler.running and not worker.scheduler.waiting
+        assert worker.scheduler.prefix_cache is not None and worker.scheduler.prefix_cache.bytes == 0 and worker.scheduler.prefix_cache.lookups == 0
+        m = app.state.metrics
+        assert m.tokens == 0 and m.finished == 0 and m.steps == 0
+    finally:
+        worker.stop()
+
+
 # ---- batching ------------------------------------------------------------------------------------------------
 def test_concurrent_requests_share_steps_and_each_gets_its_solo_answer(url):
     """Six requests at once — mixed methods, greedy and seeded sampling, streamed and not — step together (fewer
