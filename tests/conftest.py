@@ -85,6 +85,21 @@ def tiny_model(seed: int = 0, model_type: str = "llama", vocab_size: int = 97, s
     return _build(config, state)
 
 
+def block_quantized(model, qtype: str = "Q8_0"):
+    """`model` with every block linear (biases kept) replaced by a QuantLinear in `qtype`, as a GGUF would load:
+    its blocks then run in decode_block for forwards over caches."""
+    from hasten.kernels.quantize import quantize
+    from hasten.models.quantized import QuantLinear
+    for block in model.layers:
+        for parent in (block.self_attn, block.mlp):
+            for name, lin in list(parent.named_children()):
+                if isinstance(lin, torch.nn.Linear):
+                    blocks = torch.from_numpy(quantize(lin.weight.detach().numpy(), qtype))
+                    bias = None if lin.bias is None else lin.bias.detach()
+                    setattr(parent, name, QuantLinear(qtype, blocks, lin.in_features, bias=bias))
+    return model
+
+
 @pytest.fixture(scope="session")
 def default_engine():
     """The real default model (SmolLM2-135M-Instruct), loaded once per test session, on the exact fp32-activation

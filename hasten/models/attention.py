@@ -22,7 +22,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
 
 
-_NO_MASK = torch.empty(0, dtype=torch.bool)  # a segment without a mask (causal), as the C++ kernels take it
+NO_MASK = torch.empty(0, dtype=torch.bool)  # a segment without a mask (causal), as the C++ kernels take it
 
 
 def kernel_segments(layer: int, segments) -> tuple[list, list, list[int], list[int], list, list[bool]]:
@@ -30,7 +30,7 @@ def kernel_segments(layer: int, segments) -> tuple[list, list, list[int], list[i
     lengths, masks (empty: causal) and whether `layer` is windowed in each segment's cache."""
     caches = [seg.cache.layers[layer] for seg in segments]
     return ([c[0] for c in caches], [c[1] for c in caches], [seg.start for seg in segments],
-            [seg.length for seg in segments], [_NO_MASK if seg.mask is None else seg.mask for seg in segments],
+            [seg.length for seg in segments], [NO_MASK if seg.mask is None else seg.mask for seg in segments],
             [seg.windowed(layer) for seg in segments])
 
 

@@ -13,8 +13,8 @@ What differs from Llama, in the order a block runs:
   both cut by position in Segment.view); without a cache, window_mask cuts it on top of the caller's mask.
 Module names match transformers' (Gemma3DecoderLayer, Gemma3Attention, Gemma3MLP) so state dicts load by name.
 The linears are whatever the loader put there (nn.Linear or a block-quantized module): only forward(x) is used.
-These blocks do not run the fused C++ decode_block (`_fused()` is None); attention and norms use the small
-kernels when they apply.
+Decode steps, draft trees and small batches run each block in one C++ decode_block call (`_fused()`, as
+transformer.py's Block); other forwards run the modules, whose attention and norms use the small kernels.
 
 GGUF files (llama.cpp's "gemma3" architecture) name four block tensors differently from the Llama family
 (GGUF_NAMES; note ffn_norm is the *pre*-feedforward norm here) and store every norm weight as 1 + w (llama.cpp's
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import attend, attend_packed
-from .transformer import ModelConfig, _cpu_kernels, apply_rope
+from .transformer import ModelConfig, _cpu_kernels, apply_rope, block_weights, fused_forward
 
 
 GGUF_NAMES = {  # llama.cpp's gemma3 block tensors whose native names differ from the Llama family's
@@ -122,6 +122,8 @@ class Gemma3Attention(nn.Module):
 
 
 class Gemma3MLP(nn.Module):
+    gated_up_threshold = -1.0  # decode_block computes gelu_tanh(gate) * up
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
@@ -147,9 +149,31 @@ class Gemma3Block(nn.Module):
         self.post_feedforward_layernorm = GemmaRMSNorm(d, eps)
 
     def forward(self, x, cos, sin, layer, segments, mask):
+        fused = fused_forward(self, x, cos, sin, layer, segments)  # decode steps, draft trees, small batches
+        if fused is not None:
+            return fused
         x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, layer, segments, mask))
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
     def _fused(self):
-        """No fused decode_block for Gemma blocks (four norms, GeGLU, q/k-norm)."""
-        return None
+        """decode_block's kernels.BlockWeights (four norms as their scales 1 + w, q/k norms, GeGLU) when every part
+        is the plain module, else None. Cached, checked by identity of the modules and the scales on every call."""
+        attn, mlp = self._modules["self_attn"], self._modules["mlp"]
+        norms = (self._modules["input_layernorm"], self._modules["pre_feedforward_layernorm"],
+                 self._modules["post_attention_layernorm"], self._modules["post_feedforward_layernorm"],
+                 attn._modules.get("q_norm"), attn._modules.get("k_norm"))
+        if not all(type(n) is GemmaRMSNorm for n in norms):
+            return None
+        scales = [n._scale() for n in norms]
+        mods = (*norms, *scales, attn, mlp, *(attn._modules.get(n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")),
+                *(mlp._modules.get(n) for n in ("gate_proj", "up_proj", "down_proj")))
+        cached = self.__dict__.get("_fused_cache")
+        if cached is not None and all(a is b for a, b in zip(cached[0], mods)):
+            return cached[1]
+        args = None
+        if type(attn) is Gemma3Attention and type(mlp) is Gemma3MLP:
+            pairs = list(zip(norms, scales))
+            args = block_weights(pairs[:2], attn, mlp, post_attn=pairs[2], post_ffw=pairs[3], q_norm=pairs[4],
+                                 k_norm=pairs[5], gelu=True)
+        self.__dict__["_fused_cache"] = (mods, args)
+        return args

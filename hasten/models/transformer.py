@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import cpu as cpu_kernels
-from .attention import FUSED_TOKENS, attend, attend_packed, kernel_segments
+from .attention import FUSED_TOKENS, NO_MASK, attend, attend_packed, kernel_segments
 from .kv_cache import ContextOverflowError, KVCache, Segment, layer_segments
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "gemma3_text")
@@ -186,6 +186,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
+def _global_hooks() -> bool:
+    """Whether any module-wide forward hook is registered (torch.nn.modules.module.register_module_forward_*)."""
+    from torch.nn.modules import module
+    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
+
+
 def _cpu_kernels(x: torch.Tensor):
     """hasten's C++ kernels when they apply (fp32 on the CPU, outside autograd), else None."""
     if x.device.type != "cpu" or x.dtype != torch.float32 or (x.requires_grad and torch.is_grad_enabled()):
@@ -202,6 +208,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=bias)
         self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
+        self.scale = config.head_dim ** -0.5
         if config.qk_norm:
             self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
@@ -219,7 +226,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if segments is not None:
-            out = attend_packed(q, k, v, layer, segments, self.head_dim ** -0.5)  # [1, T, H*d]
+            out = attend_packed(q, k, v, layer, segments, self.scale)  # [1, T, H*d]
             return self.o_proj(out)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, d]
         out = attend(q, k, v, mask)  # [B, H, T, d]
@@ -239,6 +246,43 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def fused_forward(block: nn.Module, x, cos, sin, layer: int, segments):
+    """`block`'s output from one C++ decode_block call (kernels/cpu.cpp: the same kernels and ATen ops its modules
+    run, in the same order, so the same bits; tests/models/test_transformer.py) when this forward is one it can
+    run — a few packed tokens over caches, fp32 on the CPU — and `block._fused()` describes it; else None."""
+    if segments is None or x.shape[1] > FUSED_TOKENS or cos.dim() != 2:
+        return None
+    kernels = _cpu_kernels(x)
+    weights = block._fused() if kernels is not None else None
+    if weights is None:
+        return None
+    return kernels.decode_block(weights, x.contiguous(), cos, sin, *kernel_segments(layer, segments))
+
+
+def block_weights(norms, attn, mlp, *, post_attn=None, post_ffw=None, q_norm=None, k_norm=None, gelu=False):
+    """kernels.BlockWeights for a block whose parts decode_block can run: `norms` (ln1, ln2) and the optional
+    norms given as (module, weight the kernel multiplies by), fp32 with one eps; linears that describe themselves
+    with `fused_spec()` (QuantLinear, TEAL's sparse-input ones); an MLP with `gated_up_threshold` (-1: act(gate)
+    * up; CATS' GatedMLP: its threshold). Else None."""
+    kernels = cpu_kernels.extension()
+    lins = [attn._modules.get(n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    lins += [mlp._modules.get(n) for n in ("gate_proj", "up_proj", "down_proj")]
+    specs = [getattr(m, "fused_spec", lambda: None)() for m in lins]
+    gated_up = getattr(mlp, "gated_up_threshold", None)
+    extra = [n for n in (post_attn, post_ffw, q_norm, k_norm) if n is not None]
+    if kernels is None or gated_up is None or None in specs or (gelu and gated_up >= 0):
+        return None
+    if any(w.dtype != torch.float32 or m.eps != norms[0][0].eps for m, w in (*norms, *extra)):
+        return None
+    none = torch.empty(0)
+    weight = lambda n: none if n is None else n[1]  # noqa: E731
+    return kernels.BlockWeights(
+        ln1=norms[0][1], ln2=norms[1][1], eps=norms[0][0].eps, lin=[s[0] for s in specs], thr=[s[1] for s in specs],
+        max_t=[s[2] for s in specs], fmt=[s[3] for s in specs], gated_up_thr=float(gated_up), scale=attn.scale,
+        H=attn.num_heads, Hkv=attn.num_kv_heads, q_norm=weight(q_norm), k_norm=weight(k_norm),
+        post_attn=weight(post_attn), post_ffw=weight(post_ffw), gelu=gelu)
+
+
 class Block(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -248,36 +292,29 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, layer, segments, mask):
-        if segments is not None and x.shape[1] <= FUSED_TOKENS and cos.dim() == 2:
-            fused = self._fused()
-            kernels = _cpu_kernels(x) if fused is not None else None
-            if kernels is not None:  # decode steps / draft trees of one or more sequences: the block in one C++ call
-                attn = self.self_attn  # bit-identical to the module path below (tests/models/test_transformer.py)
-                return kernels.decode_block(x.contiguous(), *fused[:7], cos, sin, *kernel_segments(layer, segments),
-                                            attn.head_dim ** -0.5, attn.num_heads, attn.num_kv_heads, fused[7])
+        fused = fused_forward(self, x, cos, sin, layer, segments)  # decode steps, draft trees, small batches
+        if fused is not None:
+            return fused
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, segments, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def _fused(self):
-        """decode_block's weight arguments when every part of this block can run in it (RMSNorms, no q/k norm,
-        linears that describe themselves with `fused_spec()`: QuantLinear, or TEAL's sparse-input ones), else
-        None. Cached, and checked by identity on every call: sparse methods swap modules in clones that share
-        this block's attributes."""
+        """decode_block's kernels.BlockWeights when every part of this block can run in it (RMSNorms, q/k norms
+        or none, linears that describe themselves with `fused_spec()`), else None. Cached, and checked by
+        identity on every call: sparse methods swap modules in clones that share this block's attributes."""
         attn, mlp = self._modules["self_attn"], self._modules["mlp"]
-        mods = (self._modules["input_layernorm"], self._modules["post_attention_layernorm"],
-                *(attn._modules.get(n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")),
+        mods = (self._modules["input_layernorm"], self._modules["post_attention_layernorm"], attn, mlp,
+                *(attn._modules.get(n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")),
                 *(mlp._modules.get(n) for n in ("gate_proj", "up_proj", "down_proj")))
         cached = self.__dict__.get("_fused_cache")
         if cached is not None and all(a is b for a, b in zip(cached[0], mods)):
             return cached[1]
-        specs = [getattr(m, "fused_spec", lambda: None)() for m in mods[2:]]
-        gated_up = getattr(mlp, "gated_up_threshold", None)  # MLP: -1 (SwiGLU); CATS' GatedMLP: its threshold
-        plain = (type(attn) is Attention and gated_up is not None and attn.q_norm is None and None not in specs
-                 and all(type(n) is RMSNorm and n.weight.dtype == torch.float32 for n in mods[:2]))
+        norms = [n for n in (*mods[:2], *mods[8:10]) if n is not None]  # ln1, ln2, q_norm, k_norm
         args = None
-        if plain:
-            args = (mods[0].weight, mods[1].weight, mods[0].eps, [s[0] for s in specs], [s[1] for s in specs],
-                    [s[2] for s in specs], [s[3] for s in specs], float(gated_up))
+        if type(attn) is Attention and all(type(n) is RMSNorm for n in norms):
+            qk = {} if attn.q_norm is None else {"q_norm": (attn.q_norm, attn.q_norm.weight),
+                                                 "k_norm": (attn.k_norm, attn.k_norm.weight)}
+            args = block_weights([(n, n.weight) for n in mods[:2]], attn, mlp, **qk)
         self.__dict__["_fused_cache"] = (mods, args)
         return args
 
@@ -404,6 +441,32 @@ class Transformer(nn.Module):
         return_hidden (logits, final-norm features [R, D]). Caches' lengths are left to the caller."""
         return self._run(tokens[None], positions, segments, None, layers, rows, return_hidden, squeeze=True)
 
+    def _decode_stack(self, x, cos, segments, per_layer):
+        """The C++ DecodeStack of all blocks (kernels/cpu.cpp) when this forward is one each block would run in
+        decode_block — a few packed tokens over caches without windowed layers, every block a plain `Block`
+        with no hooks whose `_fused()` has arguments — else None. Built once and kept while every block's
+        `_fused()` returns the same arguments (it checks its modules by identity: sparse methods swap them)."""
+        if (segments is None or per_layer[0] is not segments or x.shape[1] > FUSED_TOKENS or cos.dim() != 2
+                or self.config.layer_types is not None or _global_hooks()):
+            return None
+        kernels = _cpu_kernels(x)
+        if kernels is None:
+            return None
+        args = []
+        for block in self.layers:
+            if type(block) is not Block or block._forward_hooks or block._forward_pre_hooks:
+                return None
+            fused = block._fused()
+            if fused is None:
+                return None
+            args.append(fused)
+        cached = self.__dict__.get("_stack_cache")
+        if cached is not None and len(cached[0]) == len(args) and all(a is b for a, b in zip(cached[0], args)):
+            return cached[1]
+        stack = kernels.DecodeStack(args)
+        self.__dict__["_stack_cache"] = (args, stack)
+        return stack
+
     def _run(self, tokens, positions, segments, mask, layers, rows, return_hidden, squeeze=False):
         c = self.config
         cos, sin = self._rope(positions)  # [(B,) T, d]
@@ -414,7 +477,12 @@ class Transformer(nn.Module):
         # With caches, each layer sees the segments as its group of the cache holds them (kv_cache.py): a window
         # (Gemma 3's sliding layers, or a KV policy's) is a mask over that group's slots.
         per_layer = layer_segments(segments, positions, len(self.layers)) if segments is not None else None
-        if c.layer_types is None:
+        stack = self._decode_stack(x, cos, segments, per_layer) if layers is None else None
+        if stack is not None:  # every block in one C++ call: decode_block's bits (tests/models/test_transformer.py)
+            x = stack.forward(x.contiguous(), cos, sin, [seg.cache.layers for seg in segments],
+                              [seg.start for seg in segments], [seg.length for seg in segments],
+                              [NO_MASK if seg.mask is None else seg.mask for seg in segments])
+        elif c.layer_types is None:
             for i in order:
                 x = self.layers[i](x, cos, sin, i, per_layer[i] if per_layer else None, mask)
         else:  # sliding-window layers: their own RoPE tables; without a cache, the mask cut to the window

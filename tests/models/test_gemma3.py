@@ -6,6 +6,7 @@ import torch
 from hasten.decoding.tree import Draft, flatten
 from hasten.models.loading import _build
 from hasten.models.transformer import ModelConfig, UnsupportedModelError
+from tests.conftest import block_quantized
 
 WINDOW = 6
 
@@ -146,6 +147,47 @@ def test_config_mapping():
     assert ModelConfig.from_hf(Gemma3Config(text_config=text.to_dict())) == c  # the multimodal config's text model
     with pytest.raises(UnsupportedModelError, match="softcapping"):
         ModelConfig.from_hf(tiny_gemma3_config(attn_logit_softcapping=50.0))
+
+
+@pytest.mark.parametrize("activations", ["f32", "q8"])
+def test_fused_gemma3_blocks_are_bit_identical_to_the_modules(activations, monkeypatch):
+    """Gemma 3's decode_block (four norms as 1 + w, q/k norms, GeGLU, the sliding layers' own RoPE and the
+    window over a ring) gives exactly the module path's logits: decode steps to three windows past the start, a
+    chunk, a draft tree, and a packed batch of two sequences; under both activation paths."""
+    from hasten.models import gemma3
+    from hasten.models.kv_cache import Segment
+    from hasten.models.quantized import set_activations
+    _, ours = tiny_gemma3(6, hidden_size=64, intermediate_size=96)
+    block_quantized(ours)
+    set_activations(ours, activations)
+    ids = torch.randint(0, 97, (1, 4 * WINDOW), generator=torch.Generator().manual_seed(7))
+    draft = Draft(list(range(11, 18)), [-1, -1, 0, 0, 1, 3, 5])
+
+    def run():
+        outs, cache, t = [], ours.new_cache(64), 0
+        with torch.inference_mode():
+            for n in [4] + [1] * (2 * WINDOW) + [3] + [1] * (4 * WINDOW - 7 - 2 * WINDOW):
+                outs.append(ours(ids[:, t:t + n], cache=cache))
+                t += n
+            tokens, positions, mask = flatten(5, draft, cache.length)
+            outs.append(ours(tokens[None], positions, cache, mask))
+            cache.rollback(len(tokens))
+            other = ours.new_cache(64)
+            ours(ids[:, :WINDOW + 2], cache=other)
+            for c in (cache, other):
+                c.make_room(1)
+            segments = [Segment(cache, cache.length, 1), Segment(other, other.length, 1)]
+            outs.append(ours.packed(torch.tensor([3, 4]), torch.tensor([cache.length, other.length]), segments))
+        return outs
+
+    calls = []
+    original = gemma3.Gemma3Block._fused
+    monkeypatch.setattr(gemma3.Gemma3Block, "_fused", lambda self: calls.append(original(self)) or calls[-1])
+    fused = run()
+    assert calls and all(c is not None for c in calls)  # every block of every forward ran in decode_block
+    monkeypatch.setattr(gemma3.Gemma3Block, "_fused", lambda self: None)
+    plain = run()
+    assert all(torch.equal(a, b) for a, b in zip(fused, plain))
 
 
 # ---- the real model: gemma-3-270m, Q4_K_M GGUF (Q5_0/Q4_K/Q6_K/Q8_0 blocks) --------------------------------

@@ -4,7 +4,7 @@ import torch
 from hasten.models.hf import to_transformers
 from hasten.models.loading import _build
 from hasten.models.transformer import ModelConfig, UnsupportedModelError
-from tests.conftest import tiny_hf_config, tiny_model
+from tests.conftest import block_quantized, tiny_hf_config, tiny_model
 
 
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
@@ -79,8 +79,8 @@ def test_default_model_matches_transformers(default_engine):
 
 @pytest.mark.integration
 def test_fused_decode_block_is_bit_identical_to_the_modules(default_engine, monkeypatch):
-    """decode_block (one C++ call per block) must give exactly the logits of the module-by-module path, for a
-    prompt, single tokens, a draft chain and a draft tree."""
+    """decode_block (one C++ call per block) and the DecodeStack (one call for all blocks) must give exactly the
+    logits of the module-by-module path, for a prompt, single tokens, a draft chain and a draft tree."""
     from hasten.decoding.tree import Draft, flatten
     from hasten.models import transformer
 
@@ -99,13 +99,57 @@ def test_fused_decode_block_is_bit_identical_to_the_modules(default_engine, monk
             outs.append(model(tokens[None], positions, cache, mask))
         return outs
 
+    calls = []
+    build = transformer.Transformer._decode_stack
+    monkeypatch.setattr(transformer.Transformer, "_decode_stack",
+                        lambda self, *a: calls.append(build(self, *a)) or calls[-1])
     g.manual_seed(0)
-    fused = run()
+    stacked = run()  # all blocks in one DecodeStack call
+    assert sum(s is not None for s in calls) == 6 and len(calls[-1]) == len(model.layers)
+    monkeypatch.setattr(transformer.Transformer, "_decode_stack", lambda self, *a: None)
+    g.manual_seed(0)
+    fused = run()  # one decode_block call per block
     assert model.layers[0]._fused() is not None  # the fused path was taken
     monkeypatch.setattr(transformer.Block, "_fused", lambda self: None)
     g.manual_seed(0)
     plain = run()
     assert all(torch.equal(a, b) for a, b in zip(fused, plain))
+    assert all(torch.equal(a, b) for a, b in zip(stacked, plain))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
+def test_fused_families_are_bit_identical_to_the_modules(model_type, monkeypatch):
+    """Block-quantized Llama, Qwen2 (q/k/v biases) and Qwen3 (q/k norms) run every block in decode_block and all
+    of them in one DecodeStack call, with exactly the module path's logits: a prompt, steps, a draft tree."""
+    from hasten.decoding.tree import Draft, flatten
+    from hasten.models import transformer
+    model = block_quantized(tiny_model(8, model_type))
+    assert (model.layers[0].self_attn.q_proj.bias is not None) == (model_type == "qwen2")
+    assert all(block._fused() is not None for block in model.layers)
+    ids = torch.randint(0, 97, (1, 20), generator=torch.Generator().manual_seed(9))
+
+    def run():
+        cache, outs = model.new_cache(64), []
+        with torch.inference_mode():
+            outs.append(model(ids[:, :12], cache=cache))
+            for t in range(12, 20):
+                outs.append(model(ids[:, t:t + 1], cache=cache))
+            tokens, positions, mask = flatten(3, Draft([4, 5, 6, 7], [-1, 0, -1, 2]), cache.length)
+            outs.append(model(tokens[None], positions, cache, mask))
+        return outs
+
+    stacks = []
+    build = transformer.Transformer._decode_stack
+    monkeypatch.setattr(transformer.Transformer, "_decode_stack",
+                        lambda self, *a: stacks.append(build(self, *a)) or stacks[-1])
+    stacked = run()
+    assert len(stacks) == 10 and all(s is stacks[0] for s in stacks)  # built once, every forward through it
+    monkeypatch.setattr(transformer.Transformer, "_decode_stack", lambda self, *a: None)
+    fused = run()
+    monkeypatch.setattr(transformer.Block, "_fused", lambda self: None)
+    plain = run()
+    assert all(torch.equal(a, b) for a, b in zip(fused, plain))
+    assert all(torch.equal(a, b) for a, b in zip(stacked, plain))
 
 
 @pytest.mark.parametrize("kv_dtype", [None, torch.float16])
