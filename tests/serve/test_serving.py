@@ -292,10 +292,18 @@ def test_metrics_are_prometheus_text_and_count_what_happened(url):
     assert 0 < h["time_to_first_token_s"] and h["queue_s"] >= 0
 
 
-def test_warm_up_runs_one_generation_before_the_first_request_unseen_by_metrics_and_cache(default_engine):
+def test_warm_up_runs_one_generation_before_the_first_request_unseen_by_metrics_and_cache(default_engine, monkeypatch):
+    """The warm-up runs on the worker's thread (OpenMP keeps a thread team per calling thread: warming up on the
+    server's thread halved its speed), before the app is returned."""
+    import threading
+    threads = []
+    run = type(default_engine).run
+    monkeypatch.setattr(type(default_engine), "run",
+                        lambda self, *a, **kw: threads.append(threading.current_thread()) or run(self, *a, **kw))
     app = create_app(default_engine, method="baseline", queue_size=4, warm_up=True, prefix_cache_mb=64)
     worker = app.state.worker
     try:
+        assert threads == [worker.thread]
         assert worker.scheduler.steps_run > 0  # the warm-up ran through the worker's own scheduler
         assert not worker.scheduler.running and not worker.scheduler.waiting
         assert worker.scheduler.prefix_cache is not None and worker.scheduler.prefix_cache.bytes == 0 and worker.scheduler.prefix_cache.lookups == 0
