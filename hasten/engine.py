@@ -131,6 +131,11 @@ class Engine:
         self._cache = None
 
     # ---- inputs ------------------------------------------------------------------------------------------
+    @property
+    def has_chat_template(self) -> bool:
+        """Whether the tokenizer has a chat template (instruct models); base models take raw prompts."""
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
     def encode(self, prompt: str | Messages, chat: bool | None = None) -> list[int]:
         """A string is a raw completion prompt unless chat=True; a list of messages always uses the chat template."""
         if isinstance(prompt, str) and not chat:
@@ -138,7 +143,7 @@ class Engine:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         if not messages or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
             raise GenerationError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
-        if not getattr(self.tokenizer, "chat_template", None):
+        if not self.has_chat_template:
             raise GenerationError(f"{self.name} has no chat template; pass a plain prompt instead of messages")
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return self.tokenizer(text, add_special_tokens=False).input_ids

@@ -44,4 +44,11 @@ def collect(engine, threads: int, suite: str, prompts: int, max_new_tokens: int,
         "git_commit": git_commit(), "command": " ".join(["hasten"] + sys.argv[1:]),
         "kv_policy": getattr(engine, "kv_policy", None) and engine.kv_label,
         "kv_lossy": bool(getattr(engine, "kv_lossy", False)),
+        "activations": _activations(engine.model),
     }
+
+
+def _activations(model) -> str | None:
+    """Which activation path the block-quantized layers run ("q8 (Q4_0, Q8_0)"), None for a model without them."""
+    from ..models.quantized import QuantLinear, activation_summary
+    return activation_summary(model) if any(isinstance(m, QuantLinear) for m in model.modules()) else None

@@ -63,7 +63,7 @@ def build_prompts(engine, lengths=LENGTHS, max_new_tokens: int = 128, corpus=Non
     from ..sparsity.corpus import load as load_corpus
     texts = load_corpus(corpus).texts("heldout")
     limit = engine.model.config.max_position_embeddings - max_new_tokens - 8
-    chat = bool(getattr(engine.tokenizer, "chat_template", None))
+    chat = engine.has_chat_template
     prompts, cursor = [], 0
     for length in lengths:
         n = min(length, limit)

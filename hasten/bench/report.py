@@ -33,7 +33,9 @@ def _precision(result: dict) -> tuple[dict[str, str], dict[str, str]]:
     short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(dtype, dtype)
     if not dtype:
         engine = "—"
-    elif short == "fp32" and ("Q4_1" in weights or "Q8_0" in weights):
+    elif ctx.get("activations"):  # block kernels: weights exact from the blocks, activations as they say
+        engine = f"blocks, {ctx['activations']} activations"
+    elif short == "fp32" and ("Q4_1" in weights or "Q8_0" in weights):  # runs saved before the field existed
         engine = "fp32 dequantized (block kernels)"
     else:
         engine = f"{short} dequantized" if weights.startswith("gguf") else short

@@ -29,11 +29,12 @@ class BenchConfig:
 
 
 def run(engine, questions: list[Question], config: BenchConfig, progress: bool = True) -> list[dict]:
-    """→ one record per (round, prompt, method)."""
+    """→ one record per (round, prompt, method). Prompts go through the chat template when the model has one,
+    raw otherwise (base models: gemma-3-270m, a random-weight shape)."""
     peers = {m: HFPeer(engine, m) for m in config.methods if m in PEERS}
     # A peer that cannot run here (llama.cpp not installed) said so in one line and leaves no records.
     methods = tuple(m for m in config.methods if not getattr(peers.get(m), "skipped", None))
-    prompts = {q.question_id: engine.encode(q.prompt, chat=True) for q in questions}
+    prompts = {q.question_id: engine.encode(q.prompt, chat=engine.has_chat_template) for q in questions}
 
     def once(method: str, ids: list[int]) -> dict:
         if method in peers:

@@ -96,7 +96,7 @@ def train_head_estimate(engine, step_s: float) -> float:
 
 def tune(engine, questions, budget_s: float = 600.0, max_new_tokens: int = 64, space=None,
          progress: bool = True, finalists: int = 6, final_rounds: int = 3, group: int = 4) -> dict:
-    prompts = [engine.encode(q.prompt, chat=True) for q in questions]
+    prompts = [engine.encode(q.prompt, chat=engine.has_chat_template) for q in questions]
     note = None
     if space is None:
         space, note = search_space(engine)

@@ -109,3 +109,22 @@ def test_rounds_start_from_the_same_drafter_state(default_engine):
     first_turn = [r["method"] for r in records if r["question_id"] == questions[0].question_id]
     assert first_turn[:3] == list(config.methods) and first_turn[3:] == list(config.methods[1:] + config.methods[:1])
     assert passes[("recycling:adaptive=0", questions[1].question_id)][0] < 24  # it did learn within the round
+
+
+@pytest.mark.integration
+def test_a_base_model_is_benchmarked_on_raw_prompts(default_engine, monkeypatch):
+    """A model without a chat template (gemma-3-270m, the random-weight shapes) runs the suite's prompts raw
+    instead of failing on the template; an instruct model's prompts go through its template."""
+    from hasten.bench import runner
+    from hasten.bench.suite import load_questions
+    question = load_questions(per_category=1)[:1]
+    config = runner.BenchConfig(("baseline",), rounds=1, max_new_tokens=4)
+    seen = []
+    encode = type(default_engine).encode
+    monkeypatch.setattr(type(default_engine), "encode",
+                        lambda self, prompt, chat=None: seen.append(chat) or encode(self, prompt, chat))
+    runner.run(default_engine, question, config, progress=False)
+    monkeypatch.setattr(default_engine.tokenizer, "chat_template", None)
+    assert not default_engine.has_chat_template
+    records = runner.run(default_engine, question, config, progress=False)
+    assert seen == [True, False] and records and 1 <= len(records[0]["token_ids"]) <= 4

@@ -34,6 +34,8 @@ def test_precision_column_in_tables():
     assert "| skipped: not installed |" in md
     term = report.terminal(result)
     assert term.splitlines()[2].split()[-1] == "precision" and "Q4_1/Q8_0 GGUF" in term
+    result["context"]["activations"] = "q8 (Q4_1, Q8_0)"  # runs since 2026-12-03 record the activation path
+    assert "| blocks, q8 (Q4_1, Q8_0) activations |" in report.markdown(result)
 
 
 @pytest.mark.integration
