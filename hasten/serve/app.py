@@ -84,7 +84,7 @@ def create_app(engine, method: str = "baseline", queue_size: int = 16, max_batch
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
         messages = chat_messages(req)
-        if not engine.has_chat_template:
+        if not getattr(engine.tokenizer, "chat_template", None):
             raise APIError(400, f"{engine.name} is a base model with no chat template, so it cannot take messages; "
                            "send a plain prompt to /v1/completions instead", param="messages", code="no_chat_template")
         top = (req.top_logprobs or 0) if req.logprobs else None

@@ -12,6 +12,7 @@ class ClockedEngine:
     choice are then known in advance. "wrong" is the fastest but its output differs from baseline's."""
 
     name, model_hash = "clocked", "clockedhash"
+    has_chat_template = True
     SECONDS = {"baseline": 1.0, "fast": 0.5, "medium": 0.8, "slow": 2.0, "wrong": 0.1}
 
     def __init__(self):
