@@ -22,6 +22,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
 
 
+def cpu_kernels_for(x: torch.Tensor):
+    """hasten's C++ kernels when they apply (fp32 on the CPU, outside autograd), else None."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or (x.requires_grad and torch.is_grad_enabled()):
+        return None
+    return cpu_kernels.extension()
+
+
 NO_MASK = torch.empty(0, dtype=torch.bool)  # a segment without a mask (causal), as the C++ kernels take it
 
 

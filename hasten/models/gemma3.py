@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import attend, attend_packed
-from .transformer import ModelConfig, _cpu_kernels, apply_rope, block_weights, fused_forward
+from .attention import attend, attend_packed, cpu_kernels_for
+from .fused import block_weights, fused_forward
+from .transformer import ModelConfig, apply_rope
 
 
 GGUF_NAMES = {  # llama.cpp's gemma3 block tensors whose native names differ from the Llama family's
@@ -83,7 +84,7 @@ class GemmaRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = self._scale()
-        kernels = _cpu_kernels(x)
+        kernels = cpu_kernels_for(x)
         if kernels is not None:  # one call; the same arithmetic (scale * (x * r)) as below
             return kernels.rms_norm(x.reshape(-1, x.shape[-1]).contiguous(), scale, self.eps).view(x.shape)
         y = x.float()

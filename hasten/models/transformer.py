@@ -5,6 +5,8 @@ One file, read top to bottom: config → RoPE → attention → MLP → block �
 new tokens (a chain or a flattened token tree) against a preallocated KV cache in one forward pass; the caller
 passes each token's position and, for trees, the attention mask over cache + new tokens.
 Module names match transformers' so checkpoints load by name and sparsifiers can swap linears by name.
+Decode steps, draft trees and small batches run the blocks through fused.py's C++ path, bit-identical to the
+modules here.
 """
 from __future__ import annotations
 
@@ -16,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import cpu as cpu_kernels
-from .attention import FUSED_TOKENS, NO_MASK, attend, attend_packed, kernel_segments
+from .attention import NO_MASK, attend, attend_packed, cpu_kernels_for
+from .fused import block_weights, decode_stack, fused_forward
 from .kv_cache import ContextOverflowError, KVCache, Segment, layer_segments
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "gemma3_text")
@@ -141,7 +143,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernels = _cpu_kernels(x)
+        kernels = cpu_kernels_for(x)
         if kernels is not None:  # one call instead of ~10 small ops
             return kernels.rms_norm(x.reshape(-1, x.shape[-1]).contiguous(), self.weight, self.eps).view(x.shape)
         if x.dtype == torch.float32:  # bit-identical to transformers' LlamaRMSNorm in fp32
@@ -178,25 +180,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, T, H, d]; cos, sin [T, d] or [B, T, d]."""
-    kernels = _cpu_kernels(x)
+    kernels = cpu_kernels_for(x)
     if kernels is not None and x.shape[0] == 1 and cos.dim() == 2 and x.is_contiguous():
         kernels.rope_(x[0], cos, sin)  # in place: x is a fresh projection output
         return x
     cos, sin = cos[..., None, :], sin[..., None, :]  # broadcast over heads
     return x * cos + rotate_half(x) * sin
-
-
-def _global_hooks() -> bool:
-    """Whether any module-wide forward hook is registered (torch.nn.modules.module.register_module_forward_*)."""
-    from torch.nn.modules import module
-    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
-
-
-def _cpu_kernels(x: torch.Tensor):
-    """hasten's C++ kernels when they apply (fp32 on the CPU, outside autograd), else None."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or (x.requires_grad and torch.is_grad_enabled()):
-        return None
-    return cpu_kernels.extension()
 
 
 class Attention(nn.Module):
@@ -244,43 +233,6 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-def fused_forward(block: nn.Module, x, cos, sin, layer: int, segments):
-    """`block`'s output from one C++ decode_block call (kernels/cpu.cpp: the same kernels and ATen ops its modules
-    run, in the same order, so the same bits; tests/models/test_transformer.py) when this forward is one it can
-    run — a few packed tokens over caches, fp32 on the CPU — and `block._fused()` describes it; else None."""
-    if segments is None or x.shape[1] > FUSED_TOKENS or cos.dim() != 2:
-        return None
-    kernels = _cpu_kernels(x)
-    weights = block._fused() if kernels is not None else None
-    if weights is None:
-        return None
-    return kernels.decode_block(weights, x.contiguous(), cos, sin, *kernel_segments(layer, segments))
-
-
-def block_weights(norms, attn, mlp, *, post_attn=None, post_ffw=None, q_norm=None, k_norm=None, gelu=False):
-    """kernels.BlockWeights for a block whose parts decode_block can run: `norms` (ln1, ln2) and the optional
-    norms given as (module, weight the kernel multiplies by), fp32 with one eps; linears that describe themselves
-    with `fused_spec()` (QuantLinear, TEAL's sparse-input ones); an MLP with `gated_up_threshold` (-1: act(gate)
-    * up; CATS' GatedMLP: its threshold). Else None."""
-    kernels = cpu_kernels.extension()
-    lins = [attn._modules.get(n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
-    lins += [mlp._modules.get(n) for n in ("gate_proj", "up_proj", "down_proj")]
-    specs = [getattr(m, "fused_spec", lambda: None)() for m in lins]
-    gated_up = getattr(mlp, "gated_up_threshold", None)
-    extra = [n for n in (post_attn, post_ffw, q_norm, k_norm) if n is not None]
-    if kernels is None or gated_up is None or None in specs or (gelu and gated_up >= 0):
-        return None
-    if any(w.dtype != torch.float32 or m.eps != norms[0][0].eps for m, w in (*norms, *extra)):
-        return None
-    none = torch.empty(0)
-    weight = lambda n: none if n is None else n[1]  # noqa: E731
-    return kernels.BlockWeights(
-        ln1=norms[0][1], ln2=norms[1][1], eps=norms[0][0].eps, lin=[s[0] for s in specs], thr=[s[1] for s in specs],
-        max_t=[s[2] for s in specs], fmt=[s[3] for s in specs], gated_up_thr=float(gated_up), scale=attn.scale,
-        H=attn.num_heads, Hkv=attn.num_kv_heads, q_norm=weight(q_norm), k_norm=weight(k_norm),
-        post_attn=weight(post_attn), post_ffw=weight(post_ffw), gelu=gelu)
 
 
 class Block(nn.Module):
@@ -442,30 +394,8 @@ class Transformer(nn.Module):
         return self._run(tokens[None], positions, segments, None, layers, rows, return_hidden, squeeze=True)
 
     def _decode_stack(self, x, cos, segments, per_layer):
-        """The C++ DecodeStack of all blocks (kernels/cpu.cpp) when this forward is one each block would run in
-        decode_block — a few packed tokens over caches without windowed layers, every block a plain `Block`
-        with no hooks whose `_fused()` has arguments — else None. Built once and kept while every block's
-        `_fused()` returns the same arguments (it checks its modules by identity: sparse methods swap them)."""
-        if (segments is None or per_layer[0] is not segments or x.shape[1] > FUSED_TOKENS or cos.dim() != 2
-                or self.config.layer_types is not None or _global_hooks()):
-            return None
-        kernels = _cpu_kernels(x)
-        if kernels is None:
-            return None
-        args = []
-        for block in self.layers:
-            if type(block) is not Block or block._forward_hooks or block._forward_pre_hooks:
-                return None
-            fused = block._fused()
-            if fused is None:
-                return None
-            args.append(fused)
-        cached = self.__dict__.get("_stack_cache")
-        if cached is not None and len(cached[0]) == len(args) and all(a is b for a, b in zip(cached[0], args)):
-            return cached[1]
-        stack = kernels.DecodeStack(args)
-        self.__dict__["_stack_cache"] = (args, stack)
-        return stack
+        """decode_stack(self, …) (fused.py): the C++ DecodeStack of all blocks when this forward can use it."""
+        return decode_stack(self, Block, x, cos, segments, per_layer)
 
     def _run(self, tokens, positions, segments, mask, layers, rows, return_hidden, squeeze=False):
         c = self.config
