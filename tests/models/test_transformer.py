@@ -78,6 +78,15 @@ def test_default_model_matches_transformers(default_engine):
 
 
 @pytest.mark.integration
+def record_stacks(monkeypatch) -> list:
+    """Every forward's DecodeStack (None where the forward did not take one), in order."""
+    from hasten.models import transformer
+    stacks, build = [], transformer.Transformer._decode_stack
+    monkeypatch.setattr(transformer.Transformer, "_decode_stack",
+                        lambda self, *a: stacks.append(build(self, *a)) or stacks[-1])
+    return stacks
+
+
 def test_fused_decode_block_is_bit_identical_to_the_modules(default_engine, monkeypatch):
     """decode_block (one C++ call per block) and the DecodeStack (one call for all blocks) must give exactly the
     logits of the module-by-module path, for a prompt, single tokens, a draft chain and a draft tree."""
@@ -99,10 +108,7 @@ def test_fused_decode_block_is_bit_identical_to_the_modules(default_engine, monk
             outs.append(model(tokens[None], positions, cache, mask))
         return outs
 
-    calls = []
-    build = transformer.Transformer._decode_stack
-    monkeypatch.setattr(transformer.Transformer, "_decode_stack",
-                        lambda self, *a: calls.append(build(self, *a)) or calls[-1])
+    calls = record_stacks(monkeypatch)
     g.manual_seed(0)
     stacked = run()  # all blocks in one DecodeStack call
     assert sum(s is not None for s in calls) == 6 and len(calls[-1]) == len(model.layers)
@@ -138,10 +144,7 @@ def test_fused_families_are_bit_identical_to_the_modules(model_type, monkeypatch
             outs.append(model(tokens[None], positions, cache, mask))
         return outs
 
-    stacks = []
-    build = transformer.Transformer._decode_stack
-    monkeypatch.setattr(transformer.Transformer, "_decode_stack",
-                        lambda self, *a: stacks.append(build(self, *a)) or stacks[-1])
+    stacks = record_stacks(monkeypatch)
     stacked = run()
     assert len(stacks) == 10 and all(s is stacks[0] for s in stacks)  # built once, every forward through it
     monkeypatch.setattr(transformer.Transformer, "_decode_stack", lambda self, *a: None)
