@@ -389,13 +389,17 @@ def _response_format(json_schema: str | None, regex: str | None) -> dict | None:
 @click.option("--prefix-cache-mb", type=click.FloatRange(min=0), default=None,
               help="MiB of KV kept for reuse by prompts sharing a prefix (a system prompt, an earlier turn); 0: off "
                    "[default: an eighth of this machine's memory, at most 4096]")
+@click.option("--stream-interval", "stream_interval_ms", type=click.FloatRange(min=0), default=30, show_default=True,
+              help="milliseconds a streamed event may wait to carry the next steps' tokens with it: fewer events "
+                   "cost the client and the server less CPU; 0: one event per step (per token when not speculating)")
 @click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
               help="above 1: that many replicas behind Ray Serve's router on a local Ray instance (the `ray` extra), "
                    "each with --threads threads [default 1 there]")
 @corpus_option
 @threads_option
 @user_errors
-def serve(model, method, host, port, queue_size, max_batch, step_tokens, prefix_cache_mb, replicas, corpus, threads):
+def serve(model, method, host, port, queue_size, max_batch, step_tokens, prefix_cache_mb, stream_interval_ms, replicas,
+          corpus, threads):
     """Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models) and a chat page at /."""
     import uvicorn
 
@@ -411,7 +415,7 @@ def serve(model, method, host, port, queue_size, max_batch, step_tokens, prefix_
         meta = click.get_current_context().meta
         options = ray_serve.ReplicaOptions(model, method, queue_size, max_batch, step_tokens, prefix_cache_mb,
                                            threads or 1, corpus, meta.get("hasten.quantize"),
-                                           meta.get("hasten.activations"))
+                                           meta.get("hasten.activations"), stream_interval_ms / 1000)
         try:
             ray_serve.require_ray()
         except RuntimeError as e:
@@ -424,8 +428,9 @@ def serve(model, method, host, port, queue_size, max_batch, step_tokens, prefix_
     use_corpus(engine, corpus)
     engine.drafter(method)  # build (and calibrate) the default method before taking requests
     click.echo(f"hasten: serving {engine.name} with {method} on http://{host}:{port}", err=True)
-    uvicorn.run(create_app(engine, method, queue_size, max_batch, step_tokens, prefix_cache_mb, warm_up=True), host=host, port=port, log_level="warning",
-                timeout_graceful_shutdown=30)
+    app = create_app(engine, method, queue_size, max_batch, step_tokens, prefix_cache_mb, warm_up=True,
+                     stream_interval=stream_interval_ms / 1000)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
 
 
 @main.command()

@@ -2,8 +2,9 @@
 async client, on loopback.
 
 For each concurrency level every prompt is sent once (at most `concurrency` in flight). Reported per level:
-aggregate completion tokens per second over the level's wall time, time to first token and inter-token latency
-(median and p99), and how many answers equal that server's solo answer (the concurrency-1 pass, streamed). A
+aggregate completion tokens per second over the level's wall time, time to first token and the time between
+streamed events (median and p99), tokens per event (a server may merge steps into one event: hasten serve
+--stream-interval), and how many answers equal that server's solo answer (the concurrency-1 pass, streamed). A
 non-streamed pass at the highest level and a repeated pass (a warm prefix cache) are checked the same way.
 `hasten serve` is started here on the given model unless --url points at a running server; llama-server can
 run beside it on the same GGUF file.
@@ -28,6 +29,7 @@ class Answer:
     tokens: int
     ttft: float
     gaps: list[float] = field(default_factory=list)  # seconds between content chunks
+    events: int = 0  # streamed events with content (0: not streamed)
 
 
 @dataclass
@@ -42,6 +44,7 @@ class Row:
     itl_p99: float
     equal: int
     total: int
+    tokens_per_event: float = 0.0  # streamed: completion tokens per content event (a server may merge steps)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -58,7 +61,7 @@ async def one(client, model: str, prompt: str, max_tokens: int, stream: bool, ex
         r = await client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
                                                  temperature=0, extra_body=extra)
         return Answer(r.choices[0].message.content or "", r.usage.completion_tokens, time.perf_counter() - t0)
-    parts, ttft, last, gaps, tokens = [], None, None, [], 0
+    parts, ttft, last, gaps, tokens, events = [], None, None, [], 0, 0
     chunks = await client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
                                                   temperature=0, stream=True,
                                                   stream_options={"include_usage": True}, extra_body=extra)
@@ -72,8 +75,9 @@ async def one(client, model: str, prompt: str, max_tokens: int, stream: bool, ex
             else:
                 gaps.append(now - last)
             last = now
+            events += 1
             parts.append(chunk.choices[0].delta.content)
-    return Answer("".join(parts), tokens, ttft or time.perf_counter() - t0, gaps)
+    return Answer("".join(parts), tokens, ttft or time.perf_counter() - t0, gaps, events)
 
 
 async def level(url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int, stream: bool,
@@ -126,7 +130,8 @@ def row(server: str, label: str, concurrency: int, answers: list[Answer], second
     gaps = [g for a in answers for g in a.gaps]
     return Row(server, label, concurrency, sum(a.tokens for a in answers) / seconds, statistics.median(ttfts),
                percentile(ttfts, 0.99), statistics.median(gaps) if gaps else 0.0, percentile(gaps, 0.99),
-               sum(a.text == s.text for a, s in zip(answers, solo)), len(answers))
+               sum(a.text == s.text for a, s in zip(answers, solo)), len(answers),
+               sum(a.tokens for a in answers) / max(1, sum(a.events for a in answers)) if any(a.events for a in answers) else 0.0)
 
 
 def engine_row(model, prompts: list[str], max_tokens: int, method: str, threads: int | None,
@@ -154,12 +159,12 @@ def engine_row(model, prompts: list[str], max_tokens: int, method: str, threads:
 
 def format_row(r: Row) -> str:
     return (f"| {r.server} | {r.label} | {r.tokens_per_s:.1f} | {1000 * r.ttft_p50:.0f} / {1000 * r.ttft_p99:.0f} | "
-            f"{1000 * r.itl_p50:.1f} / {1000 * r.itl_p99:.1f} | {r.equal}/{r.total} |")
+            f"{1000 * r.itl_p50:.1f} / {1000 * r.itl_p99:.1f} | {r.tokens_per_event or '':.3} | {r.equal}/{r.total} |")
 
 
 def table(rows: list[Row]) -> str:
-    head = ("| server | pass | tokens/s (all requests) | TTFT ms p50 / p99 | inter-token ms p50 / p99 | "
-            "answers equal to solo |\n|---|---|---|---|---|---|")
+    head = ("| server | pass | tokens/s (all requests) | TTFT ms p50 / p99 | between events ms p50 / p99 | "
+            "tokens per event | answers equal to solo |\n|---|---|---|---|---|---|---|")
     return "\n".join([head, *map(format_row, rows)])
 
 

@@ -30,6 +30,7 @@ class ReplicaOptions:
     corpus: str | None = None  # sparse methods calibrate on it
     quantize: str | None = None  # a Hugging Face checkpoint's block format (hasten --quantize)
     activations: str | None = None  # "q8" | "f32" (hasten --activations)
+    stream_interval: float = 0.03  # seconds a streamed event may wait for later steps (hasten serve --stream-interval)
 
 
 def require_ray():
@@ -61,7 +62,7 @@ def application(options: ReplicaOptions, replicas: int = 2):
             engine.sparsity_calibration = (opts.corpus, DEFAULT_TOKENS)
         engine.drafter(opts.method)  # build (and calibrate) the default method before taking requests
         return create_app(engine, opts.method, opts.queue_size, opts.max_batch, opts.step_tokens,
-                          opts.prefix_cache_mb, warm_up=True)
+                          opts.prefix_cache_mb, warm_up=True, stream_interval=opts.stream_interval)
 
     replica = serve.deployment(serve.ingress(build)(), name="hasten", num_replicas=replicas,
                                ray_actor_options={"num_cpus": options.threads},
@@ -78,7 +79,8 @@ def build_app(args: dict):
     unknown = sorted(set(args) - set(known))
     if unknown:
         raise ValueError(f"unknown option(s) {', '.join(unknown)}; use {', '.join(['replicas', *known])}")
-    casts = {"queue_size": int, "max_batch": int, "step_tokens": int, "threads": int, "prefix_cache_mb": float}
+    casts = {"queue_size": int, "max_batch": int, "step_tokens": int, "threads": int, "prefix_cache_mb": float,
+             "stream_interval": float}
     return application(ReplicaOptions(**{k: casts.get(k, str)(v) for k, v in args.items()}), replicas)
 
 
