@@ -389,7 +389,7 @@ def _response_format(json_schema: str | None, regex: str | None) -> dict | None:
 @click.option("--prefix-cache-mb", type=click.FloatRange(min=0), default=None,
               help="MiB of KV kept for reuse by prompts sharing a prefix (a system prompt, an earlier turn); 0: off "
                    "[default: an eighth of this machine's memory, at most 4096]")
-@click.option("--stream-interval", "stream_interval_ms", type=click.FloatRange(min=0), default=30, show_default=True,
+@click.option("--stream-interval", "stream_interval_ms", type=click.FloatRange(min=0), default=50, show_default=True,
               help="milliseconds a streamed event may wait to carry the next steps' tokens with it: fewer events "
                    "cost the client and the server less CPU; 0: one event per step (per token when not speculating)")
 @click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,

@@ -134,27 +134,57 @@ def row(server: str, label: str, concurrency: int, answers: list[Answer], second
                sum(a.tokens for a in answers) / max(1, sum(a.events for a in answers)) if any(a.events for a in answers) else 0.0)
 
 
-def engine_row(model, prompts: list[str], max_tokens: int, method: str, threads: int | None,
-               solo: list[str]) -> Row:
-    """hasten's engine called back to back on the same chats in this process (no server, no HTTP): the figure a
-    one-stream server is held to; its answers are compared with the server's solo answers. `model`: a path (None:
-    the default model) or a loaded Engine."""
+def one_stream(model, url: str, name: str, prompts: list[str], max_tokens: int, method: str, threads: int | None,
+               solo: list[str], rounds: int = 3, timeout: float = 1800) -> tuple[list[Row], dict]:
+    """One stream, the server against hasten's engine in this process (no server, no HTTP: the figure a one-stream
+    server is held to), interleaved as MEASURING.md asks: for every prompt the engine, a streamed request and a
+    non-streamed one, in an order that rotates per prompt, for `rounds` rounds. → (a row for each of the three,
+    over all rounds; {"stream": (median, min, max), "no stream": …} of the per-round throughput ratios to the
+    engine). Answers are compared with the server's solo answers. `model`: a path (None: the default model) or a
+    loaded Engine."""
     import torch
 
     import hasten
     if threads:
         torch.set_num_threads(threads)
     engine = model if isinstance(model, hasten.Engine) else hasten.load(model)
-    engine.generate([{"role": "user", "content": prompts[0]}], max_new_tokens=8, method=method)  # warm-up
-    answers, t0 = [], time.perf_counter()
-    for p in prompts:
-        t = time.perf_counter()
-        r = engine.generate([{"role": "user", "content": p}], max_new_tokens=max_tokens, method=method)
-        answers.append(Answer(r.text, r.tokens, time.perf_counter() - t))
-    seconds = time.perf_counter() - t0
-    return Row("hasten engine", "in-process x1", 1, sum(a.tokens for a in answers) / seconds,
-               statistics.median(a.ttft for a in answers), percentile([a.ttft for a in answers], 0.99), 0.0, 0.0,
-               sum(a.text == t for a, t in zip(answers, solo)), len(answers))
+    kinds = ("engine", "stream", "no stream")
+
+    async def a_round(client):
+        answers = {k: [] for k in kinds}
+        seconds = dict.fromkeys(kinds, 0.0)
+        for i, p in enumerate(prompts):
+            for k in kinds[i % 3:] + kinds[:i % 3]:
+                t0 = time.perf_counter()
+                if k == "engine":
+                    r = engine.generate([{"role": "user", "content": p}], max_new_tokens=max_tokens, method=method)
+                    a = Answer(r.text, r.tokens, time.perf_counter() - t0)
+                else:
+                    a = await one(client, name, p, max_tokens, k == "stream", {})
+                seconds[k] += time.perf_counter() - t0
+                answers[k].append(a)
+        return answers, seconds
+
+    async def measure_rounds():
+        import openai
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=timeout)
+        await one(client, name, prompts[0], 8, True, {})  # warm-up, both sides
+        engine.generate([{"role": "user", "content": prompts[0]}], max_new_tokens=8, method=method)
+        out = [await a_round(client) for _ in range(rounds)]
+        await client.close()
+        return out
+
+    results = asyncio.run(measure_rounds())
+    rate = [{k: sum(a.tokens for a in ans[k]) / sec[k] for k in kinds} for ans, sec in results]
+    ratios = {k: sorted(r[k] / r["engine"] for r in rate) for k in kinds[1:]}
+    summary = {k: (statistics.median(v), v[0], v[-1]) for k, v in ratios.items()}
+    rows = []
+    for k in kinds:
+        answers = [a for ans, _ in results for a in ans[k]]
+        label = "in-process x1" if k == "engine" else f"{k} x1, beside the engine"
+        rows.append(row("hasten engine" if k == "engine" else "hasten", label, 1, answers,
+                        sum(s[k] for _, s in results), [Answer(t, 0, 0.0) for t in solo] * rounds))
+    return rows, summary
 
 
 def format_row(r: Row) -> str:
@@ -224,10 +254,10 @@ def chats(count: int, workload: str = "short") -> list[str]:
 def run(model: str | None, url: str | None, method: str, levels: list[int], prompts: int, max_tokens: int,
         max_batch: int, step_tokens: int, prefix_cache_mb: float, threads: int | None, llama_server: str | None,
         gguf: str | None, timeout: float, repeat: bool = True, workload: str = "short",
-        engine: bool = False) -> list[Row]:
+        engine: bool = False, engine_rounds: int = 3, stream_interval_ms: float | None = None) -> list[Row]:
     """Run the load test against hasten serve (started here unless `url`) and, with `llama_server`, against
-    llama-server on `gguf`; with `engine`, hasten's engine in this process on the same chats too; print the
-    table and a JSON line; return the rows."""
+    llama-server on `gguf`; with `engine`, one stream against hasten's engine in this process on the same chats,
+    interleaved over `engine_rounds` rounds; print the table and a JSON line; return the rows."""
     texts = chats(prompts, workload)
     rows, procs = [], []
     try:
@@ -238,14 +268,19 @@ def run(model: str | None, url: str | None, method: str, levels: list[int], prom
                    "--queue-size", str(max(levels) * 2), "--max-batch", str(max_batch),
                    "--step-tokens", str(step_tokens), "--prefix-cache-mb", str(prefix_cache_mb)]
             cmd += (["--model", model] if model else []) + (["--threads", str(threads)] if threads else [])
+            cmd += ["--stream-interval", str(stream_interval_ms)] if stream_interval_ms is not None else []
             procs.append(start(cmd, url, "/tmp/hasten-load-serve.log"))
         import httpx
         name = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
         hasten_rows, solo = measure("hasten", url, name, texts, levels, max_tokens, {}, timeout, repeat)
         rows += hasten_rows
         if engine:
-            rows.append(engine_row(model, texts, max_tokens, method, threads, solo))
-            print(format_row(rows[-1]), file=sys.stderr, flush=True)
+            one_rows, ratios = one_stream(model, url, name, texts, max_tokens, method, threads, solo, engine_rounds,
+                                          timeout=timeout)
+            rows += one_rows
+            for k, (med, lo, hi) in ratios.items():
+                print(f"one stream, {k}, against the engine in process: {med:.3f}x ({lo:.3f}–{hi:.3f}) over "
+                      f"{engine_rounds} interleaved rounds", flush=True)
         if llama_server:
             if not gguf:
                 raise ValueError("--llama-server needs --gguf FILE, the model file it serves")
@@ -289,7 +324,11 @@ def main(argv: list[str] | None = None) -> None:
                    help="short chats (first 160 characters of each suite prompt), full suite prompts, or held-out "
                         "documents of ~700 tokens to summarize (prefill-heavy: what a prefix cache is for)")
     p.add_argument("--engine", action="store_true",
-                   help="also time hasten's engine in this process on the same chats, one after another")
+                   help="also compare one stream with hasten's engine in this process on the same chats: engine, "
+                        "streamed and non-streamed request per prompt, interleaved over --engine-rounds rounds")
+    p.add_argument("--engine-rounds", type=int, default=3)
+    p.add_argument("--stream-interval", type=float, default=None,
+                   help="hasten serve --stream-interval MS (default: the server's)")
     a = p.parse_args(argv)
     try:
         levels = sorted({int(x) for x in a.levels.split(",") if x.strip()})
@@ -301,7 +340,8 @@ def main(argv: list[str] | None = None) -> None:
         from ..decoding.prefix_cache import default_mb
         a.prefix_cache_mb = default_mb()
     run(a.model, a.url, a.method, levels, a.prompts, a.max_tokens, a.max_batch, a.step_tokens, a.prefix_cache_mb,
-        a.threads, a.llama_server, a.gguf, a.timeout, not a.no_repeat, a.workload, a.engine)
+        a.threads, a.llama_server, a.gguf, a.timeout, not a.no_repeat, a.workload, a.engine, a.engine_rounds,
+        a.stream_interval)
 
 
 if __name__ == "__main__":

@@ -32,10 +32,11 @@ from .protocol import (APIError, ChatRequest, CompletionRequest, _Common, chat_m
 from .worker import END, STARTED, Job, PromptLogprobs, Worker
 
 
-# A streamed event may wait this long for the steps after it: one stream on a 2-core machine then sends ~4 tokens
-# an event instead of 1, which cut the official client's CPU from ~0.9 to ~0.3 ms a token (BENCHMARKS.md) —
-# time that came out of the compute threads — and 30 ms is still faster than any reader notices.
-STREAM_INTERVAL_S = 0.03
+# A streamed event may wait this long for the steps after it. One stream on a 2-core machine then sends ~7 tokens an
+# event instead of 1: the official Python client spends ~1 ms of CPU on each event, time that comes out of the
+# compute threads. Measured with the load test against the engine in process (BENCHMARKS.md, 2026-12-03): 0 ms
+# 0.86x, 30 ms 0.93x, 60 ms 0.96x; 20 updates a second is still faster than anyone reads.
+STREAM_INTERVAL_S = 0.05
 
 
 def error_response(e: APIError) -> JSONResponse:

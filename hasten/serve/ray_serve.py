@@ -30,7 +30,7 @@ class ReplicaOptions:
     corpus: str | None = None  # sparse methods calibrate on it
     quantize: str | None = None  # a Hugging Face checkpoint's block format (hasten --quantize)
     activations: str | None = None  # "q8" | "f32" (hasten --activations)
-    stream_interval: float = 0.03  # seconds a streamed event may wait for later steps (hasten serve --stream-interval)
+    stream_interval: float = 0.05  # seconds a streamed event may wait for later steps (hasten serve --stream-interval)
 
 
 def require_ray():

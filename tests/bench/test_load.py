@@ -13,13 +13,16 @@ def test_load_test_rows_check_every_answer_against_its_solo_answer(default_engin
     from tests.serve.test_serving import serving
     with serving(default_engine, queue_size=8, max_batch=4, step_tokens=64) as (url, _):
         rows, solo = load.measure("hasten", url, default_engine.name, load.chats(4), [1, 4], 8, {}, 300, True)
+        # one stream beside the engine, interleaved: the server's answers, streamed or not, are the engine's own
+        one, ratios = load.one_stream(default_engine, url, default_engine.name, load.chats(4), 8, "baseline", None,
+                                      solo, rounds=2)
     assert [r.label for r in rows] == ["cold x4", "stream x1", "stream x4", "no stream x4", "repeated x4"]
     assert all(r.equal == r.total == 4 and r.tokens_per_s > 0 and r.ttft_p50 > 0 for r in rows)
     assert load.table(rows).count("| hasten |") == 5
     assert len(solo) == 4 and all(solo)
-    # the server's solo answers are the engine's own
-    engine = load.engine_row(default_engine, load.chats(4), 8, "baseline", None, solo)
-    assert engine.equal == engine.total == 4
+    assert [r.label for r in one] == ["in-process x1", "stream x1, beside the engine", "no stream x1, beside the engine"]
+    assert all(r.equal == r.total == 8 for r in one)
+    assert set(ratios) == {"stream", "no stream"} and all(lo <= med <= hi for med, lo, hi in ratios.values())
 
 
 def test_full_prompts_are_the_whole_prompts():
