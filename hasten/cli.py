@@ -694,6 +694,9 @@ def models():
 @model_option
 @click.option("--prefill", "-p", type=click.IntRange(min=1), default=512, show_default=True, help="prompt tokens")
 @click.option("--decode", "-n", type=click.IntRange(min=1), default=128, show_default=True, help="generated tokens")
+@click.option("--depth", "-d", type=click.IntRange(min=0), default=0, show_default=True,
+              help="decode after this many cached tokens of context (llama-bench -d): decode speed deep in a long "
+                   "prompt")
 @click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--llama-bench", "llama_bench_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="llama.cpp's llama-bench binary: measured on the same file in the same rounds")
@@ -703,7 +706,7 @@ def models():
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), default=None)
 @threads_option
 @user_errors
-def speed(model, prefill, decode, rounds, llama_bench_path, step_sizes, json_path, threads):
+def speed(model, prefill, decode, depth, rounds, llama_bench_path, step_sizes, json_path, threads):
     """Prefill and decode tokens/s, step cost and peak RSS of a model file here, beside llama-bench's."""
     from pathlib import Path
 
@@ -720,7 +723,7 @@ def speed(model, prefill, decode, rounds, llama_bench_path, step_sizes, json_pat
     if llama_bench_path and not engine.loaded.source.endswith(".gguf"):
         raise UsageError("--llama-bench needs a GGUF model file (--model FILE.gguf)")
     result = speed_bench.run(engine, engine.loaded.source, threads, prefill, decode, rounds, llama_bench_path,
-                             progress=lambda line: click.echo(line, err=True), step_sizes=sizes)
+                             progress=lambda line: click.echo(line, err=True), step_sizes=sizes, depth=depth)
     result["context"] = collect(engine, threads, "speed", 0, decode, rounds)
     size = Path(engine.loaded.source).stat().st_size / 2**20 if Path(engine.loaded.source).is_file() else None
     from .models.quantized import activation_summary

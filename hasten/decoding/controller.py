@@ -26,14 +26,17 @@ SIZES = (1, 2, 4, 8, 12, 16, 24, 32)
 
 class StepCost:
     """Relative cost of one target forward over T tokens after L cached keys (cost(1) = 1 at the table's
-    context): the table's sizes interpolated, plus an attention term per scored token and per cached key past
-    that context (`per_key`, relative to the one-token step), so verification at depth is priced as it costs."""
+    context): the table's sizes interpolated, plus an attention term for the keys past that context. Attention
+    reads the cache once per step for all the step's tokens (the streamed kernel shares each key among them) and
+    then computes per token and key, so the term is (per_key_step + per_key * T) * (L - context), relative to the
+    one-token step: verification at depth is priced as it costs, and an extra draft token is not charged the
+    cache read that the step pays anyway."""
 
-    def __init__(self, table: dict[int, float], per_key: float = 0.0, context: int = 0):
+    def __init__(self, table: dict[int, float], per_key: float = 0.0, context: int = 0, per_key_step: float = 0.0):
         self.sizes = sorted(table)
         base = table[self.sizes[0]]
         self.rel = [table[s] / base for s in self.sizes]
-        self.per_key, self.context = max(per_key, 0.0), context
+        self.per_key, self.per_key_step, self.context = max(per_key, 0.0), max(per_key_step, 0.0), context
 
     def __call__(self, tokens: int, context: int | None = None) -> float:
         s, r = self.sizes, self.rel
@@ -46,10 +49,10 @@ class StepCost:
                     w = (tokens - s[i - 1]) / (s[i] - s[i - 1])
                     base = r[i - 1] + w * (r[i] - r[i - 1])
                     break
-        if context is None or not self.per_key:
+        if context is None or not (self.per_key or self.per_key_step):
             return base
         # shorter contexts than the table's save at most half of it (the rest is weights, not attention)
-        return max(base + self.per_key * tokens * (context - self.context), base / 2)
+        return max(base + (self.per_key_step + self.per_key * tokens) * (context - self.context), base / 2)
 
     @classmethod
     def default(cls) -> "StepCost":
@@ -82,11 +85,19 @@ def measure_contexts(model, contexts, sizes, repeats: int = 5) -> dict[int, dict
     return {L: {s: statistics.median(v) for s, v in ts.items()} for L, ts in times.items()}
 
 
-def per_key_cost(near: dict[int, float], far: dict[int, float], keys: int, base: float) -> float:
-    """The attention term of StepCost from step times at two contexts `keys` apart: the extra seconds per scored
-    token per cached key (median over the sizes measured at both), relative to the one-token step `base`."""
-    slopes = [(far[s] - near[s]) / (s * keys) for s in sorted(set(near) & set(far))]
-    return max(statistics.median(slopes), 0.0) / base if slopes else 0.0
+def attention_cost(near: dict[int, float], far: dict[int, float], keys: int, base: float) -> tuple[float, float]:
+    """StepCost's attention terms from step times at two contexts `keys` apart, relative to the one-token step
+    `base`: (per_key_step, per_key) = the extra seconds per cached key that a step pays once, and that each
+    scored token adds, fit through the smallest and largest sizes measured at both. Noise that says "cheaper
+    deep" gives no term."""
+    sizes = sorted(set(near) & set(far))
+    if not sizes:
+        return 0.0, 0.0
+    lo, hi = sizes[0], sizes[-1]
+    d_lo, d_hi = (far[lo] - near[lo]) / keys, (far[hi] - near[hi]) / keys
+    per_token = max((d_hi - d_lo) / (hi - lo), 0.0) if hi > lo else max(d_lo / lo, 0.0)
+    per_step = max(d_lo - per_token * lo, 0.0)
+    return per_step / base, per_token / base
 
 
 CONTEXTS = (256, 2048)  # the table's context, and the far one that prices the attention term
@@ -117,16 +128,18 @@ def step_cost(engine) -> StepCost:
     try:
         saved = json.loads(path.read_text())
         table, per_key = {int(k): v for k, v in saved["tokens"].items()}, float(saved["per_key"])
+        per_key_step = float(saved["per_key_step"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         near, far = CONTEXTS[0], min(CONTEXTS[1], engine.model.config.max_position_embeddings - 64)
         table = measure_step_cost(engine.model)  # at CONTEXTS[0] keys
-        per_key = 0.0
+        per_key_step, per_key = 0.0, 0.0
         if far > near:
             both = measure_contexts(engine.model, (near, far), (1, 8))
-            per_key = per_key_cost(both[near], both[far], far - near, both[near][1])
+            per_key_step, per_key = attention_cost(both[near], both[far], far - near, both[near][1])
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"tokens": table, "context": near, "per_key": per_key}))
-    engine._step_cost = StepCost(table, per_key, CONTEXTS[0])
+        path.write_text(json.dumps({"tokens": table, "context": near, "per_key": per_key,
+                                    "per_key_step": per_key_step}))
+    engine._step_cost = StepCost(table, per_key, CONTEXTS[0], per_key_step)
     return engine._step_cost
 
 

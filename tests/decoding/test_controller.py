@@ -26,10 +26,18 @@ def test_step_cost_adds_attention_per_scored_token_and_cached_key_past_its_conte
     assert StepCost({1: 2.0, 4: 3.0}, per_key=1.0, context=256)(4, context=0) == 0.75
 
 
-def test_the_attention_term_is_fit_from_two_contexts():
-    near, far = {1: 0.010, 8: 0.020}, {1: 0.011792, 8: 0.034336}  # 1e-6 s and 1e-6 s per token and key
-    assert controller.per_key_cost(near, far, 1792, 0.010) == pytest.approx(1e-6 / 0.010)
-    assert controller.per_key_cost(far, near, 1792, 0.010) == 0.0  # noise that says "cheaper deep": no term
+def test_the_step_pays_the_cache_read_once_and_each_token_its_own_compute():
+    cost = StepCost({1: 2.0, 4: 3.0}, per_key=1e-4, context=256, per_key_step=5e-4)
+    assert cost(1, context=4352) == pytest.approx(1 + (5e-4 + 1e-4) * 4096)
+    assert cost(2, context=4352) - cost(1, context=4352) == pytest.approx(cost(2) - 1 + 1e-4 * 4096)
+
+
+def test_the_attention_terms_are_fit_from_two_contexts():
+    # 1792 keys deeper: a step pays 3e-6 s per key once, and each scored token 1e-6 s per key more
+    near, far = {1: 0.010, 8: 0.020}, {1: 0.010 + 1792 * 4e-6, 8: 0.020 + 1792 * 11e-6}
+    step, token = controller.attention_cost(near, far, 1792, 0.010)
+    assert step == pytest.approx(3e-6 / 0.010) and token == pytest.approx(1e-6 / 0.010)
+    assert controller.attention_cost(far, near, 1792, 0.010) == (0.0, 0.0)  # "cheaper deep" is noise: no term
 
 
 def test_drafts_shrink_where_verification_at_depth_is_costly():
