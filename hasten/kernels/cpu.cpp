@@ -253,8 +253,14 @@ inline void q8_rows(const uint8_t* W, int64_t rb, const uint8_t* Xq, int64_t xs,
 
 #if defined(HASTEN_AVX512)
 constexpr int kQ8RowsSmall = 4, kQ8RowsLarge = 4, kQ8TokensLarge = 4;  // one accumulator per (row, token)
+// 5 to 8 tokens (a batch of streams, a draft tree): 2 rows x up to 8 tokens (16 accumulators, as 4 x 4), so a
+// row's codes and scales are decoded once for all of them, where 4 x 4 decoded them again for a 5th token.
+// Measured on all of SmolLM2's layers (/work/results/s14/tcurve.py): T = 5 6.25 -> 5.35 ms, T = 8 7.37 ->
+// 6.50 ms; past 8 tokens (prefill) 4 x 4 stays ahead.
+constexpr int kQ8RowsWide = 2, kQ8TokensWide = 8;
 #else
 constexpr int kQ8RowsSmall = 1, kQ8RowsLarge = 1, kQ8TokensLarge = 2;
+constexpr int kQ8RowsWide = 1, kQ8TokensWide = 2;
 #endif
 
 template <class F>
@@ -272,6 +278,8 @@ void matmul_q8(const float* X, const uint8_t* W, int64_t rb, float* Y, int64_t T
       int64_t i = begin;
       if (t1 - t0 <= 2) {
         for (; i + kQ8RowsSmall <= end; i += kQ8RowsSmall) q8_rows<F, kQ8RowsSmall, 2>(W, rb, Xq, xs, Y, K, N, i, t0, t1);
+      } else if (t1 - t0 > kQ8TokensLarge && t1 - t0 <= kQ8TokensWide) {
+        for (; i + kQ8RowsWide <= end; i += kQ8RowsWide) q8_rows<F, kQ8RowsWide, kQ8TokensWide>(W, rb, Xq, xs, Y, K, N, i, t0, t1);
       } else {
         for (; i + kQ8RowsLarge <= end; i += kQ8RowsLarge) q8_rows<F, kQ8RowsLarge, kQ8TokensLarge>(W, rb, Xq, xs, Y, K, N, i, t0, t1);
       }
