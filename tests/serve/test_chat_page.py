@@ -12,7 +12,8 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (`make setup` installs it as root)")
 def test_chat_page_streams_an_answer():
     sync_api = pytest.importorskip("playwright.sync_api")
-    proc, url = start("--method", "prompt-lookup")
+    # One event per step (no coalescing) and one token per step, so the page must render many chunks.
+    proc, url = start("--method", "baseline", "--stream-interval", "0")
     try:
         with sync_api.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
