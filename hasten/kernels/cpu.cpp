@@ -179,8 +179,8 @@ void matmul(const float* X, const uint8_t* W, int64_t rb, float* Y, int64_t T, i
 }
 
 // ---- The q8 path (activations="q8", formats/q8.h): activations quantized once per call to int8 per group,
-// then integer dot products with the weights' codes. The same tiling as above; each (row, token) pair gets
-// q8_step over its quads of groups in order, then q8_reduce: the same sequence for every R and TN (and build).
+// then integer dot products with the weights' codes, kQ8Lanes rows per vector lane set. Each (row, token) pair
+// gets q8_lanes_step over its groups in order: the same sequence for every tile, T and build.
 #if defined(HASTEN_AVX2)
 template <class F, class = void> struct HasQ8Quad : std::false_type {};
 template <class F> struct HasQ8Quad<F, std::void_t<decltype(&F::q8_quad)>> : std::true_type {};
@@ -209,81 +209,80 @@ inline void q8_weights(const uint8_t* row, int64_t u, int64_t G, Q8W& w, Scales<
 }
 
 template <class F>
-inline void q8_step_of(Q8Acc& acc, const Q8W& w, const uint8_t* rec) {
-#if defined(HASTEN_AVX2)
-  q8_step<F::kQ8Kind, (F::kQ8CodeOffset > 64)>(acc, w, rec);  // 8-bit codes: no maddubs (it saturates)
-#else
-  q8_step<F::kQ8Kind>(acc, w, rec);
-#endif
+inline Q8Acc q8_step_of(Q8Acc acc, const Q8Lanes& L, int h, const uint8_t* rec) {
+  return q8_lanes_step<F::kQ8Kind, (F::kQ8CodeOffset > 64)>(acc, L, h, rec);  // 8-bit codes: AVX2 widens (maddubs saturates)
 }
 
-template <class F, int R, int TN>
-inline void q8_tile(const uint8_t* W, int64_t rb, const uint8_t* Xq, int64_t xs, float* Y, int64_t K, int64_t N, int64_t i, int64_t t) {
-  Q8Acc acc[R][TN];
-  for (int r = 0; r < R; ++r)
-    for (int k = 0; k < TN; ++k) acc[r][k] = q8_zero();
-  const int64_t G = K / QK, U = q8_quads(K), rec = q8_record_bytes(F::kQ8Kind);
-  Scales<F> scales[R];
-  const uint8_t* ahead = W + (i + kPrefetchTiles * R) * rb;
-  for (int64_t u = 0; u < U; ++u) {
-    prefetch_share(ahead, R * rb, u, U);
-    Q8W w[R];
-    for (int r = 0; r < R; ++r) q8_weights<F>(W + (i + r) * rb, u, G, w[r], scales[r]);
-    for (int k = 0; k < TN; ++k)
-      for (int r = 0; r < R; ++r) q8_step_of<F>(acc[r][k], w[r], Xq + (t + k) * xs + u * rec);
-  }
-  for (int r = 0; r < R; ++r)
-    for (int k = 0; k < TN; ++k) Y[(t + k) * N + i + r] = q8_reduce(acc[r][k]);
-}
-
-template <class F, int R, int TN>
-inline void q8_tokens_rest(const uint8_t* W, int64_t rb, const uint8_t* Xq, int64_t xs, float* Y, int64_t K, int64_t N, int64_t i, int64_t t, int64_t n) {
-  if constexpr (TN > 1) {
-    if (n == TN - 1) return q8_tile<F, R, TN - 1>(W, rb, Xq, xs, Y, K, N, i, t);
-    return q8_tokens_rest<F, R, TN - 1>(W, rb, Xq, xs, Y, K, N, i, t, n);
-  }
-}
-
-template <class F, int R, int TN>
-inline void q8_rows(const uint8_t* W, int64_t rb, const uint8_t* Xq, int64_t xs, float* Y, int64_t K, int64_t N, int64_t i, int64_t t0, int64_t t1) {
-  int64_t t = t0;
-  for (; t + TN <= t1; t += TN) q8_tile<F, R, TN>(W, rb, Xq, xs, Y, K, N, i, t);
-  if (t < t1) q8_tokens_rest<F, R, TN>(W, rb, Xq, xs, Y, K, N, i, t, t1 - t);
-}
-
+constexpr int64_t kQ8PrefetchRows = 16;
+// Rows [i, i + n) (n <= kQ8Lanes; past N the last row is read again and not stored) x tokens [t, t + TN).
+// Per quad: each row's codes and scales once (the format's q8_quad), transposed to row lanes, then every token.
+template <class F, int TN>
+inline void q8_tile(const uint8_t* W, int64_t rb, const uint8_t* Xq, int64_t xs, float* Y, int64_t K, int64_t N, int64_t i, int n, int64_t t) {
+  Q8Acc acc[TN];
+  for (int k = 0; k < TN; ++k) acc[k] = q8_zero();
+  const int64_t G = K / QK, U = q8_quads(K);
+  const uint8_t* row[kQ8Lanes];
+  for (int r = 0; r < kQ8Lanes; ++r) row[r] = W + std::min<int64_t>(i + r, N - 1) * rb;
+  Scales<F> scales[kQ8Lanes];
+  const uint8_t* ahead = W + std::min<int64_t>(i + kQ8PrefetchRows, N - 1) * rb;
+  const int64_t ahead_bytes = std::min<int64_t>(kQ8Lanes, N - std::min<int64_t>(i + kQ8PrefetchRows, N - 1)) * rb;
 #if defined(HASTEN_AVX512)
-constexpr int kQ8RowsSmall = 4, kQ8RowsLarge = 4, kQ8TokensLarge = 4;  // one accumulator per (row, token)
-// 5 to 8 tokens (a batch of streams, a draft tree): 2 rows x up to 8 tokens (16 accumulators, as 4 x 4), so a
-// row's codes and scales are decoded once for all of them, where 4 x 4 decoded them again for a 5th token.
-// Measured on all of SmolLM2's layers (/work/results/s14/tcurve.py): T = 5 6.25 -> 5.35 ms, T = 8 7.37 ->
-// 6.50 ms; past 8 tokens (prefill) 4 x 4 stays ahead.
-constexpr int kQ8RowsWide = 2, kQ8TokensWide = 8;
-#else
-constexpr int kQ8RowsSmall = 1, kQ8RowsLarge = 1, kQ8TokensLarge = 2;
-constexpr int kQ8RowsWide = 1, kQ8TokensWide = 2;
+  __m512i rowoff = _mm512_setzero_si512();
+  Q8LaneScales lane_scales;
+  if constexpr (HasQ8Lanes<F>::value) {
+    alignas(64) int32_t off[16];
+    for (int r = 0; r < 16; ++r) off[r] = int32_t(row[r] - row[0]);
+    rowoff = _mm512_load_si512(off);
+  }
 #endif
+  for (int64_t u = 0; u < U; ++u) {
+    prefetch_share(ahead, ahead_bytes, u, U);
+    const int64_t live = std::min<int64_t>(4, G - 4 * u);
+    Q8Lanes lanes;
+#if defined(HASTEN_AVX512)
+    if constexpr (HasQ8Lanes<F>::value) {
+      for (int h = 0; h < live; ++h) F::q8_lanes(row, rowoff, 4 * u + h, lanes, h, lane_scales);
+    } else
+#endif
+    {
+      Q8W w[kQ8Lanes];
+      for (int r = 0; r < kQ8Lanes; ++r) q8_weights<F>(row[r], u, G, w[r], scales[r]);
+      q8_transpose<F::kQ8Kind>(w, lanes);
+    }
+    for (int h = 0; h < live; ++h)
+      for (int k = 0; k < TN; ++k) acc[k] = q8_step_of<F>(acc[k], lanes, h, Xq + (t + k) * xs + (4 * u + h) * kQ8GroupBytes);
+  }
+  for (int k = 0; k < TN; ++k) q8_store(Y + (t + k) * N + i, acc[k], n);
+}
+
+// Tokens [t0, t1) for rows [i, i + n): tiles of kQ8Tokens, then the rest in tiles of 4, 2 and 1.
+constexpr int kQ8Tokens = 8;
+template <class F>
+inline void q8_rows(const uint8_t* W, int64_t rb, const uint8_t* Xq, int64_t xs, float* Y, int64_t K, int64_t N, int64_t i, int n, int64_t t0, int64_t t1) {
+  int64_t t = t0;
+  for (; t + kQ8Tokens <= t1; t += kQ8Tokens) q8_tile<F, kQ8Tokens>(W, rb, Xq, xs, Y, K, N, i, n, t);
+  if (t + 4 <= t1) q8_tile<F, 4>(W, rb, Xq, xs, Y, K, N, i, n, t), t += 4;
+  if (t + 2 <= t1) q8_tile<F, 2>(W, rb, Xq, xs, Y, K, N, i, n, t), t += 2;
+  if (t < t1) q8_tile<F, 1>(W, rb, Xq, xs, Y, K, N, i, n, t);
+}
 
 template <class F>
 void matmul_q8(const float* X, const uint8_t* W, int64_t rb, float* Y, int64_t T, int64_t K, int64_t N) {
-  // Every token quantized once, for all rows and tiles: q8_quads(K) records per token.
-  const int64_t xs = q8_quads(K) * q8_record_bytes(F::kQ8Kind);
+  // Every token quantized once, for all rows and tiles: K/32 group records per token.
+  const int64_t xs = q8_record_bytes(K);
   auto buf = torch::empty({T * xs + 64}, torch::kUInt8);
   uint8_t* Xq = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(buf.data_ptr<uint8_t>()) + 63) & ~uintptr_t(63));
   at::parallel_for(0, T, 1, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) quantize_q8(X + t * K, K, F::kQ8CodeOffset, F::kQ8Kind, Xq + t * xs);
   });
+  const int64_t tiles = (N + kQ8Lanes - 1) / kQ8Lanes;
   for (int64_t t0 = 0; t0 < T; t0 += kTokenChunk) {
     const int64_t t1 = std::min(T, t0 + kTokenChunk);
-    at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-      int64_t i = begin;
-      if (t1 - t0 <= 2) {
-        for (; i + kQ8RowsSmall <= end; i += kQ8RowsSmall) q8_rows<F, kQ8RowsSmall, 2>(W, rb, Xq, xs, Y, K, N, i, t0, t1);
-      } else if (t1 - t0 > kQ8TokensLarge && t1 - t0 <= kQ8TokensWide) {
-        for (; i + kQ8RowsWide <= end; i += kQ8RowsWide) q8_rows<F, kQ8RowsWide, kQ8TokensWide>(W, rb, Xq, xs, Y, K, N, i, t0, t1);
-      } else {
-        for (; i + kQ8RowsLarge <= end; i += kQ8RowsLarge) q8_rows<F, kQ8RowsLarge, kQ8TokensLarge>(W, rb, Xq, xs, Y, K, N, i, t0, t1);
+    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t i = b * kQ8Lanes;
+        q8_rows<F>(W, rb, Xq, xs, Y, K, N, i, int(std::min<int64_t>(kQ8Lanes, N - i)), t0, t1);
       }
-      for (; i < end; ++i) q8_rows<F, 1, kQ8TokensLarge>(W, rb, Xq, xs, Y, K, N, i, t0, t1);
     });
   }
 }

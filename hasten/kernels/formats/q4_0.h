@@ -36,6 +36,11 @@ struct Q4_0 {
     m = 0.f;
   }
 #ifdef HASTEN_AVX512
+  // One group of a 16-row tile straight from the blocks (q8.h, row lanes).
+  static inline void q8_lanes(const uint8_t* const* row, __m512i rowoff, int64_t g, Q8Lanes& L, int h, Q8LaneScales&) {
+    nibbles_lanes(row, g * kBlockBytes + 2, L.c[h]);
+    L.s[h] = low_halves(rows16_dword(row, rowoff, g * kBlockBytes));
+  }
   static inline void q8_quad(const uint8_t* row, int64_t u, int64_t G, Q8W& w) {
     const uint8_t* b[4];
     __mmask16 live;

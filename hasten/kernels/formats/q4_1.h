@@ -34,6 +34,13 @@ struct Q4_1 {
     m = load_half(b + 2);
   }
 #ifdef HASTEN_AVX512
+  // One group of a 16-row tile straight from the blocks (q8.h, row lanes).
+  static inline void q8_lanes(const uint8_t* const* row, __m512i rowoff, int64_t g, Q8Lanes& L, int h, Q8LaneScales&) {
+    nibbles_lanes(row, g * kBlockBytes + 4, L.c[h]);
+    const __m512i dm = rows16_dword(row, rowoff, g * kBlockBytes);
+    L.s[h] = low_halves(dm);
+    L.m[h] = high_halves(dm);
+  }
   static inline void q8_quad(const uint8_t* row, int64_t u, int64_t G, Q8W& w) {
     const uint8_t* b[4];
     __mmask16 live;

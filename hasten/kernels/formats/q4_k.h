@@ -78,6 +78,36 @@ struct Q4_K {
     m = -min;
   }
 #ifdef HASTEN_AVX512
+  // One group of a 16-row tile straight from the blocks (q8.h, row lanes); a super-block's scales and mins are
+  // unpacked at its first group for all 16 rows at once (prepare_k's fields, as lanes: the same values).
+  static inline void q8_lanes(const uint8_t* const* row, __m512i, int64_t g, Q8Lanes& L, int h, Q8LaneScales& st) {
+    const int64_t at = (g >> 3) * kBlockBytes;
+    const int sb = int(g & 7);
+    if (sb == 0) {
+      __m512i v[4];  // d | dmin, then the 12 bytes of 6-bit fields
+      rows16_bytes16(row, at, v);
+      const __m512 d = low_halves(v[0]), dmin = high_halves(v[0]);
+      const __m512i six = _mm512_set1_epi32(63), four = _mm512_set1_epi32(15), two = _mm512_set1_epi32(3);
+      auto field = [](__m512i x, int shift, __m512i mask) { return _mm512_and_si512(_mm512_srli_epi32(x, shift), mask); };
+      for (int j = 0; j < 4; ++j) {
+        const int b = 8 * j;
+        const __m512i sc = field(v[1], b, six), mn = field(v[2], b, six);
+        const __m512i sc4 = _mm512_or_si512(field(v[3], b, four), _mm512_slli_epi32(field(v[1], b + 6, two), 4));
+        const __m512i mn4 = _mm512_or_si512(field(v[3], b + 4, four), _mm512_slli_epi32(field(v[2], b + 6, two), 4));
+        st.s[j] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(sc));
+        st.s[j + 4] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(sc4));
+        st.m[j] = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(mn)));
+        st.m[j + 4] = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(mn4)));
+      }
+    }
+    __m512i v[8];
+    rows16_bytes16(row, at + 16 + 32 * (sb >> 1), v);
+    rows16_bytes16(row, at + 32 + 32 * (sb >> 1), v + 4);
+    const __m512i f = _mm512_set1_epi8(15);
+    for (int k = 0; k < 8; ++k) L.c[h][k] = _mm512_and_si512(sb & 1 ? _mm512_srli_epi16(v[k], 4) : v[k], f);
+    L.s[h] = st.s[sb];
+    L.m[h] = st.m[sb];
+  }
   // Quad u = sub-blocks 4(u&1) .. +3 of super-block u>>1: 64 bytes of codes, [sub-blocks s, s+1 | s+2, s+3] as
   // [low | high] nibbles of 32 bytes each; A and B pick their 16-byte halves.
   static inline void q8_quad(const uint8_t* row, int64_t u, const KScales& k, Q8W& w) {

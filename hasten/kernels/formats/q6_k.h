@@ -66,6 +66,35 @@ struct Q6_K {
     m = 0.f;
   }
 #ifdef HASTEN_AVX512
+  // One group of a 16-row tile straight from the blocks (q8.h, row lanes); a super-block's 16 scales (d *
+  // scale, as prepare) are built at its first group for all 16 rows at once. d is read as the high half of
+  // the dword at 206, so nothing past the block is read.
+  static inline void q8_lanes(const uint8_t* const* row, __m512i rowoff, int64_t g, Q8Lanes& L, int h, Q8LaneScales& st) {
+    const int64_t at = (g >> 3) * kBlockBytes;
+    const int sb = int(g & 7);
+    if (sb == 0) {
+      __m512i v[4];
+      rows16_bytes16(row, at + 192, v);
+      const __m512 d = high_halves(rows16_dword(row, rowoff, at + 206));
+      for (int j = 0; j < 16; ++j)
+        st.s[j] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v[j >> 2], 24 - 8 * (j & 3)), 24)));
+    }
+    const int half = sb >> 2, shift = ((sb >> 1) & 1) * 4, hshift = (sb & 3) * 2;
+    const int64_t ql = at + half * 64 + (sb & 1) * 32, qh = at + 128 + half * 32;
+    __m512i lo[8], hi[8];
+    rows16_bytes16(row, ql, lo);
+    rows16_bytes16(row, ql + 16, lo + 4);
+    rows16_bytes16(row, qh, hi);
+    rows16_bytes16(row, qh + 16, hi + 4);
+    const __m512i f = _mm512_set1_epi8(15), three = _mm512_set1_epi8(3);
+    for (int k = 0; k < 8; ++k) {
+      const __m512i l = _mm512_and_si512(_mm512_srli_epi16(lo[k], shift), f);
+      const __m512i t = _mm512_and_si512(_mm512_srli_epi16(hi[k], hshift), three);
+      L.c[h][k] = _mm512_or_si512(l, _mm512_slli_epi16(t, 4));
+    }
+    L.s[h] = st.s[2 * sb];
+    L.s2[h] = st.s[2 * sb + 1];
+  }
   // Quad u = sub-blocks 4h .. 4h+3 (h = u&1) of super-block u>>1: 64 bytes of ql (sub-blocks +0, +1: low
   // nibbles of bytes 0-31, 32-63; +2, +3: high nibbles) and 32 of qh (sub-block +j: bits 2j, 2j+1).
   static inline void q8_quad(const uint8_t* row, int64_t u, const KScales& k, Q8W& w) {

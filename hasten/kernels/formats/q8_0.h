@@ -31,6 +31,14 @@ struct Q8_0 {
   }
 #ifdef HASTEN_AVX512
   // Blocks 0,1 and 2,3 in one register each, then A = their first 16 codes, B = their last 16.
+  // One group of a 16-row tile straight from the blocks (q8.h, row lanes).
+  static inline void q8_lanes(const uint8_t* const* row, __m512i rowoff, int64_t g, Q8Lanes& L, int h, Q8LaneScales&) {
+    const __m512i flip = _mm512_set1_epi8(char(0x80));
+    rows16_bytes16(row, g * kBlockBytes + 2, L.c[h]);
+    rows16_bytes16(row, g * kBlockBytes + 18, L.c[h] + 4);
+    for (int k = 0; k < 8; ++k) L.c[h][k] = _mm512_xor_si512(L.c[h][k], flip);
+    L.s[h] = low_halves(rows16_dword(row, rowoff, g * kBlockBytes));
+  }
   static inline void q8_quad(const uint8_t* row, int64_t u, int64_t G, Q8W& w) {
     const uint8_t* b[4];
     __mmask16 live;
