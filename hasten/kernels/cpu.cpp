@@ -109,10 +109,14 @@ constexpr int NV = 32 / L;
 // measured best (2026-12-03, greedy decode in process, interleaved: SmolLM2 Q4_1 1.3-1.6x over none, 2 and 8
 // within 5% of 4; the 1B Llama-3 shape at Q4_K_M 3.0x); BENCHMARKS.md, "Prefetching the weights".
 constexpr int64_t kPrefetchTiles = 4;
+// Into L2 only (locality 1: prefetcht2), not L1: L1 (32 KiB) also holds the tiles in flight, and there the
+// prefetched rows evicted them (2026-12-04, AMD EPYC, all of SmolLM2's block matmuls, T = 1, locality 3 ->
+// 1: BF16 1.13x, F16 1.24x faster; the q8 tiles below: Q8_0 1.77x, Q4_1 1.28x).
+constexpr int kPrefetchLocality = 1;
 inline void prefetch_share(const uint8_t* base, int64_t bytes, int64_t s, int64_t steps) {
 #if defined(__GNUC__)
   const int64_t lines = (bytes + 63) / 64;
-  for (int64_t l = s * lines / steps, e = (s + 1) * lines / steps; l < e; ++l) __builtin_prefetch(base + 64 * l, 0, 3);
+  for (int64_t l = s * lines / steps, e = (s + 1) * lines / steps; l < e; ++l) __builtin_prefetch(base + 64 * l, 0, kPrefetchLocality);
 #endif
 }
 
@@ -180,7 +184,8 @@ void matmul(const float* X, const uint8_t* W, int64_t rb, float* Y, int64_t T, i
 
 // ---- The q8 path (activations="q8", formats/q8.h): activations quantized once per call to int8 per group,
 // then integer dot products with the weights' codes, kQ8Lanes rows per vector lane set. Each (row, token) pair
-// gets q8_lanes_step over its groups in order: the same sequence for every tile, T and build.
+// gets q8_lanes_step's sequence over its groups in order (q8_tile; q8_dot_tile takes the same integer sums
+// another way and combines them identically): the same bits for every tile, T and build.
 #if defined(HASTEN_AVX2)
 template <class F, class = void> struct HasQ8Quad : std::false_type {};
 template <class F> struct HasQ8Quad<F, std::void_t<decltype(&F::q8_quad)>> : std::true_type {};
@@ -213,6 +218,10 @@ inline Q8Acc q8_step_of(Q8Acc acc, const Q8Lanes& L, int h, const uint8_t* rec) 
   return q8_lanes_step<F::kQ8Kind, (F::kQ8CodeOffset > 64)>(acc, L, h, rec);  // 8-bit codes: AVX2 widens (maddubs saturates)
 }
 
+// The q8 tiles prefetch the next tile (16 rows) into L2 (kPrefetchLocality). Into L1 the next tile's 16 rows
+// evicted the current one's wherever 2 x 16 rows pass L1's 32 KiB: measured 2026-12-04 on all of SmolLM2's block
+// matmuls, T = 1, the previous (4-row quad) kernel = 1.00x: Q8_0 (1.6 KiB rows) 0.57x into L1, 1.01x into L2,
+// 0.58x non-temporal; Q4_1 0.78x / 1.00x; 32 rows ahead no better than 16.
 constexpr int64_t kQ8PrefetchRows = 16;
 // Rows [i, i + n) (n <= kQ8Lanes; past N the last row is read again and not stored) x tokens [t, t + TN).
 // Per quad: each row's codes and scales once (the format's q8_quad), transposed to row lanes, then every token.
@@ -255,15 +264,94 @@ inline void q8_tile(const uint8_t* W, int64_t rb, const uint8_t* Xq, int64_t xs,
   for (int k = 0; k < TN; ++k) q8_store(Y + (t + k) * N + i, acc[k], n);
 }
 
-// Tokens [t0, t1) for rows [i, i + n): tiles of kQ8Tokens, then the rest in tiles of 4, 2 and 1.
+#if defined(HASTEN_AVX512)
+// The same (row, token) results as q8_tile, for one or two tokens: the integer sums taken row by row in the
+// quad layout (each row's codes against the token's activations, as llama.cpp's vec_dot does), then added up
+// per group across the 16 rows (group_sums16) into row lanes, where the fp32 combination runs exactly as in
+// q8_lanes_step. The integer sums are exact, so the bits equal q8_tile's: a token's result does not depend on
+// which of the two tiles scored it. Why a second tile: at one token nothing amortizes q8_tile's 16-row code
+// transpose, and decode is one token.
+template <class F, int TN>
+inline void q8_dot_tile(const uint8_t* W, int64_t rb, const uint8_t* Xq, int64_t xs, float* Y, int64_t K, int64_t N, int64_t i, int n, int64_t t) {
+  constexpr int kKind = F::kQ8Kind;
+  Q8Acc acc[TN];
+  for (int k = 0; k < TN; ++k) acc[k] = q8_zero();
+  const int64_t G = K / QK, U = q8_quads(K);
+  const uint8_t* row[16];
+  for (int r = 0; r < 16; ++r) row[r] = W + std::min<int64_t>(i + r, N - 1) * rb;
+  Scales<F> scales[16];
+  const uint8_t* ahead = W + std::min<int64_t>(i + kQ8PrefetchRows, N - 1) * rb;
+  const int64_t ahead_bytes = std::min<int64_t>(16, N - std::min<int64_t>(i + kQ8PrefetchRows, N - 1)) * rb;
+  for (int64_t u = 0; u < U; ++u) {
+    prefetch_share(ahead, ahead_bytes, u, U);
+    const int64_t live = std::min<int64_t>(4, G - 4 * u);
+    __m512i xa[TN], xb[TN];
+    for (int k = 0; k < TN; ++k) quad_acts(Xq + (t + k) * xs + 4 * u * kQ8GroupBytes, live, xa[k], xb[k]);
+    __m512i ia[TN][16], ib[TN][16];
+    __m512 s[16], s2[16], m[16];
+    for (int r = 0; r < 16; ++r) {
+      Q8W w;
+      q8_weights<F>(row[r], u, G, w, scales[r]);
+      s[r] = w.s;
+      if constexpr (kKind == kQ8Split) s2[r] = w.s2;
+      if constexpr (kKind == kQ8Min) m[r] = w.m;
+      for (int k = 0; k < TN; ++k) {
+        const __m512i a = dot_u8s8(_mm512_setzero_si512(), w.a, xa[k]);
+        if constexpr (kKind == kQ8Split) ib[k][r] = dot_u8s8(_mm512_setzero_si512(), w.b, xb[k]), ia[k][r] = a;
+        else ia[k][r] = dot_u8s8(a, w.b, xb[k]);
+      }
+    }
+    __m512 S[4], S2[4], M[4];
+    scales16(s, S);
+    if constexpr (kKind == kQ8Split) scales16(s2, S2);
+    if constexpr (kKind == kQ8Min) scales16(m, M);
+    for (int k = 0; k < TN; ++k) {
+      __m512i IA[4], IB[4];
+      group_sums16(ia[k], IA);
+      if constexpr (kKind == kQ8Split) group_sums16(ib[k], IB);
+      for (int h = 0; h < live; ++h) {
+        const uint8_t* rec = Xq + (t + k) * xs + (4 * u + h) * kQ8GroupBytes;
+        const __m512 d = _mm512_set1_ps(rec_d(rec));
+        if constexpr (kKind == kQ8Split) {
+          acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(IA[h], _mm512_set1_epi32(rec_e1(rec)))), _mm512_mul_ps(S[h], d), acc[k]);
+          acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(IB[h], _mm512_set1_epi32(rec_e2(rec)))), _mm512_mul_ps(S2[h], d), acc[k]);
+        } else {
+          const __m512i isum = kKind == kQ8Min ? IA[h] : _mm512_add_epi32(IA[h], _mm512_set1_epi32(rec_e1(rec)));
+          acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(S[h], d), acc[k]);
+          if constexpr (kKind == kQ8Min) acc[k] = _mm512_fmadd_ps(M[h], _mm512_set1_ps(rec_dsum(rec)), acc[k]);
+        }
+      }
+    }
+  }
+  for (int k = 0; k < TN; ++k) q8_store(Y + (t + k) * N + i, acc[k], n);
+}
+// Calls of at most this many tokens take q8_dot_tile (measured against q8_tile, all SmolLM2 block matmuls,
+// 2026-12-04: T = 1 Q4_1 1.19x, Q4_K_M 1.27x; T = 3 Q4_K_M 1.18x; from 4 tokens q8_tile is ahead).
+constexpr int64_t kQ8DotTokens = 3;
+#endif
+
+// Tokens [t0, t1) for rows [i, i + n): at most kQ8DotTokens of them in q8_dot_tile, else tiles of kQ8Tokens and
+// one tile of the rest (a token's cost in q8_tile is its own; the rows' transpose is paid once per tile).
 constexpr int kQ8Tokens = 8;
+template <class F, int TN = kQ8Tokens - 1>
+inline void q8_rest(const uint8_t* W, int64_t rb, const uint8_t* Xq, int64_t xs, float* Y, int64_t K, int64_t N, int64_t i, int n, int64_t t, int64_t rest) {
+  if constexpr (TN > 0) {
+    if (rest == TN) return q8_tile<F, TN>(W, rb, Xq, xs, Y, K, N, i, n, t);
+    q8_rest<F, TN - 1>(W, rb, Xq, xs, Y, K, N, i, n, t, rest);
+  }
+}
 template <class F>
 inline void q8_rows(const uint8_t* W, int64_t rb, const uint8_t* Xq, int64_t xs, float* Y, int64_t K, int64_t N, int64_t i, int n, int64_t t0, int64_t t1) {
   int64_t t = t0;
+#if defined(HASTEN_AVX512)
+  if (t1 - t0 <= kQ8DotTokens) {
+    if (t1 - t0 == 3) return q8_dot_tile<F, 3>(W, rb, Xq, xs, Y, K, N, i, n, t);
+    if (t1 - t0 == 2) return q8_dot_tile<F, 2>(W, rb, Xq, xs, Y, K, N, i, n, t);
+    return q8_dot_tile<F, 1>(W, rb, Xq, xs, Y, K, N, i, n, t);
+  }
+#endif
   for (; t + kQ8Tokens <= t1; t += kQ8Tokens) q8_tile<F, kQ8Tokens>(W, rb, Xq, xs, Y, K, N, i, n, t);
-  if (t + 4 <= t1) q8_tile<F, 4>(W, rb, Xq, xs, Y, K, N, i, n, t), t += 4;
-  if (t + 2 <= t1) q8_tile<F, 2>(W, rb, Xq, xs, Y, K, N, i, n, t), t += 2;
-  if (t < t1) q8_tile<F, 1>(W, rb, Xq, xs, Y, K, N, i, n, t);
+  if (t < t1) q8_rest<F>(W, rb, Xq, xs, Y, K, N, i, n, t, t1 - t);
 }
 
 template <class F>

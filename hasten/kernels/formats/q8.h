@@ -164,20 +164,56 @@ inline void transpose16(__m512i* v) {
 }
 // 16 rows' lane scales (lanes 4h .. 4h+3 all group h's) -> out[h] lane r = row r's scale of group h: rows
 // 4i .. 4i+3 blended into one vector (lane 4h + j from row 4i + j), then a 4 x 4 transpose of 128-bit chunks.
-inline void scales16(const Q8W* w, __m512 Q8W::*f, __m512* out) {
-  __m512 v[4];
+// in[j] chunk c (128 bits) -> out[c] chunk j: a 4 x 4 transpose of 128-bit chunks.
+inline void transpose_chunks4(const __m512i* in, __m512i* out) {
+  const __m512i u0 = _mm512_shuffle_i32x4(in[0], in[1], 0x44), u1 = _mm512_shuffle_i32x4(in[0], in[1], 0xEE);
+  const __m512i u2 = _mm512_shuffle_i32x4(in[2], in[3], 0x44), u3 = _mm512_shuffle_i32x4(in[2], in[3], 0xEE);
+  out[0] = _mm512_shuffle_i32x4(u0, u2, 0x88);
+  out[1] = _mm512_shuffle_i32x4(u0, u2, 0xDD);
+  out[2] = _mm512_shuffle_i32x4(u1, u3, 0x88);
+  out[3] = _mm512_shuffle_i32x4(u1, u3, 0xDD);
+}
+// v[r]: row r's lane scales (lane 4h: group h) -> out[h] lane r = row r's scale of group h.
+inline void scales16(const __m512* v16, __m512* out) {
+  __m512i v[4], o[4];
   for (int i = 0; i < 4; ++i) {
-    v[i] = w[4 * i].*f;
-    v[i] = _mm512_mask_mov_ps(v[i], __mmask16(0x2222), w[4 * i + 1].*f);
-    v[i] = _mm512_mask_mov_ps(v[i], __mmask16(0x4444), w[4 * i + 2].*f);
-    v[i] = _mm512_mask_mov_ps(v[i], __mmask16(0x8888), w[4 * i + 3].*f);
+    __m512 x = v16[4 * i];
+    x = _mm512_mask_mov_ps(x, __mmask16(0x2222), v16[4 * i + 1]);
+    x = _mm512_mask_mov_ps(x, __mmask16(0x4444), v16[4 * i + 2]);
+    x = _mm512_mask_mov_ps(x, __mmask16(0x8888), v16[4 * i + 3]);
+    v[i] = _mm512_castps_si512(x);
   }
-  const __m512 u0 = _mm512_shuffle_f32x4(v[0], v[1], 0x44), u1 = _mm512_shuffle_f32x4(v[0], v[1], 0xEE);
-  const __m512 u2 = _mm512_shuffle_f32x4(v[2], v[3], 0x44), u3 = _mm512_shuffle_f32x4(v[2], v[3], 0xEE);
-  out[0] = _mm512_shuffle_f32x4(u0, u2, 0x88);
-  out[1] = _mm512_shuffle_f32x4(u0, u2, 0xDD);
-  out[2] = _mm512_shuffle_f32x4(u1, u3, 0x88);
-  out[3] = _mm512_shuffle_f32x4(u1, u3, 0xDD);
+  transpose_chunks4(v, o);
+  for (int h = 0; h < 4; ++h) out[h] = _mm512_castsi512_ps(o[h]);
+}
+inline void scales16(const Q8W* w, __m512 Q8W::*f, __m512* out) {
+  __m512 v[16];
+  for (int r = 0; r < 16; ++r) v[r] = w[r].*f;
+  scales16(v, out);
+}
+// v[r]: row r's int32 partial sums in the quad layout (lanes 4h..4h+3: group h) -> out[h] lane r = the sum of
+// row r's group h. Integer adds, exact in any order: the same sums as q8_lanes_step's chains.
+inline void group_sums16(const __m512i* v, __m512i* out) {
+  __m512i p[8], q[4];
+  for (int i = 0; i < 8; ++i)  // lanes of rows 2i, 2i+1 interleaved, pairs of dwords added
+    p[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]));
+  for (int j = 0; j < 4; ++j)  // chunk h of q[j]: the sums of rows 4j .. 4j+3 for group h
+    q[j] = _mm512_add_epi32(_mm512_unpacklo_epi64(p[2 * j], p[2 * j + 1]), _mm512_unpackhi_epi64(p[2 * j], p[2 * j + 1]));
+  transpose_chunks4(q, out);
+}
+// One token's q values for quad u (rec: its record of group 4u) in the quad layout: chunk h of xa = values
+// 0-15 of group 4u+h, of xb = values 16-31; zero for the live..3 groups past the row's end.
+inline void quad_acts(const uint8_t* rec, int64_t live, __m512i& xa, __m512i& xb) {
+  auto ld = [&](int h, int at) {
+    return h < live ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(rec + h * kQ8GroupBytes + at)) : _mm_setzero_si128();
+  };
+  for (int at = 0; at < 32; at += 16) {
+    __m512i x = _mm512_castsi128_si512(ld(0, at));
+    x = _mm512_inserti32x4(x, ld(1, at), 1);
+    x = _mm512_inserti32x4(x, ld(2, at), 2);
+    x = _mm512_inserti32x4(x, ld(3, at), 3);
+    (at ? xb : xa) = x;
+  }
 }
 // w[r] (one row's quad each) -> the transposed tile. Lane 4h of a row's s, s2, m is group h's.
 template <int kKind>
