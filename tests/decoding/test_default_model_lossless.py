@@ -86,7 +86,7 @@ def test_every_configuration_auto_can_pick_is_greedy_identical(steady_engine, ex
 def test_eos_inside_an_accepted_draft(steady_engine):
     """The answer repeats the prompt's sentence, after which the prompt had <|im_end|>: prompt lookup drafts the
     EOS together with the tokens that followed it in the prompt. Output stops at the EOS, as baseline's does."""
-    prompt = "Repeat after me: the quick brown fox jumps over the lazy dog."
+    prompt = "Repeat exactly: the quick brown fox jumps over the lazy dog."
     base = steady_engine.generate(prompt, max_new_tokens=60, chat=True)
     got = steady_engine.generate(prompt, max_new_tokens=60, chat=True, method="prompt-lookup")
     assert base.finish_reason == got.finish_reason == "stop" and len(base.token_ids) < 60

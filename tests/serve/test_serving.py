@@ -210,7 +210,7 @@ def test_chat_logprobs_come_from_the_target_and_are_the_same_under_speculation(u
     kw = dict(max_tokens=24, logprobs=True, top_logprobs=3)
     spec = chat(url, REPEAT, method="prompt-lookup", **kw).json()
     plain = chat(url, REPEAT, method="baseline", **kw).json()
-    assert spec["hasten"]["mean_accepted"] > 1.3  # drafts were accepted: the logprobs came from multi-token passes
+    assert spec["hasten"]["mean_accepted"] > 1.1  # drafts were accepted: some logprobs came from multi-token passes
     assert spec["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"]
     a, b = spec["choices"][0]["logprobs"]["content"], plain["choices"][0]["logprobs"]["content"]
     assert len(a) == spec["usage"]["completion_tokens"] == 24

@@ -14,6 +14,9 @@
 // values 4k..4k+3 of row r. A token's 4 activation bytes are then one broadcast operand of vpdpbusd for all
 // the rows, and a lane sums the whole group: one convert, multiply and FMA per group, token and 16 rows (the
 // quad layout before it paid them per 8 values, 6 vector operations per 128 multiply-adds; this pays ~3).
+// One to three tokens (decode) take cpu.cpp's q8_dot_tile instead: each row's integer sums in the quad layout
+// against the token, then added up per group across 16 rows (group_sums16) into the same row lanes, where the
+// same fp32 combination runs. The sums are exact integers, so both give the same bits.
 //
 // The arithmetic, per (row, token), groups g = 0 .. K/32 - 1 in order (fixed: every build computes these
 // very operations, so the results are bit identical between avx512, avx2 and portable, and for a token
