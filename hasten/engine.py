@@ -53,6 +53,7 @@ class GenerationResult:
     logprobs: list[TokenLogprob] | None = None
     kv_policy: str = "native"  # the KV policy it was generated under (models/kv), "+ f16" for an fp16 cache
     kv_lossy: bool = False  # that policy windows layers the model trained with full attention, or the cache is fp16
+    first_token_seconds: float | None = None  # from the call to the first emitted token (prefill + one step)
 
     @property
     def tokens(self) -> int:
@@ -243,6 +244,7 @@ class Engine:
         last = None  # the step whose text held a stop string: its tokens go with the final chunk
         hold = max((len(s) for s in stops), default=1) - 1  # a stop string may still be completing
         t0 = time.perf_counter()
+        first = None  # seconds to the first token
         stopped = False
         try:
             for step in steps:
@@ -259,6 +261,8 @@ class Engine:
                 tokens, step_sources = step.tokens[:n], step.sources[:n]
                 out_ids += tokens
                 sources += step_sources
+                if first is None and tokens:
+                    first = time.perf_counter() - t0
                 lp = token_logprobs(step.logits[:n], tokens, top_k) if top_k is not None else None
                 if lp is not None:
                     all_lp += lp
@@ -287,7 +291,7 @@ class Engine:
             yield last
         return GenerationResult(text, out_ids, len(seq.prompt), stats.finish_reason, method, seconds,
                                 stats.target_passes, stats.draft_seconds, stats.accepted_per_step, sources, all_lp,
-                                self.kv_label, self.kv_lossy)
+                                self.kv_label, self.kv_lossy, first if first is not None else seconds)
 
     def generate(self, prompt, max_new_tokens: int = 256, method: str = "baseline", **kw) -> GenerationResult:
         gen = self.run(prompt, max_new_tokens, method, **kw)

@@ -105,24 +105,40 @@ async def level(url: str, model: str, prompts: list[str], concurrency: int, max_
 
 
 def measure(server: str, url: str, model: str, prompts: list[str], levels: list[int], max_tokens: int,
-            extra: dict, timeout: float, repeat: bool) -> tuple[list[Row], list[str]]:
-    """→ (a row per pass, the solo answers). Every pass sends all prompts. With `repeat`, the first pass (at the highest level) is the cold one — the
-    server sees these prompts for the first time — and the last repeats it on a warm prefix cache; the passes
-    between see a warm cache too, so measure batching alone with the cache off. Answers are compared with the
-    concurrency-1 streamed pass (the solo answers)."""
+            extra: dict, timeout: float, repeat: bool, rounds: int = 1) -> tuple[list[Row], list[str], dict]:
+    """→ (a row per pass, the solo answers, {concurrency: (median, min, max)} of the per-round ratio of its
+    streamed tokens/s to the 1-stream pass's). Every pass sends all prompts. The streamed passes at each level run
+    `rounds` times, interleaved (round r starts at the r-th level, so no level always runs first or after the
+    same one, as MEASURING.md asks of methods); a level's row adds up its rounds. With `repeat`, the first pass
+    (at the highest level) is the cold one — the server sees these prompts for the first time — and the last
+    repeats it on a warm prefix cache; the passes between see a warm cache too, so measure batching alone with
+    the cache off. Answers are compared with the first round's concurrency-1 streamed pass (the solo answers)."""
     top = max(levels)
-    plan = [(c, True, f"stream x{c}") for c in sorted(set(levels) | {1})] + [(top, False, f"no stream x{top}")]
+    streamed = sorted(set(levels) | {1})
+    plan = [(c, True, f"stream x{c}", r) for r in range(rounds) for c in streamed[r % len(streamed):] +
+            streamed[:r % len(streamed)]] + [(top, False, f"no stream x{top}", 0)]
     if repeat:
-        plan = [(top, True, f"cold x{top}")] + plan + [(top, True, f"repeated x{top}")]
-    results = []
-    for concurrency, stream, label in plan:
+        plan = [(top, True, f"cold x{top}", 0)] + plan + [(top, True, f"repeated x{top}", 0)]
+    results: dict[str, list] = {}  # label -> [concurrency, answers over rounds, seconds over rounds]
+    rates: dict[tuple[int, int], float] = {}  # (round, concurrency) -> streamed tokens/s
+    for concurrency, stream, label, rnd in plan:
         answers, seconds = asyncio.run(level(url, model, prompts, concurrency, max_tokens, stream, extra, timeout))
-        results.append((concurrency, label, answers, seconds))
-        print(f"{server} {label}: {sum(a.tokens for a in answers) / seconds:.1f} tokens/s", file=sys.stderr,
-              flush=True)
-    solo = next(a for c, label, a, _ in results if label == "stream x1")
-    rows = [row(server, label, concurrency, answers, seconds, solo) for concurrency, label, answers, seconds in results]
-    return rows, [a.text for a in solo]
+        entry = results.setdefault(label, [concurrency, [], 0.0])
+        entry[1] += answers
+        entry[2] += seconds
+        rate = sum(a.tokens for a in answers) / seconds
+        if label.startswith("stream"):
+            rates[(rnd, concurrency)] = rate
+        print(f"{server} {label}{f' (round {rnd + 1})' if rounds > 1 and label.startswith('stream') else ''}: "
+              f"{rate:.1f} tokens/s", file=sys.stderr, flush=True)
+    solo = results["stream x1"][1][:len(prompts)]
+    rows = [row(server, label, c, answers, seconds, solo * (len(answers) // len(prompts)))
+            for label, (c, answers, seconds) in results.items()]
+    scaling = {}
+    for c in streamed:
+        ratios = sorted(rates[(r, c)] / rates[(r, 1)] for r in range(rounds))
+        scaling[c] = (statistics.median(ratios), ratios[0], ratios[-1])
+    return rows, [a.text for a in solo], scaling
 
 
 def row(server: str, label: str, concurrency: int, answers: list[Answer], seconds: float, solo: list[Answer]) -> Row:
@@ -254,12 +270,13 @@ def chats(count: int, workload: str = "short") -> list[str]:
 def run(model: str | None, url: str | None, method: str, levels: list[int], prompts: int, max_tokens: int,
         max_batch: int, step_tokens: int, prefix_cache_mb: float, threads: int | None, llama_server: str | None,
         gguf: str | None, timeout: float, repeat: bool = True, workload: str = "short",
-        engine: bool = False, engine_rounds: int = 3, stream_interval_ms: float | None = None) -> list[Row]:
+        engine: bool = False, engine_rounds: int = 3, stream_interval_ms: float | None = None,
+        rounds: int = 1) -> list[Row]:
     """Run the load test against hasten serve (started here unless `url`) and, with `llama_server`, against
     llama-server on `gguf`; with `engine`, one stream against hasten's engine in this process on the same chats,
     interleaved over `engine_rounds` rounds; print the table and a JSON line; return the rows."""
     texts = chats(prompts, workload)
-    rows, procs = [], []
+    rows, procs, scaling = [], [], {}
     try:
         if url is None:
             port = free_port()
@@ -272,7 +289,8 @@ def run(model: str | None, url: str | None, method: str, levels: list[int], prom
             procs.append(start(cmd, url, "/tmp/hasten-load-serve.log"))
         import httpx
         name = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
-        hasten_rows, solo = measure("hasten", url, name, texts, levels, max_tokens, {}, timeout, repeat)
+        hasten_rows, solo, scaling["hasten"] = measure("hasten", url, name, texts, levels, max_tokens, {}, timeout,
+                                                       repeat, rounds)
         rows += hasten_rows
         if engine:
             one_rows, ratios = one_stream(model, url, name, texts, max_tokens, method, threads, solo, engine_rounds,
@@ -291,12 +309,20 @@ def run(model: str | None, url: str | None, method: str, levels: list[int], prom
             procs.append(start(cmd, lurl, "/tmp/hasten-load-llama-server.log"))
             # llama-server's prompt cache off when hasten's is: the same work for both
             extra = {} if prefix_cache_mb > 0 else {"cache_prompt": False}
-            rows += measure("llama-server", lurl, "model", texts, levels, max_tokens, extra, timeout, repeat)[0]
+            llama_rows, _, scaling["llama-server"] = measure("llama-server", lurl, "model", texts, levels, max_tokens,
+                                                             extra, timeout, repeat, rounds)
+            rows += llama_rows
     finally:
         for proc in procs:
             stop(proc)
     print(table(rows))
-    print(json.dumps({"load_test": [r.__dict__ for r in rows]}))
+    for server, by_level in scaling.items():
+        for c, (med, lo, hi) in by_level.items():
+            if c > 1:
+                print(f"{server}: {c} streams / 1 stream {med:.2f}x ({lo:.2f}–{hi:.2f}) over {rounds} interleaved "
+                      f"round{'s' if rounds > 1 else ''}")
+    print(json.dumps({"load_test": [r.__dict__ for r in rows],
+                      "scaling": {s: {str(c): v for c, v in by.items()} for s, by in scaling.items()}}))
     return rows
 
 
@@ -327,6 +353,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="also compare one stream with hasten's engine in this process on the same chats: engine, "
                         "streamed and non-streamed request per prompt, interleaved over --engine-rounds rounds")
     p.add_argument("--engine-rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3,
+                   help="streamed passes per level, interleaved across levels; the scaling (N streams / 1 stream) "
+                        "is the median of the per-round ratios")
     p.add_argument("--stream-interval", type=float, default=None,
                    help="hasten serve --stream-interval MS (default: the server's)")
     a = p.parse_args(argv)
@@ -334,14 +363,14 @@ def main(argv: list[str] | None = None) -> None:
         levels = sorted({int(x) for x in a.levels.split(",") if x.strip()})
     except ValueError:
         p.error(f"--levels must be integers separated by commas, e.g. 1,4,8,16 (got {a.levels!r})")
-    if not levels or min(levels) < 1 or a.prompts < 1:
-        p.error("--levels must be ≥ 1 and --prompts ≥ 1")
+    if not levels or min(levels) < 1 or a.prompts < 1 or a.rounds < 1:
+        p.error("--levels, --prompts and --rounds must be ≥ 1")
     if a.prefix_cache_mb is None:
         from ..decoding.prefix_cache import default_mb
         a.prefix_cache_mb = default_mb()
     run(a.model, a.url, a.method, levels, a.prompts, a.max_tokens, a.max_batch, a.step_tokens, a.prefix_cache_mb,
         a.threads, a.llama_server, a.gguf, a.timeout, not a.no_repeat, a.workload, a.engine, a.engine_rounds,
-        a.stream_interval)
+        a.stream_interval, a.rounds)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ prints the real token counts).
 from __future__ import annotations
 
 import statistics
-import time
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -24,6 +23,7 @@ from tqdm import tqdm
 from ..decoding.drafters.compose import forget_all
 from ..sparsity.corpus import CorpusError
 from .peers import PEERS, HFPeer
+from .runner import decode_rate
 
 LENGTHS = (2048, 4096, 8192)
 TASKS = ("summarize", "question", "continue")
@@ -100,14 +100,8 @@ def run(engine, prompts: list[LongPrompt], methods: tuple[str, ...], rounds: int
     def once(method: str, ids: list[int]) -> dict:
         if method in peers:
             return peers[method].run(ids, max_new_tokens)
-        t0 = time.perf_counter()
-        gen, first = engine.run(ids, max_new_tokens, method), None
-        for chunk in gen:
-            if first is None and chunk.tokens:
-                first = time.perf_counter() - t0
-        seconds = time.perf_counter() - t0
-        r = gen.result
-        return {"token_ids": r.token_ids, "seconds": seconds, "first_token_seconds": first or seconds,
+        r = engine.generate(ids, max_new_tokens, method)
+        return {"token_ids": r.token_ids, "seconds": r.seconds, "first_token_seconds": r.first_token_seconds,
                 "target_passes": r.target_passes, "draft_seconds": r.draft_seconds}
 
     for method in methods:  # first calls pay for allocation, kernel builds, drafter set-up
@@ -139,10 +133,6 @@ def summarize(records: list[dict], reference: str) -> dict:
     for r in records:
         by[(r["method"], r["category"], r["round"])].append(r)
     rounds = sorted({r["round"] for r in records})
-
-    def decode_rate(rs):
-        seconds = sum(r["seconds"] - r["first_token_seconds"] for r in rs)
-        return sum(max(r["tokens"] - 1, 0) for r in rs) / seconds if seconds > 0 else 0.0
 
     first = {(r["method"], r["question_id"]): r["token_ids"] for r in records if r["round"] == rounds[0]}
     out = {"reference": reference, "lengths": lengths, "rounds": len(rounds), "methods": {}}

@@ -19,10 +19,17 @@ def _rows(summary: dict, group: str, precision: dict[str, str], skipped: dict[st
         ident = "n/a (sampling)" if summary.get("sampling") else f"{same}/{total}" + (" (ref)" if m == ref else "")
         if e.get("quality"):
             ident = f"lossy ({same}/{total})"
-        yield [m, f"{e['tokens_per_s'].get(group, 0.0):.1f}", speed, tau, ident, share, precision.get(m, "—")]
+        decode, dspeed = "—", "—"
+        if group in e.get("decode_tokens_per_s", {}):  # runs saved before the field existed have none
+            decode = f"{e['decode_tokens_per_s'][group]:.1f}"
+            dspeed = f"{e['decode_speedup'][group]:.2f}x" if e["decode_speedup"].get(group) else "n/a"
+        yield [m, f"{e['tokens_per_s'].get(group, 0.0):.1f}", speed, decode, dspeed, tau, ident, share,
+               precision.get(m, "—")]
 
 
-HEADER = ["method", "tokens/s", "speedup (min–max)", "τ", "identical", "draft time", "precision"]
+# tokens/s and speedup: end to end (prefill + every token, as Spec-Bench); decode: after the first token.
+HEADER = ["method", "tokens/s", "speedup (min–max)", "decode tok/s", "decode speedup", "τ", "identical",
+          "draft time", "precision"]
 
 
 def _precision(result: dict) -> tuple[dict[str, str], dict[str, str]]:

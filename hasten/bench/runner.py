@@ -41,8 +41,8 @@ def run(engine, questions: list[Question], config: BenchConfig, progress: bool =
             return peers[method].run(ids, config.max_new_tokens)
         r = engine.generate(ids, max_new_tokens=config.max_new_tokens, method=method,
                             temperature=config.temperature, seed=config.seed)
-        return {"token_ids": r.token_ids, "seconds": r.seconds, "target_passes": r.target_passes,
-                "draft_seconds": r.draft_seconds, "accepted_per_step": r.accepted_per_step, "sources": r.sources}
+        return {"token_ids": r.token_ids, "seconds": r.seconds, "first_token_seconds": r.first_token_seconds,
+                "target_passes": r.target_passes, "draft_seconds": r.draft_seconds, "accepted_per_step": r.accepted_per_step, "sources": r.sources}
 
     warm = prompts[questions[0].question_id]
     for method in methods:  # first calls pay for allocation, kernel builds, drafter set-up
@@ -95,6 +95,15 @@ def summarize(records: list[dict], reference: str, sampling: bool = False) -> di
             if per_round:
                 entry["speedup"][g or "overall"] = {"median": statistics.median(per_round), "min": min(per_round),
                                                     "max": max(per_round)}
+        timed = lambda rs: rs and all(r.get("first_token_seconds") is not None for r in rs)  # noqa: E731
+        if timed(all_rs):  # decode tokens/s after the first token, and its speedup (per round; median)
+            entry["decode_tokens_per_s"], entry["decode_speedup"] = {}, {}
+            for g in [None] + groups:
+                pick = lambda rs: [r for r in rs if g is None or r["category"] == g]  # noqa: E731
+                entry["decode_tokens_per_s"][g or "overall"] = decode_rate(pick(all_rs))
+                ratios = [decode_rate(pick(by[(m, rnd)])) / decode_rate(pick(by[(reference, rnd)])) for rnd in rounds
+                          if timed(pick(by[(reference, rnd)])) and decode_rate(pick(by[(reference, rnd)])) > 0]
+                entry["decode_speedup"][g or "overall"] = statistics.median(ratios) if ratios else None
         entry["mean_accepted"] = _tau(all_rs)
         entry["mean_accepted_groups"] = {g: _tau([r for r in all_rs if r["category"] == g]) for g in groups}
         draft = sum(r.get("draft_seconds", 0.0) for r in all_rs)
@@ -108,6 +117,13 @@ def summarize(records: list[dict], reference: str, sampling: bool = False) -> di
         entry["unstable"] = sorted({r["question_id"] for r in all_rs if r["token_ids"] != first[(m, r["question_id"])]})
         summary["methods"][m] = entry
     return summary
+
+
+def decode_rate(records: list[dict]) -> float:
+    """Decode tokens/s after the first token: Σ tokens after the first / Σ seconds after the first (prefill and
+    the first step excluded, as llama-bench's -n and vLLM's inter-token latency count)."""
+    seconds = sum(r["seconds"] - r["first_token_seconds"] for r in records)
+    return sum(max(r["tokens"] - 1, 0) for r in records) / seconds if seconds > 0 else 0.0
 
 
 def _tau(records: list[dict]) -> float | None:

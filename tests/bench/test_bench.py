@@ -48,6 +48,21 @@ def test_summary_math():
     assert s["fast"]["speedup"]["overall"]["min"] == pytest.approx(40 / 1.5 / 20)
     assert s["fast"]["mean_accepted"] == pytest.approx(80 / 28)
     assert s["fast"]["identical"] == 1 and s["fast"]["different"] == ["b"] and s["fast"]["prompts"] == 2
+    assert "decode_tokens_per_s" not in s["fast"]  # records without a first-token time: end to end only
+
+
+def test_decode_rate_leaves_out_the_first_token():
+    recs = []
+    for rnd, slow in enumerate([1.0, 2.0]):
+        # baseline: 1 s of prefill, then 10 tokens in 1 s; sparse: the same prefill, then 10 tokens in 0.5 s
+        for method, decode in (("baseline", 1.0), ("sparse", 0.5)):
+            recs.append({**record(method, "a", "g1", rnd, 11, (1.0 + decode) * slow, [1], 11),
+                         "first_token_seconds": 1.0 * slow})
+    s = summarize(recs, "baseline")["methods"]
+    assert s["baseline"]["decode_tokens_per_s"]["overall"] == pytest.approx(20 / 3.0)
+    assert s["sparse"]["decode_speedup"]["overall"] == pytest.approx(2.0)  # per round: 10/0.5 vs 10/1
+    assert s["sparse"]["speedup"]["overall"]["median"] == pytest.approx(2.0 / 1.5)  # end to end: prefill included
+    assert s["sparse"]["decode_speedup"]["g1"] == pytest.approx(2.0)
 
 
 @pytest.mark.integration
@@ -67,7 +82,8 @@ def test_bench_end_to_end(tmp_path):
         assert key in data["context"]
     for m in ("baseline", "hf", "prompt-lookup"):
         entry = data["summary"]["methods"][m]
-        assert {"tokens_per_s", "speedup", "mean_accepted", "identical", "prompts"} <= set(entry)
+        assert {"tokens_per_s", "speedup", "decode_tokens_per_s", "decode_speedup", "mean_accepted", "identical",
+                "prompts"} <= set(entry)
         assert entry["identical"] == 2
     assert len(data["records"]) == 6
     # A second, different run (other methods, a longer budget); --compare prints B/A per method and group, as

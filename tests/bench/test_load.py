@@ -12,12 +12,17 @@ pytest.importorskip("uvicorn")
 def test_load_test_rows_check_every_answer_against_its_solo_answer(default_engine, capsys):
     from tests.serve.test_serving import serving
     with serving(default_engine, queue_size=8, max_batch=4, step_tokens=64) as (url, _):
-        rows, solo = load.measure("hasten", url, default_engine.name, load.chats(4), [1, 4], 8, {}, 300, True)
+        rows, solo, scaling = load.measure("hasten", url, default_engine.name, load.chats(4), [1, 4], 8, {}, 300, True,
+                                           rounds=2)
         # one stream beside the engine, interleaved: the server's answers, streamed or not, are the engine's own
         one, ratios = load.one_stream(default_engine, url, default_engine.name, load.chats(4), 8, "baseline", None,
                                       solo, rounds=2)
     assert [r.label for r in rows] == ["cold x4", "stream x1", "stream x4", "no stream x4", "repeated x4"]
-    assert all(r.equal == r.total == 4 and r.tokens_per_s > 0 and r.ttft_p50 > 0 for r in rows)
+    # the streamed levels ran twice (interleaved rounds), every answer checked against its solo answer
+    assert [r.total for r in rows] == [4, 8, 8, 4, 4]
+    assert all(r.equal == r.total and r.tokens_per_s > 0 and r.ttft_p50 > 0 for r in rows)
+    assert scaling[1] == (1.0, 1.0, 1.0) and set(scaling) == {1, 4}
+    assert scaling[4][1] <= scaling[4][0] <= scaling[4][2]
     assert load.table(rows).count("| hasten |") == 5
     assert len(solo) == 4 and all(solo)
     assert [r.label for r in one] == ["in-process x1", "stream x1, beside the engine", "no stream x1, beside the engine"]
