@@ -136,10 +136,12 @@ def metrics(url) -> dict[str, float]:
 def test_full_queue_answers_503_and_disconnect_frees_the_slot():
     proc, url = start("--queue-size", "1")
     try:
-        body = {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 2000, "stream": True}
-        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as first:
-            next(first.iter_lines())  # the first request is running
-            busy = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+        # greedy counting runs to max_tokens (~20 s here), so the first request is still running when it is dropped
+        body = {"prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "max_tokens": 2000, "temperature": 0, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as first:
+            lines = first.iter_lines()  # held: a dropped line iterator closes the connection when it is collected
+            next(lines)  # the first request is running
+            busy = httpx.post(url + "/v1/completions", json=body, timeout=60)
             assert busy.status_code == 503 and busy.headers["Retry-After"] == "1"
             assert busy.json()["error"]["code"] == "queue_full"
         # the first client went away mid-stream: the server counts it cancelled (not finished) and frees its
