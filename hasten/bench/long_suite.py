@@ -123,10 +123,16 @@ def run(engine, prompts: list[LongPrompt], methods: tuple[str, ...], rounds: int
     return records
 
 
+def end_to_end_rate(records: list[dict]) -> float:
+    """Σ tokens / Σ seconds, prefill included."""
+    seconds = sum(r["seconds"] for r in records)
+    return sum(r["tokens"] for r in records) / seconds if seconds > 0 else 0.0
+
+
 def summarize(records: list[dict], reference: str) -> dict:
     """Per length and method: median time to first token, decode tokens/s after it (Σ tokens after the first /
-    Σ seconds after the first), end-to-end tokens/s, decode speedup vs the reference (per round; median), and how
-    many outputs equal the reference's."""
+    Σ seconds after the first), end-to-end tokens/s, decode and end-to-end speedups vs the reference (per round;
+    medians), and how many outputs equal the reference's."""
     lengths = sorted({r["category"] for r in records}, key=int)
     methods = list(dict.fromkeys(r["method"] for r in records))
     by = defaultdict(list)
@@ -140,16 +146,18 @@ def summarize(records: list[dict], reference: str) -> dict:
         entry = {}
         for g in lengths:
             rs = [r for rnd in rounds for r in by[(m, g, rnd)]]
-            seconds = sum(r["seconds"] for r in rs)
             ratios = [decode_rate(by[(m, g, rnd)]) / decode_rate(by[(reference, g, rnd)]) for rnd in rounds
                       if by[(reference, g, rnd)] and decode_rate(by[(reference, g, rnd)]) > 0]
+            e2e = [end_to_end_rate(by[(m, g, rnd)]) / end_to_end_rate(by[(reference, g, rnd)]) for rnd in rounds
+                   if by[(reference, g, rnd)] and end_to_end_rate(by[(reference, g, rnd)]) > 0]
             qids = sorted({r["question_id"] for r in rs})
             entry[g] = {
                 "prompt_tokens": statistics.median(r["prompt_tokens"] for r in rs),
                 "first_token_seconds": statistics.median(r["first_token_seconds"] for r in rs),
                 "decode_tokens_per_s": decode_rate(rs),
-                "tokens_per_s": sum(r["tokens"] for r in rs) / seconds if seconds > 0 else 0.0,
+                "tokens_per_s": end_to_end_rate(rs),
                 "decode_speedup": statistics.median(ratios) if ratios else None,
+                "end_to_end_speedup": statistics.median(e2e) if e2e else None,
                 "identical": [sum(first.get((m, q)) == first.get((reference, q)) for q in qids), len(qids)],
             }
         out["methods"][m] = entry
@@ -161,12 +169,13 @@ def terminal(summary: dict) -> str:
     ref = summary["reference"]
     lines = [f"long-context suite · {summary['rounds']} rounds · decode speedup vs {ref}",
              f"{'length':>6}  {'method':24} {'prompt':>7} {'TTFT s':>8} {'decode tok/s':>12} {'e2e tok/s':>9} "
-             f"{'decode x':>8} {'same':>5}"]
+             f"{'decode x':>8} {'e2e x':>6} {'same':>5}"]
     for g in summary["lengths"]:
         for m, entry in summary["methods"].items():
             e = entry[g]
             speed = f"{e['decode_speedup']:.2f}x" if e["decode_speedup"] is not None else "—"
+            e2e = f"{e['end_to_end_speedup']:.2f}x" if e.get("end_to_end_speedup") is not None else "—"
             lines.append(f"{g:>6}  {m:24} {e['prompt_tokens']:7.0f} {e['first_token_seconds']:8.2f} "
-                         f"{e['decode_tokens_per_s']:12.1f} {e['tokens_per_s']:9.1f} {speed:>8} "
+                         f"{e['decode_tokens_per_s']:12.1f} {e['tokens_per_s']:9.1f} {speed:>8} {e2e:>6} "
                          f"{e['identical'][0]}/{e['identical'][1]:<3}")
     return "\n".join(lines)

@@ -104,6 +104,7 @@ def test_summary_math_keeps_the_first_token_out_of_decode_speed():
     assert s["fast"]["4096"]["decode_speedup"] == pytest.approx((18 / 1.5) / (20 / 3.0))
     assert s["fast"]["4096"]["first_token_seconds"] == pytest.approx(2.25)  # the median
     assert s["fast"]["4096"]["tokens_per_s"] == pytest.approx(20 / 6.0)
+    assert s["fast"]["4096"]["end_to_end_speedup"] == pytest.approx((20 / 6.0) / (22 / 8.0))  # prefill included
     assert s["fast"]["4096"]["identical"] == [1, 2]
 
 
