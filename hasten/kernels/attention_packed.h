@@ -25,6 +25,14 @@
 namespace hasten {
 namespace attn {
 
+// For A/B measurement only (measure_attention --end-to-end): every token of a few-token segment (a draft tree's
+// nodes) attends on its own pass over the cache, as verification did before prefix aggregation. Each query's
+// arithmetic is its own either way (attention.h), so this changes time, never a bit.
+inline std::atomic<bool>& per_node_attention() {
+  static std::atomic<bool> on{false};
+  return on;
+}
+
 // One sequence's share of the pack: its rows [offset, offset + T) attend to the first S slots of its cache.
 struct Segment {
   int64_t offset, T, S;
@@ -219,6 +227,24 @@ inline torch::Tensor attend_packed(torch::Tensor q, torch::Tensor k, torch::Tens
     offset += T;
   }
   TORCH_CHECK(offset == N, "attend_packed: the segments' lengths sum to ", offset, ", the pack has ", N, " tokens");
+  if (per_node_attention().load(std::memory_order_relaxed)) {  // one segment per token (see per_node_attention)
+    std::vector<Segment> nodes;
+    for (const Segment& s : segs) {
+      if (s.windowed || s.T <= 1 || s.T > kTokenTile) {
+        nodes.push_back(s);
+        continue;
+      }
+      for (int64_t t = 0; t < s.T; ++t) {  // causal: the keys it sees; a mask: its row over all S slots
+        Segment one = s;
+        one.offset = s.offset + t;
+        one.T = 1;
+        one.S = s.M ? s.S : s.S - s.T + t + 1;
+        one.M = s.M ? s.M + t * s.S : nullptr;
+        nodes.push_back(one);
+      }
+    }
+    segs.swap(nodes);
+  }
   auto out = torch::empty({N, H * d}, q.options());
   attend_segments(q.data_ptr<float>(), out.data_ptr<float>(), H, Hkv, d, float(scale), segs);
   return out;

@@ -655,6 +655,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("isa", &isa, "the instruction set this build targets: avx512, avx2 or portable");
   mod.def("rms_norm", &rms_norm, "RMSNorm over the last dim of [T, D]");
   mod.def("rope_", &rope_, "rotary embedding in place on [T, H, d]");
+  mod.def("set_per_node_attention", [](bool on) { hasten::attn::per_node_attention() = on; },
+          "A/B measurement only: a draft tree's nodes each attend on their own pass over the cache (same bits)");
   mod.def("attend", &attend, "streamed attention of T tokens over the KV cache (causal or masked; attention.h)");
   mod.def("attend_packed", &attend_packed,
           "a packed forward's attention: each segment's keys/values into its cache, then all segments in one call",

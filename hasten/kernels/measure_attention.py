@@ -9,6 +9,13 @@ SmolLM2-135M's shape (9 query heads, 3 KV heads, d = 64), three ways:
 
 The three run interleaved (A B C, A B C, …) for at least --rounds rounds and --budget seconds per cell; medians.
 Prints a table, then one JSON line. The machine's load average is printed before and after: rerun when it is high.
+
+`--end-to-end [--model F] [--length 4096] [--method prompt-lookup]`: the same comparison through the whole engine.
+The long suite's prompts of that length (bench/long_suite.py) are generated with a speculative method twice per
+round, interleaved, its tree verified with prefix-aggregated attention (every node in one pass over the cache) and
+per-node (the kernels' A/B switch: each node its own pass). The drafter forgets what it learned before every run,
+so both see the same drafts; the tokens must be identical (each query's arithmetic is its own either way), and the
+decode tokens/s after the first token say what aggregation saves.
 """
 from __future__ import annotations
 
@@ -56,6 +63,59 @@ def cell(ext, S: int, T: int, rounds: int, budget: float) -> dict[str, float]:
     return {m: statistics.median(v) for m, v in times.items()}
 
 
+def end_to_end(model: str | None, length: int, method: str, rounds: int, max_new_tokens: int) -> dict:
+    """Decode tokens/s (after the first token) and end-to-end tokens/s of `method` on the long suite's prompts of
+    `length`, prefix-aggregated vs per-node verification, interleaved; medians of per-round ratios."""
+    from ..bench import long_suite
+    from ..bench.runner import decode_rate
+    from ..decoding.drafters.compose import forget_all
+    from ..engine import load
+
+    engine = load(model)
+    ext = cpu.extension()
+    prompts = long_suite.build_prompts(engine, (length,), max_new_tokens)
+    modes = ("aggregated", "per-node")
+    records: dict[tuple[str, int], list[dict]] = {}
+    tokens: dict[tuple[str, str], list[int]] = {}
+
+    def once(mode: str, ids: list[int]) -> dict:
+        ext.set_per_node_attention(mode == "per-node")
+        forget_all([engine.drafter(method)])
+        try:
+            r = engine.generate(ids, max_new_tokens, method)
+        finally:
+            ext.set_per_node_attention(False)
+        return {"tokens": len(r.token_ids), "seconds": r.seconds, "first_token_seconds": r.first_token_seconds,
+                "passes": r.target_passes, "ids": r.token_ids}
+
+    for mode in modes:  # warm-up
+        once(mode, prompts[0].ids[-512:])
+    for rnd in range(rounds):
+        for p in prompts:
+            for mode in (modes if rnd % 2 == 0 else modes[::-1]):
+                rec = once(mode, p.ids)
+                records.setdefault((mode, rnd), []).append(rec)
+                tokens.setdefault((mode, p.prompt_id), rec["ids"])
+                print(f"round {rnd + 1}/{rounds} {p.prompt_id:18} {mode:10} decode "
+                      f"{(rec['tokens'] - 1) / max(rec['seconds'] - rec['first_token_seconds'], 1e-9):6.1f} tok/s, "
+                      f"{rec['tokens'] / rec['passes']:.2f} tokens per pass", flush=True)
+    e2e = lambda rs: sum(r["tokens"] for r in rs) / sum(r["seconds"] for r in rs)
+    out = {"model": model or "the embedded SmolLM2-135M-Instruct", "length": length,
+           "method": method, "rounds": rounds, "isa": ext.isa(), "modes": {}}
+    for mode in modes:
+        rs = [r for rnd in range(rounds) for r in records[(mode, rnd)]]
+        out["modes"][mode] = {"decode_tokens_per_s": decode_rate(rs), "tokens_per_s": e2e(rs),
+                              "tokens_per_pass": sum(r["tokens"] for r in rs) / sum(r["passes"] for r in rs)}
+    ratios = sorted(decode_rate(records[("aggregated", k)]) / decode_rate(records[("per-node", k)])
+                    for k in range(rounds))
+    e2e_ratios = sorted(e2e(records[("aggregated", k)]) / e2e(records[("per-node", k)]) for k in range(rounds))
+    out["decode_speedup"] = [statistics.median(ratios), ratios[0], ratios[-1]]
+    out["end_to_end_speedup"] = [statistics.median(e2e_ratios), e2e_ratios[0], e2e_ratios[-1]]
+    out["identical"] = [sum(tokens[("aggregated", p.prompt_id)] == tokens[("per-node", p.prompt_id)] for p in prompts),
+                        len(prompts)]
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--keys", default="512,2048,4096,8192", help="S: keys attended (cache + new tokens)")
@@ -63,8 +123,24 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--budget", type=float, default=1.0, help="seconds per cell, all methods together")
+    ap.add_argument("--end-to-end", action="store_true",
+                    help="measure aggregated against per-node verification through the engine (see above)")
+    ap.add_argument("--model", default=None, help="--end-to-end: GGUF file [default: the embedded model]")
+    ap.add_argument("--length", type=int, default=4096, help="--end-to-end: prompt tokens (the long suite's)")
+    ap.add_argument("--method", default="prompt-lookup", help="--end-to-end: a speculative method")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.end_to_end:
+        r = end_to_end(args.model, args.length, args.method, args.rounds, args.max_new_tokens)
+        print(f"{'verification':12} {'decode tok/s':>12} {'e2e tok/s':>10} {'tokens/pass':>11}")
+        for mode, m in r["modes"].items():
+            print(f"{mode:12} {m['decode_tokens_per_s']:12.1f} {m['tokens_per_s']:10.2f} {m['tokens_per_pass']:11.2f}")
+        d, e = r["decode_speedup"], r["end_to_end_speedup"]
+        print(f"aggregated / per-node: decode {d[0]:.2f}x ({d[1]:.2f}–{d[2]:.2f}), end to end {e[0]:.2f}x "
+              f"({e[1]:.2f}–{e[2]:.2f}); identical tokens {r['identical'][0]}/{r['identical'][1]}")
+        print(json.dumps(r))
+        return
     ext = cpu.extension()
     if ext is None:
         raise SystemExit("the CPU kernels could not be built here (see the warning above); nothing to measure")

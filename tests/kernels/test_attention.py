@@ -178,3 +178,28 @@ def test_a_packed_call_gives_every_segment_the_bits_of_its_own_call(ext, dtype):
             assert torch.equal(alone, kernel(q.contiguous(), cache_k.float(), cache_v.float(), start + T, mask,
                                              D ** -0.5))
         row += T
+
+
+def test_per_node_attention_changes_time_not_bits(ext):
+    """The A/B switch of measure_attention --end-to-end (each node of a few-token segment on its own pass over
+    the cache, as verification was before prefix aggregation) gives every row the same bits, for a causal chain
+    and a tree mask, beside a prompt chunk it leaves alone."""
+    g = torch.Generator().manual_seed(9)
+    segments = []
+    for T, start, kind in [(5, 700, None), (6, 300, "tree"), (40, 200, None)]:
+        S = start + T
+        mask = None
+        if kind == "tree":
+            mask = causal(T, S)
+            mask[3, start + 1:start + 3] = False  # node 3 hangs off the root
+        segments.append((torch.randn(T, H, D, generator=g), torch.randn(T, HKV, D, generator=g),
+                         torch.randn(T, HKV, D, generator=g), torch.randn(HKV, S + 3, D, generator=g),
+                         torch.randn(HKV, S + 3, D, generator=g), start, mask, False))
+    aggregated = ext.attend_packed(*packed_args(segments))
+    ext.set_per_node_attention(True)
+    try:
+        per_node = ext.attend_packed(*packed_args(segments))
+    finally:
+        ext.set_per_node_attention(False)
+    assert torch.equal(per_node, aggregated)
+    assert torch.equal(ext.attend_packed(*packed_args(segments)), aggregated)  # switched back
