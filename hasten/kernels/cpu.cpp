@@ -330,10 +330,22 @@ inline void q8_dot_tile(const uint8_t* W, int64_t rb, const uint8_t* Xq, int64_t
 constexpr int64_t kQ8DotTokens = 3;
 #endif
 
-// Tokens [t0, t1) for rows [i, i + n): at most kQ8DotTokens of them in q8_dot_tile, else tiles of kQ8Tokens and
-// one tile of the rest (a token's cost in q8_tile is its own; the rows' transpose is paid once per tile).
-constexpr int kQ8Tokens = 8;
-template <class F, int TN = kQ8Tokens - 1>
+// Tokens [t0, t1) for rows [i, i + n): at most kQ8DotTokens of them in q8_dot_tile, else tiles of kQ8Tokens,
+// tiles of 8 and one tile of the rest (a token's cost in q8_tile is its own; the rows' codes are gathered and
+// transposed once per tile, so wider tiles pay that less often). AVX-512: 24 (its 32 registers hold 24
+// accumulators beside a group's 8 code vectors; 2026-12-08, Intel Xeon, one layer's block matmuls, two builds
+// interleaved in one process, 48 / 512 tokens against 8: the 1B Llama-3 shape Q4_K_M 1.24x / 1.24x with 16,
+// a further 1.15x / 1.09x with 24, 0.73x / 1.01x with 32 (spills); SmolLM2 Q4_1 1.13x / 1.05x, Q6_K 1.38x /
+// 1.34x, Q4_0 1.19x / 1.17x with 24). AVX2 and portable keep 8: 16 registers. Same bits either way (tested).
+#ifndef HASTEN_Q8_TOKENS  // overridable for an A/B build only (-DHASTEN_Q8_TOKENS=N): a token's bits do not depend on it
+#if defined(HASTEN_AVX512)
+#define HASTEN_Q8_TOKENS 24
+#else
+#define HASTEN_Q8_TOKENS 8
+#endif
+#endif
+constexpr int kQ8Tokens = HASTEN_Q8_TOKENS;
+template <class F, int TN = 7>
 inline void q8_rest(const uint8_t* W, int64_t rb, const uint8_t* Xq, int64_t xs, float* Y, int64_t K, int64_t N, int64_t i, int n, int64_t t, int64_t rest) {
   if constexpr (TN > 0) {
     if (rest == TN) return q8_tile<F, TN>(W, rb, Xq, xs, Y, K, N, i, n, t);
@@ -351,6 +363,8 @@ inline void q8_rows(const uint8_t* W, int64_t rb, const uint8_t* Xq, int64_t xs,
   }
 #endif
   for (; t + kQ8Tokens <= t1; t += kQ8Tokens) q8_tile<F, kQ8Tokens>(W, rb, Xq, xs, Y, K, N, i, n, t);
+  if constexpr (kQ8Tokens > 8)
+    for (; t + 8 <= t1; t += 8) q8_tile<F, 8>(W, rb, Xq, xs, Y, K, N, i, n, t);
   if (t < t1) q8_rest<F>(W, rb, Xq, xs, Y, K, N, i, n, t, t1 - t);
 }
 
