@@ -99,7 +99,7 @@ def end_to_end(model: str | None, length: int, method: str, rounds: int, max_new
                 print(f"round {rnd + 1}/{rounds} {p.prompt_id:18} {mode:10} decode "
                       f"{(rec['tokens'] - 1) / max(rec['seconds'] - rec['first_token_seconds'], 1e-9):6.1f} tok/s, "
                       f"{rec['tokens'] / rec['passes']:.2f} tokens per pass", flush=True)
-    e2e = lambda rs: sum(r["tokens"] for r in rs) / sum(r["seconds"] for r in rs)
+    e2e = long_suite.end_to_end_rate
     out = {"model": model or "the embedded SmolLM2-135M-Instruct", "length": length,
            "method": method, "rounds": rounds, "isa": ext.isa(), "modes": {}}
     for mode in modes:
